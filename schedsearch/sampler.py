@@ -1,0 +1,127 @@
+"""Model + σ list + solver + CFG + FreeU plan → samples, batched, with one seed per image.
+
+Each image's initial noise comes from its own CPU generator (``seed``), so an image does not depend
+on the batch it is sampled in, nor on the device. The solver sees a closure over the model; the
+FreeU plan, the non-finite check and any caller hook ride on the solver's per-step hook.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import solvers
+from .freeu import FreeUPlan, clear
+from .solvers import Hook, chain, check_finite
+
+
+@dataclass
+class Samples:
+    latents: torch.Tensor                    # final solver state, float32, CPU
+    images: Optional[torch.Tensor]           # decoded, float in [0, 1], (N, C, H, W); vectors for gmm
+    prompts: list
+    seeds: list[int]
+    nfe: int                                 # model calls per image
+    seconds: dict = field(default_factory=dict)   # "model", "solver", "decode"
+
+
+def initial_noise(shape: Sequence[int], seeds: Sequence[int], sigma: float) -> torch.Tensor:
+    """x_0 = σ_max · ε with ε drawn from a CPU generator per image (float32)."""
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for row, seed in enumerate(seeds):
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)), out=out[row])
+    return out.mul_(float(sigma))
+
+
+class _Timed:
+    """Wraps the model's denoiser to count calls and the time spent in them."""
+
+    def __init__(self, fn, sync):
+        self.fn, self.sync, self.calls, self.seconds = fn, sync, 0, 0.0
+
+    def __call__(self, x, sigma):
+        t0 = time.perf_counter()
+        out = self.fn(x, sigma)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def _sync_for(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@torch.no_grad()
+def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: str = "dpmpp_2m",
+           guidance: float = 5.5, freeu: Optional[FreeUPlan] = None, batch_size: int = 16,
+           hook: Optional[Hook] = None, decode: bool = True, progress=None) -> Samples:
+    """Sample one image per (prompt, seed) pair.
+
+    ``sigmas``: a descending σ list (see ``schedules``). ``progress``: a tqdm-like object whose
+    ``update(n)`` is called after each batch. Raises ``solvers.NonFiniteError`` if the model's
+    output turns non-finite, with the step and σ in the message.
+    """
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    if not prompts:
+        raise ValueError("nothing to sample: the prompt list is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    solve = solvers.get(solver)
+    plan = freeu if freeu is not None and freeu.active else None
+    if plan is not None and getattr(model, "unet", None) is None:
+        raise ValueError(f"FreeU needs a UNet model; {model.name} has none")
+    device = torch.device(model.device)
+    sync = _sync_for(device)
+    latents, images = [], []
+    t_model = t_total = t_decode = 0.0
+    nfe = None
+    try:
+        for sl in _batches(len(prompts), batch_size):
+            t0 = time.perf_counter()
+            cond = model.condition(prompts[sl])
+            x = initial_noise(model.latent_shape, seeds[sl], float(sigmas[0])).to(device)
+            timed = _Timed(lambda x_, s_: model.denoise(x_, s_, cond, guidance), sync)
+            step_hook = chain(plan.hook(model.unet) if plan is not None else None, check_finite, hook)
+            x = solve(timed, x, sigmas, step_hook)
+            sync()
+            t_total += time.perf_counter() - t0
+            t_model += timed.seconds
+            nfe = timed.calls
+            if not bool(torch.isfinite(x).all()):
+                raise solvers.NonFiniteError("the final sample is not finite")
+            latents.append(x.float().cpu())
+            if decode:
+                t1 = time.perf_counter()
+                images.append(model.decode(x).float().cpu())
+                sync()
+                t_decode += time.perf_counter() - t1
+            if progress is not None:
+                progress.update(sl.stop - sl.start)
+    finally:
+        if plan is not None:
+            clear(model.unet)
+    return Samples(
+        latents=torch.cat(latents), images=torch.cat(images) if decode else None,
+        prompts=prompts, seeds=seeds, nfe=int(nfe),
+        seconds={"model": t_model, "solver": t_total - t_model, "decode": t_decode})
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] → (N, H, W, C) uint8 (rounded, clipped)."""
+    arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return arr

@@ -1,0 +1,200 @@
+"""Sampling schedules: small functions that return a descending σ tensor (float64, CPU).
+
+A schedule ending in 0 runs its last step to the clean sample; one ending at σ > 0 (the paper's)
+leaves noise of that scale for the VAE to absorb. Either way the number of model calls of a
+one-call-per-step solver is ``len(sigmas) - 1``. SPEC §2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .noise import SD, NoiseTable
+
+# Align Your Steps 10-step tables (SPEC §2.3), σ descending.
+AYS_TABLES = {
+    "sd15": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+             0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+}
+
+# The paper's settings (SPEC §2.2). M, k give the stopping level explicitly; sd15-6 and sdxl-8 do not
+# follow the closed form stop → (N + stop + 1, N + 1).
+PAPER_SETTINGS = {
+    "sd15-5": dict(steps=5, p1=5.0, p2=1.2, M=8, k=6),
+    "sd15-6": dict(steps=6, p1=5.0, p2=1.2, M=8, k=6),
+    "sd15-8": dict(steps=8, p1=7.0, p2=1.2, M=12, k=9),
+    "sdxl-6": dict(steps=6, p1=5.0, p2=1.2, M=8, k=6),
+    "sdxl-8": dict(steps=8, p1=12.0, p2=1.2, M=12, k=10),
+}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    _require(math.isfinite(value) and value > 0, f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _steps(steps: int) -> int:
+    _require(isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 1,
+             f"steps must be an integer >= 1, got {steps!r}")
+    return int(steps)
+
+
+def _range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    sigma_min, sigma_max = _positive("sigma_min", sigma_min), _positive("sigma_max", sigma_max)
+    _require(sigma_min < sigma_max,
+             f"sigma_min must be < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return sigma_min, sigma_max
+
+
+def _with_zero(sigmas: np.ndarray, append_zero: bool) -> torch.Tensor:
+    if append_zero:
+        sigmas = np.append(sigmas, 0.0)
+    return torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float64))
+
+
+def explicit(sigmas: Sequence[float] | torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Validate a user σ list: finite, strictly decreasing, positive except an optional final 0."""
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.detach().cpu().double().numpy()
+    try:
+        s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"sigmas must be a list of numbers, got {sigmas!r}") from exc
+    _require(len(s) >= 2, f"sigmas must hold at least 2 values (one step), got {len(s)}")
+    last = len(s) - 1
+    for i, v in enumerate(s):
+        _require(math.isfinite(v), f"sigmas[{i}] = {v} is not a finite number")
+        _require(v > 0 or (i == last and v == 0),
+                 f"sigmas[{i}] = {v}: sigmas must be > 0, except an optional final 0")
+        _require(i == 0 or v < s[i - 1],
+                 f"sigmas must be strictly decreasing: sigmas[{i}] = {v} is not below "
+                 f"sigmas[{i - 1}] = {s[i - 1]}")
+    return torch.from_numpy(s.copy())
+
+
+def karras(steps: int, sigma_min: float = SD.sigma_min, sigma_max: float = SD.sigma_max,
+           rho: float = 7.0, append_zero: bool = True) -> torch.Tensor:
+    """Karras et al. (EDM): ``steps`` σ values spaced evenly in σ^(1/ρ), then 0 (SPEC §2.1)."""
+    steps, rho = _steps(steps), _positive("rho", rho)
+    sigma_min, sigma_max = _range(sigma_min, sigma_max)
+    ramp = np.linspace(0, 1, steps) if steps > 1 else np.zeros(1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _with_zero((hi + ramp * (lo - hi)) ** rho, append_zero)
+
+
+def stop_sigma(steps: int, p1: float, stop: int | None = None, *, M: int | None = None,
+               k: int | None = None, table: NoiseTable = SD) -> float:
+    """σ_stop of the paper's schedule: point k of an M-point Karras ramp with exponent p1."""
+    steps, p1 = _steps(steps), _positive("p1", p1)
+    if M is None and k is None:
+        _require(stop is not None, "give stop, or M and k")
+        _require(isinstance(stop, (int, np.integer)) and not isinstance(stop, bool) and stop >= 1,
+                 f"stop must be an integer >= 1, got {stop!r}")
+        M, k = steps + int(stop) + 1, steps + 1
+    else:
+        _require(stop is None, "give either stop or (M, k), not both")
+        _require(M is not None and k is not None, "M and k must be given together")
+        _require(isinstance(M, (int, np.integer)) and M >= 3,
+                 f"M must be an integer >= 3, got {M!r}")
+        _require(isinstance(k, (int, np.integer)) and 1 <= k <= M - 2,
+                 f"k must be an integer in [1, M-2] = [1, {M - 2}], got {k!r}")
+    lo, hi = table.sigma_min ** (1 / p1), table.sigma_max ** (1 / p1)
+    return float((hi + k / (M - 1) * (lo - hi)) ** p1)
+
+
+def paper(steps: int, p1: float, p2: float, stop: int | None = None, *, M: int | None = None,
+          k: int | None = None, final_denoise: bool = False, table: NoiseTable = SD) -> torch.Tensor:
+    """The schedule of "Hyperparameters are all you need", as its code computes it (SPEC §2.2).
+
+    ``steps`` model calls from σ_max down to σ_stop, spaced as a power-``p2`` ramp in the timestep
+    t. No 0 is appended: the last latent keeps noise of scale σ_stop. ``final_denoise`` appends 0,
+    which costs one more model call (x = D(x, σ_stop)).
+    """
+    steps, p2 = _steps(steps), _positive("p2", p2)
+    t_stop = float(table.sigma_to_t(stop_sigma(steps, p1, stop, M=M, k=k, table=table)))
+    t_max = table.t_max
+    i = np.arange(steps + 1) / steps
+    t = (t_max ** (1 / p2) + i * (t_stop ** (1 / p2) - t_max ** (1 / p2))) ** p2
+    t[0], t[-1] = t_max, t_stop  # exact end points, free of pow round-off
+    return _with_zero(table.t_to_sigma(t), final_denoise)
+
+
+def paper_preset(name: str, final_denoise: bool = False, table: NoiseTable = SD) -> torch.Tensor:
+    _require(name in PAPER_SETTINGS,
+             f"unknown paper preset {name!r}; choose from {', '.join(PAPER_SETTINGS)}")
+    return paper(**PAPER_SETTINGS[name], final_denoise=final_denoise, table=table)
+
+
+def ays(steps: int, family: str = "sd15") -> torch.Tensor:
+    """Align Your Steps, log-linearly interpolated from its 10-step table; last value → 0."""
+    steps = _steps(steps)
+    _require(family in AYS_TABLES, f"family must be one of {', '.join(AYS_TABLES)}, got {family!r}")
+    ys = np.log(np.asarray(AYS_TABLES[family][::-1]))
+    xs = np.linspace(0, 1, len(ys))
+    s = np.exp(np.interp(np.linspace(0, 1, steps + 1), xs, ys))[::-1].copy()
+    s[-1] = 0.0
+    return torch.from_numpy(s)
+
+
+def uniform(steps: int, table: NoiseTable = SD) -> torch.Tensor:
+    """Uniform in t, "trailing": t = t_max·(1 − i/steps) for i < steps, then σ = 0."""
+    steps = _steps(steps)
+    t = table.t_max * (1 - np.arange(steps) / steps)
+    return _with_zero(np.atleast_1d(table.t_to_sigma(t)), True)
+
+
+def logsnr(steps: int, sigma_min: float = SD.sigma_min, sigma_max: float = SD.sigma_max
+           ) -> torch.Tensor:
+    """Uniform in log-SNR (= −2 log σ) from σ_max to σ_min, then 0."""
+    steps = _steps(steps)
+    sigma_min, sigma_max = _range(sigma_min, sigma_max)
+    return _with_zero(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps)), True)
+
+
+def timesteps(sigmas: torch.Tensor, table: NoiseTable = SD) -> torch.Tensor:
+    """Fractional model timesteps of the evaluated points (every σ but the last)."""
+    return torch.as_tensor(table.sigma_to_t(sigmas[:-1].double().cpu().numpy()), dtype=torch.float64)
+
+
+NAMES = ("karras", "paper", "ays", "uniform", "logsnr", "explicit", *PAPER_SETTINGS)
+
+
+def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
+    """A σ list from a JSON-able spec, e.g. ``{"name": "paper", "steps": 5, "p1": 5, "p2": 1.2,
+    "stop": 2}``. The spec is the schedule's provenance; this is the one place that reads it."""
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"a schedule spec must be an object with a 'name'; got {spec!r}")
+    p = dict(spec)
+    name = p.pop("name")
+    _require(name in NAMES, f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
+    if name == "explicit":
+        return explicit(p.get("sigmas", []))
+    if name in PAPER_SETTINGS:
+        steps = p.pop("steps", None)
+        _require(steps in (None, PAPER_SETTINGS[name]["steps"]),
+                 f"preset {name} has {PAPER_SETTINGS[name]['steps']} steps; got steps={steps}")
+        return paper_preset(name, final_denoise=bool(p.pop("final_denoise", False)), table=table)
+    steps = p.pop("steps", None)
+    _require(steps is not None, f"schedule {name!r} needs 'steps'")
+    if name in ("karras", "logsnr"):
+        p.setdefault("sigma_min", table.sigma_min)
+        p.setdefault("sigma_max", table.sigma_max)
+    if name in ("paper", "uniform"):
+        p["table"] = table
+    fn = {"karras": karras, "paper": paper, "ays": ays, "uniform": uniform, "logsnr": logsnr}[name]
+    try:
+        return fn(steps, **p)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None

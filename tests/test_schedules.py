@@ -1,0 +1,162 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from schedsearch import schedules as S
+from schedsearch.noise import SD
+
+# SPEC §2.2 table: σ_stop, t_stop, and the evaluated UNet timesteps where given.
+GOLDEN = {
+    "sd15-8": dict(steps=8, sigma_stop=0.14713, t_stop=22.68,
+                   t=[999, 857.32, 719.44, 585.86, 457.19, 334.35, 218.70, 112.73],
+                   sigmas=[14.615, 6.712, 3.608, 2.172, 1.404, 0.937, 0.617, 0.373, 0.147]),
+    "sd15-5": dict(steps=5, sigma_stop=0.13198, t_stop=18.32,
+                   t=[999, 772.51, 556.68, 354.19, 169.97],
+                   sigmas=[14.615, 4.519, 1.962, 1.001, 0.502, 0.132]),
+    "sd15-6": dict(steps=6, sigma_stop=0.13198, t_stop=18.32),
+    "sdxl-8": dict(steps=8, sigma_stop=0.05983, t_stop=3.18),
+    "sdxl-6": dict(steps=6, sigma_stop=0.13198, t_stop=18.32),
+}
+
+
+def check_golden(name, sigmas, ts):
+    g = GOLDEN[name]
+    assert len(sigmas) == g["steps"] + 1 and len(ts) == g["steps"]
+    assert float(sigmas[-1]) == pytest.approx(g["sigma_stop"], abs=1e-3)
+    assert float(sigmas[0]) == pytest.approx(SD.sigma_max, abs=1e-6)
+    assert float(ts[0]) == pytest.approx(999.0, abs=0.01)
+    if "t" in g:
+        np.testing.assert_allclose(ts, g["t"], atol=0.01)
+        np.testing.assert_allclose(sigmas, g["sigmas"], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_paper_presets_reproduce_golden_values_from_python(name):
+    s = S.paper_preset(name)
+    check_golden(name, s.numpy(), S.timesteps(s).numpy())
+    p = S.PAPER_SETTINGS[name]
+    sigma_stop = S.stop_sigma(p["steps"], p["p1"], M=p["M"], k=p["k"])
+    assert sigma_stop == pytest.approx(GOLDEN[name]["sigma_stop"], abs=1e-5)
+    assert SD.sigma_to_t(sigma_stop) == pytest.approx(GOLDEN[name]["t_stop"], abs=0.01)
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_paper_presets_reproduce_golden_values_from_cli(name):
+    out = subprocess.run([sys.executable, "-m", "schedsearch", "schedule", name, "--format", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    check_golden(name, np.array(data["sigmas"]), np.array(data["timesteps"]))
+
+
+def test_closed_form_stop_matches_the_explicit_ramp_and_the_papers_8_step_setting():
+    a = S.paper(8, p1=7, p2=1.2, stop=3)
+    b = S.paper(8, p1=7, p2=1.2, M=12, k=9)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, S.paper_preset("sd15-8"), rtol=0, atol=0)
+    # stop → fraction (N+1)/(N+stop)
+    hi, lo = SD.sigma_max ** (1 / 5), SD.sigma_min ** (1 / 5)
+    assert S.stop_sigma(5, 5, stop=2) == pytest.approx((hi + 6 / 7 * (lo - hi)) ** 5, rel=1e-12)
+
+
+def test_paper_final_denoise_appends_zero_and_one_model_call():
+    s = S.paper(5, 5, 1.2, stop=2, final_denoise=True)
+    assert len(s) == 7 and float(s[-1]) == 0.0
+    torch.testing.assert_close(s[:-1], S.paper(5, 5, 1.2, stop=2))
+
+
+def test_ays_golden_and_interpolation():
+    s = S.ays(5, "sd15")
+    np.testing.assert_allclose(s[:-1].numpy(), [14.6146, 3.8637, 1.8842, 0.9643, 0.3977], atol=1e-4)
+    assert float(s[-1]) == 0.0
+    np.testing.assert_allclose(S.ays(10, "sdxl")[:-1].numpy(), S.AYS_TABLES["sdxl"][:-1], rtol=1e-9)
+    s7 = S.ays(7, "sdxl")
+    assert len(s7) == 8 and bool((s7[:-1].diff() < 0).all())
+    # log-linear: midpoints of the 20-step table are geometric means of the 10-step table
+    s20 = S.ays(20, "sd15")
+    t10 = np.array(S.AYS_TABLES["sd15"])
+    np.testing.assert_allclose(s20[1:-1:2].numpy(), np.sqrt(t10[:-1] * t10[1:]), rtol=1e-9)
+
+
+def test_karras_formula_and_rho():
+    s = S.karras(5, 0.1, 10.0, rho=3.0)
+    i = np.arange(5) / 4
+    expected = (10 ** (1 / 3) + i * (0.1 ** (1 / 3) - 10 ** (1 / 3))) ** 3
+    np.testing.assert_allclose(s[:-1].numpy(), expected, rtol=1e-12)
+    assert float(s[-1]) == 0 and len(S.karras(5, append_zero=False)) == 5
+
+
+def test_uniform_is_trailing_in_t_and_logsnr_is_geometric():
+    s = S.uniform(4)
+    np.testing.assert_allclose(S.timesteps(s).numpy(), [999, 749.25, 499.5, 249.75], atol=0.03)
+    g = S.logsnr(4, 0.1, 10.0)
+    np.testing.assert_allclose(g[:-1].numpy(), [10, 10 ** (1 / 3), 10 ** (-1 / 3), 0.1], rtol=1e-12)
+
+
+def test_build_reads_specs_and_explicit_lists_round_trip():
+    spec = {"name": "paper", "steps": 5, "p1": 5.0, "p2": 1.2, "stop": 2}
+    torch.testing.assert_close(S.build(spec), S.paper(5, 5.0, 1.2, stop=2))
+    s = S.build({"name": "explicit", "sigmas": [14.6, 2.0, 0.3, 0.0]})
+    assert s.tolist() == [14.6, 2.0, 0.3, 0.0]
+    with pytest.raises(ValueError, match="preset sd15-5 has 5 steps"):
+        S.build({"name": "sd15-5", "steps": 6})
+    with pytest.raises(ValueError, match="unknown schedule 'foo'"):
+        S.build({"name": "foo"})
+
+
+BAD = [
+    (lambda: S.paper(5, p1=0, p2=1.2, stop=2), r"p1 must be a finite number > 0, got 0"),
+    (lambda: S.paper(5, p1=-3, p2=1.2, stop=2), r"p1 must be a finite number > 0, got -3"),
+    (lambda: S.paper(5, p1=5, p2=0, stop=2), r"p2 must be a finite number > 0, got 0"),
+    (lambda: S.paper(5, p1=5, p2=-1.2, stop=2), r"p2 must be a finite number > 0"),
+    (lambda: S.paper(5, p1=math.nan, p2=1.2, stop=2), r"p1 must be a finite number > 0, got nan"),
+    (lambda: S.paper(5, p1=5, p2=1.2, stop=0), r"stop must be an integer >= 1, got 0"),
+    (lambda: S.paper(5, p1=5, p2=1.2, stop=1.5), r"stop must be an integer >= 1, got 1.5"),
+    (lambda: S.paper(0, p1=5, p2=1.2, stop=2), r"steps must be an integer >= 1, got 0"),
+    (lambda: S.karras(0), r"steps must be an integer >= 1, got 0"),
+    (lambda: S.karras(-2), r"steps must be an integer >= 1, got -2"),
+    (lambda: S.ays(0), r"steps must be an integer >= 1"),
+    (lambda: S.uniform(2.5), r"steps must be an integer >= 1, got 2.5"),
+    (lambda: S.karras(5, rho=0), r"rho must be a finite number > 0"),
+    (lambda: S.karras(5, 1.0, 0.5), r"sigma_min must be < sigma_max"),
+    (lambda: S.logsnr(5, math.nan, 3.0), r"sigma_min must be a finite number > 0, got nan"),
+    (lambda: S.paper(5, 5, 1.2, M=8, k=7), r"k must be an integer in \[1, M-2\] = \[1, 6\], got 7"),
+    (lambda: S.paper(5, 5, 1.2, stop=2, M=8, k=6), r"either stop or \(M, k\)"),
+    (lambda: S.ays(5, "sd3"), r"family must be one of sd15, sdxl"),
+    (lambda: S.explicit([5.0, 6.0, 0.0]),
+     r"strictly decreasing: sigmas\[1\] = 6.0 is not below sigmas\[0\] = 5.0"),
+    (lambda: S.explicit([5.0, 5.0]), r"strictly decreasing: sigmas\[1\] = 5.0"),
+    (lambda: S.explicit([5.0, 0.0, -1.0]), r"sigmas\[1\] = 0.0: sigmas must be > 0, except an optional final 0"),
+    (lambda: S.explicit([5.0, -1.0]), r"sigmas\[1\] = -1.0: sigmas must be > 0"),
+    (lambda: S.explicit([5.0, math.nan, 0.0]), r"sigmas\[1\] = nan is not a finite number"),
+    (lambda: S.explicit([math.inf, 1.0]), r"sigmas\[0\] = inf is not a finite number"),
+    (lambda: S.explicit([3.0]), r"at least 2 values"),
+    (lambda: S.explicit("abc"), r"sigmas must be a list of numbers"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD)
+def test_bad_parameters_raise_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_cli_reports_bad_parameters_without_a_traceback():
+    r = subprocess.run([sys.executable, "-m", "schedsearch", "schedule", "paper", "--steps", "5",
+                        "--p2", "-1"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "p2 must be a finite number > 0, got -1.0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_comfy_and_table_formats():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "schedsearch", "schedule", *a],  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout
+    comfy = run("ays", "--steps", "5", "--format", "comfy").strip()
+    values = [float(v) for v in comfy.split(",")]
+    np.testing.assert_allclose(values, S.ays(5).numpy(), atol=1e-6)
+    table = run("sd15-5")
+    assert "772.51" in table and "left for the VAE" in table
