@@ -17,7 +17,17 @@ def register(sub) -> None:
                "           schedsearch schedule paper --steps 8 --p1 7 --p2 1.2 --stop 3\n"
                "           schedsearch schedule ays --steps 5 --family sdxl --format comfy")
     p.add_argument("name", metavar="NAME", choices=NAMES, help="schedule family or preset")
-    p.add_argument("--steps", type=int, help="number of steps (model calls of a 1-call solver)")
+    add_schedule_args(p)
+    p.add_argument("--format", choices=["table", "json", "comfy"], default="table",
+                   help="table (default), json ({sigmas, timesteps, ...}) or comfy (a comma-"
+                        "separated list for ComfyUI's ManualSigmas / KJNodes CustomSigmas)")
+    p.set_defaults(handler=run)
+
+
+def add_schedule_args(p, steps_help: str = "number of steps (model calls of a 1-call solver)"
+                      ) -> None:
+    """The schedule flags, shared by every command that takes a schedule."""
+    p.add_argument("--steps", type=int, help=steps_help)
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
                    help="model family, picks the AYS table (default: sd15)")
     p.add_argument("--p1", type=float, default=7.0,
@@ -38,17 +48,14 @@ def register(sub) -> None:
     p.add_argument("--noise-config", default=None, metavar="FILE",
                    help="a diffusers scheduler_config.json for a model whose noise table is not "
                         "Stable Diffusion's (default: the SD table)")
-    p.add_argument("--format", choices=["table", "json", "comfy"], default="table",
-                   help="table (default), json ({sigmas, timesteps, ...}) or comfy (a comma-"
-                        "separated list for ComfyUI's ManualSigmas / KJNodes CustomSigmas)")
-    p.set_defaults(handler=run)
 
 
-def spec_from_args(args) -> dict:
-    """The schedule spec (see ``schedules.build``) that the flags describe."""
+def spec_from_args(args, name: str | None = None) -> dict:
+    """The schedule spec (see ``schedules.build``) that the flags describe; ``name`` overrides
+    ``args.name`` (commands that take the schedule as ``--schedule NAME``)."""
     from ..schedules import PAPER_SETTINGS
 
-    name = args.name
+    name = name or args.name
     if name in PAPER_SETTINGS:
         spec = {"name": name, "final_denoise": args.final_denoise}
         if args.steps is not None:
@@ -85,13 +92,10 @@ def spec_from_args(args) -> dict:
 
 
 def run(args) -> int:
-    from ..noise import SD, NoiseTable
+    from ..noise import SD
     from ..schedules import build, timesteps
 
-    table = SD
-    if args.noise_config:
-        with open(args.noise_config, encoding="utf-8") as f:
-            table = NoiseTable.from_config(json.load(f))
+    table = table_from_args(args) or SD
     spec = spec_from_args(args)
     sigmas = build(spec, table)
     ts = timesteps(sigmas, table)
@@ -109,3 +113,13 @@ def run(args) -> int:
         end = "0 (clean)" if float(sigmas[-1]) == 0 else f"σ = {float(sigmas[-1]):.5f} (left for the VAE)"
         print(f"{len(sigmas) - 1} model calls with DPM++ solvers; ends at {end}")
     return 0
+
+
+def table_from_args(args):
+    """The noise table named by --noise-config, or None (use the model's own)."""
+    from ..noise import NoiseTable
+
+    if not getattr(args, "noise_config", None):
+        return None
+    with open(args.noise_config, encoding="utf-8") as f:
+        return NoiseTable.from_config(json.load(f))

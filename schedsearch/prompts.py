@@ -1,0 +1,133 @@
+"""Prompt sets with one fixed seed per prompt.
+
+A prompt set is a deterministic function of (source, n, seed): the same arguments give the same
+prompts and seeds on every machine, and a smaller n gives a prefix of a larger one, so subsets nest
+(scores at n = 256 and n = 512 share their first 256 images). Seeds are ``seed·10⁶ + position``,
+so a held-out set taken further down the same list never reuses a search seed.
+
+Sources: a text file (one prompt per line), a COCO captions annotation file (the paper's protocol:
+shuffle the image ids with the seed, one caption per image), a CSV file with a caption column, or
+``classes:K`` for a class-conditional testbed (labels 0..K−1 in turn).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+SEED_STRIDE = 1_000_000
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: tuple
+    seeds: tuple
+    source: str
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.seeds):
+            raise ValueError("a prompt set needs one seed per prompt")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, start: int, stop: int) -> "PromptSet":
+        if stop > len(self):
+            raise ValueError(f"asked for prompts {start}..{stop} of a set of {len(self)}; "
+                             f"the source has too few prompts")
+        return PromptSet(self.prompts[start:stop], self.seeds[start:stop],
+                         f"{self.source}[{start}:{stop}]")
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([list(map(str, self.prompts)), list(self.seeds)]).encode())
+        return h.hexdigest()[:16]
+
+    def as_json(self) -> dict:
+        return {"source": self.source, "n": len(self), "fingerprint": self.fingerprint(),
+                "seeds": [self.seeds[0], self.seeds[-1]] if len(self) else []}
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _read_csv(path: str, column: str) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames}); "
+                             f"name the caption column with --caption-column")
+        return [row[column].strip() for row in reader if (row[column] or "").strip()]
+
+
+def _read_coco(path: str, seed: int) -> list[str]:
+    """One caption per image (the lowest annotation id), images shuffled by id with ``seed``."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path}: not a COCO captions file (no 'annotations' list)")
+    first: dict = {}
+    for a in data["annotations"]:
+        try:
+            key, ann_id, cap = a["image_id"], a.get("id", 0), a["caption"].strip()
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path}: every annotation needs image_id and caption") from None
+        if cap and (key not in first or ann_id < first[key][0]):
+            first[key] = (ann_id, cap)
+    ids = sorted(first)
+    random.Random(seed).shuffle(ids)
+    return [first[i][1] for i in ids]
+
+
+def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: str = "caption"
+         ) -> PromptSet:
+    """Load ``n`` prompts (all when None) from ``source`` with seeds ``seed·10⁶ + i``."""
+    if n is not None and n < 1:
+        raise ValueError(f"the number of prompts must be >= 1, got {n}")
+    if source.startswith("classes:"):
+        try:
+            k = int(source.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"write class prompts as classes:K, got {source!r}") from None
+        if k < 1:
+            raise ValueError(f"classes:K needs K >= 1, got {k}")
+        count = k if n is None else n
+        prompts = [i % k for i in range(count)]
+    else:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"prompt file {source!r} does not exist")
+        low = source.lower()
+        if low.endswith(".json"):
+            prompts = _read_coco(source, seed)
+        elif low.endswith(".csv"):
+            prompts = _read_csv(source, caption_column)
+        else:
+            prompts = _read_lines(source)
+        if not prompts:
+            raise ValueError(f"prompt file {source!r} holds no prompts; put one prompt per line")
+        if n is not None:
+            if n > len(prompts):
+                raise ValueError(f"asked for {n} prompts but {source!r} holds only {len(prompts)}")
+            prompts = prompts[:n]
+    seeds = [seed * SEED_STRIDE + i for i in range(len(prompts))]
+    name = source if source.startswith("classes:") else os.path.basename(source)
+    return PromptSet(tuple(prompts), tuple(seeds), f"{name}@seed{seed}")
+
+
+def split(source: str, n_search: int, n_heldout: int, seed: int = 0, **kwargs
+          ) -> tuple[PromptSet, PromptSet]:
+    """The search subset (the first n_search) and a held-out set (the next n_heldout)."""
+    full = load(source, n_search + n_heldout, seed, **kwargs)
+    return full.take(0, n_search), full.take(n_search, n_search + n_heldout)
+
+
+def from_list(prompts: Sequence, seeds: Sequence[int] | None = None, source: str = "list"
+              ) -> PromptSet:
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    return PromptSet(tuple(prompts), tuple(int(s) for s in seeds), source)
