@@ -94,15 +94,18 @@ def karras(steps: int, sigma_min: float = SD.sigma_min, sigma_max: float = SD.si
     return _with_zero((hi + ramp * (lo - hi)) ** rho, append_zero)
 
 
-def stop_sigma(steps: int, p1: float, stop: int | None = None, *, M: int | None = None,
+def stop_sigma(steps: int, p1: float, stop: float | None = None, *, M: int | None = None,
                k: int | None = None, table: NoiseTable = SD) -> float:
-    """σ_stop of the paper's schedule: point k of an M-point Karras ramp with exponent p1."""
+    """σ_stop of the paper's schedule: point k of an M-point Karras ramp with exponent p1; from
+    ``stop``, M = steps + stop + 1 and k = steps + 1, so k/(M−1) = (steps+1)/(steps+stop)."""
     steps, p1 = _steps(steps), _positive("p1", p1)
     if M is None and k is None:
         _require(stop is not None, "give stop, or M and k")
-        _require(isinstance(stop, (int, np.integer)) and not isinstance(stop, bool) and stop >= 1,
-                 f"stop must be an integer >= 1, got {stop!r}")
-        M, k = steps + int(stop) + 1, steps + 1
+        # A real-valued stop is the continuous relaxation the search uses (integers are the
+        # paper's); it also expresses presets such as sd15-6 whose (M, k) have no integer stop.
+        _require(isinstance(stop, (int, float, np.integer, np.floating)) and not isinstance(stop, bool)
+                 and math.isfinite(stop) and stop >= 1, f"stop must be a number >= 1, got {stop!r}")
+        M, k = steps + float(stop) + 1, steps + 1
     else:
         _require(stop is None, "give either stop or (M, k), not both")
         _require(M is not None and k is not None, "M and k must be given together")
@@ -114,7 +117,7 @@ def stop_sigma(steps: int, p1: float, stop: int | None = None, *, M: int | None 
     return float((hi + k / (M - 1) * (lo - hi)) ** p1)
 
 
-def paper(steps: int, p1: float, p2: float, stop: int | None = None, *, M: int | None = None,
+def paper(steps: int, p1: float, p2: float, stop: float | None = None, *, M: int | None = None,
           k: int | None = None, final_denoise: bool = False, table: NoiseTable = SD) -> torch.Tensor:
     """The schedule of "Hyperparameters are all you need", as its code computes it (SPEC §2.2).
 
@@ -198,3 +201,8 @@ def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
         return fn(steps, **p)
     except TypeError as exc:
         raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None
+
+
+def equivalent_stop(steps: int, M: int, k: int) -> float:
+    """The real ``stop`` whose closed form gives the same σ_stop as an explicit (M, k)."""
+    return (steps + 1) * (M - 1) / k - steps

@@ -63,6 +63,16 @@ def test_closed_form_stop_matches_the_explicit_ramp_and_the_papers_8_step_settin
     assert S.stop_sigma(5, 5, stop=2) == pytest.approx((hi + 6 / 7 * (lo - hi)) ** 5, rel=1e-12)
 
 
+def test_real_stop_expresses_presets_without_an_integer_stop():
+    for name in ("sd15-6", "sdxl-8"):
+        p = S.PAPER_SETTINGS[name]
+        stop = S.equivalent_stop(p["steps"], p["M"], p["k"])
+        assert stop != int(stop)
+        torch.testing.assert_close(S.paper(p["steps"], p["p1"], p["p2"], stop=stop),
+                                   S.paper_preset(name), rtol=1e-12, atol=0)
+    assert S.equivalent_stop(5, 8, 6) == pytest.approx(2.0)
+
+
 def test_paper_final_denoise_appends_zero_and_one_model_call():
     s = S.paper(5, 5, 1.2, stop=2, final_denoise=True)
     assert len(s) == 7 and float(s[-1]) == 0.0
@@ -114,8 +124,9 @@ BAD = [
     (lambda: S.paper(5, p1=5, p2=0, stop=2), r"p2 must be a finite number > 0, got 0"),
     (lambda: S.paper(5, p1=5, p2=-1.2, stop=2), r"p2 must be a finite number > 0"),
     (lambda: S.paper(5, p1=math.nan, p2=1.2, stop=2), r"p1 must be a finite number > 0, got nan"),
-    (lambda: S.paper(5, p1=5, p2=1.2, stop=0), r"stop must be an integer >= 1, got 0"),
-    (lambda: S.paper(5, p1=5, p2=1.2, stop=1.5), r"stop must be an integer >= 1, got 1.5"),
+    (lambda: S.paper(5, p1=5, p2=1.2, stop=0), r"stop must be a number >= 1, got 0"),
+    (lambda: S.paper(5, p1=5, p2=1.2, stop=0.5), r"stop must be a number >= 1, got 0.5"),
+    (lambda: S.paper(5, p1=5, p2=1.2, stop=math.nan), r"stop must be a number >= 1, got nan"),
     (lambda: S.paper(0, p1=5, p2=1.2, stop=2), r"steps must be an integer >= 1, got 0"),
     (lambda: S.karras(0), r"steps must be an integer >= 1, got 0"),
     (lambda: S.karras(-2), r"steps must be an integer >= 1, got -2"),

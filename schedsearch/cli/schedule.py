@@ -34,8 +34,8 @@ def add_schedule_args(p, steps_help: str = "number of steps (model calls of a 1-
                    help="paper: exponent of the σ-ramp that picks the stopping level (default 7)")
     p.add_argument("--p2", type=float, default=1.2,
                    help="paper: exponent of the t-grid (default 1.2)")
-    p.add_argument("--stop", type=int, default=None,
-                   help="paper: stopping index, an integer >= 1 (default 3)")
+    p.add_argument("--stop", type=float, default=None,
+                   help="paper: stopping index, a number >= 1 (default 3; integers are the paper's)")
     p.add_argument("--M", type=int, default=None, help="paper: explicit ramp length (with --k)")
     p.add_argument("--k", type=int, default=None, help="paper: explicit ramp point (with --M)")
     p.add_argument("--final-denoise", action="store_true",
