@@ -1,0 +1,209 @@
+"""Presets: a schedule as plain data — explicit σ list, solver, FreeU plan, guidance, provenance.
+
+A preset is JSON and nothing else: loading one parses and validates numbers and names, never
+executes code. Shipped presets (the paper's settings and AYS) live in ``schedsearch/shipped_presets/``;
+presets exported from studies go to the user preset folder (``$SCHEDSEARCH_PRESETS`` or
+``~/.local/share/schedsearch/presets``) or any path.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__, schedules, solvers
+from .freeu import FreeU, FreeUPlan
+
+SCHEMA = "schedsearch.preset/1"
+SHIPPED_DIR = Path(__file__).with_name("shipped_presets")
+FAMILIES = ("sd15", "sd2", "sdxl", "digits", "gmm", "any")
+
+# The paper's solver and FreeU choices (SPEC §2.2 table, §4). Its code used the original FreeU.
+_PAPER_FREEU = FreeU(1.1, 1.1, 0.9, 0.2)
+_PAPER_SOLVERS = {"sd15-5": "dpmpp_1s", "sd15-6": "dpmpp_1s", "sd15-8": "dpmpp_2m",
+                  "sdxl-6": "dpmpp_1s", "sdxl-8": "dpmpp_2m"}
+_PAPER_GUIDANCE = {"sd15-5": 5.5, "sd15-6": 5.5, "sd15-8": 5.5, "sdxl-6": 7.5, "sdxl-8": 7.5}
+
+
+def _paper_plan(name: str, steps: int) -> Optional[FreeUPlan]:
+    if name in ("sd15-5", "sd15-6"):
+        return FreeUPlan.from_start(steps, 0, _PAPER_FREEU, "original")
+    if name == "sdxl-6":  # on for NFEs 2-4 and 6 (1-based), with stronger values at the last one
+        a, b = _PAPER_FREEU, FreeU(1.3, 1.4, 0.9, 0.2)
+        return FreeUPlan.per_step([None, a, a, a, None, b], "original")
+    return None
+
+
+@dataclass
+class Preset:
+    name: str
+    family: str
+    sigmas: torch.Tensor
+    solver: str
+    freeu: Optional[FreeUPlan] = None
+    guidance: Optional[float] = None
+    schedule: Optional[dict] = None          # how the σ list was built, when it was
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("a preset needs a non-empty name")
+        if self.family not in FAMILIES:
+            raise ValueError(f"preset family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        self.sigmas = schedules.explicit(self.sigmas)
+        self.solver = solvers.canonical(self.solver)
+        if self.freeu is not None and len(self.freeu.steps) != self.steps:
+            raise ValueError(f"the FreeU plan has {len(self.freeu.steps)} steps but the σ list has "
+                             f"{self.steps}")
+        if self.guidance is not None and not (isinstance(self.guidance, (int, float))
+                                              and 0 < self.guidance < 100):
+            raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def nfe(self) -> int:
+        return solvers.model_calls(self.solver, self.sigmas)
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "family": self.family,
+            "nfe": self.nfe,
+            "sigmas": self.sigmas.tolist(),
+            "timesteps": schedules.timesteps(self.sigmas).tolist(),
+            "solver": self.solver,
+            "freeu": self.freeu.to_json() if self.freeu is not None and self.freeu.active else None,
+            "guidance": self.guidance,
+            "schedule": self.schedule,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_json(cls, data, origin: str = "preset") -> "Preset":
+        if not isinstance(data, dict):
+            raise ValueError(f"{origin}: a preset must be a JSON object")
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"{origin}: unknown preset schema {data.get('schema')!r} "
+                             f"(this schedsearch reads {SCHEMA!r})")
+        missing = [k for k in ("name", "family", "sigmas", "solver") if k not in data]
+        if missing:
+            raise ValueError(f"{origin}: missing {', '.join(missing)}")
+        try:
+            preset = cls(
+                name=data["name"], family=data["family"], sigmas=data["sigmas"],
+                solver=data["solver"],
+                freeu=FreeUPlan.from_json(data["freeu"]) if data.get("freeu") else None,
+                guidance=data.get("guidance"), schedule=data.get("schedule"),
+                provenance=data.get("provenance") or {})
+        except ValueError as exc:
+            raise ValueError(f"{origin}: {exc}") from None
+        if "nfe" in data and data["nfe"] != preset.nfe:
+            raise ValueError(f"{origin}: says nfe = {data['nfe']} but its σ list and solver "
+                             f"spend {preset.nfe}")
+        return preset
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a crash never leaves a half-written preset
+        return path
+
+    def comfy(self) -> str:
+        """The σ list for ComfyUI's ManualSigmas (or KJNodes CustomSigmas)."""
+        return ", ".join(f"{s:.6f}" for s in self.sigmas.tolist())
+
+
+def user_dir() -> Path:
+    return Path(os.environ.get("SCHEDSEARCH_PRESETS")
+                or Path.home() / ".local" / "share" / "schedsearch" / "presets")
+
+
+def read(path: str | os.PathLike) -> Preset:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"preset file {str(path)!r} does not exist") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}); the preset file is corrupt") from None
+    return Preset.from_json(data, origin=str(path))
+
+
+def available() -> dict[str, Path]:
+    """Preset name → file, user presets shadowing shipped ones of the same name."""
+    found = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.json"))}
+    if user_dir().is_dir():
+        found.update({p.stem: p for p in sorted(user_dir().glob("*.json"))})
+    return found
+
+
+def load(name_or_path: str | os.PathLike) -> Preset:
+    """A preset by name (shipped or user) or by path to a JSON file."""
+    s = str(name_or_path)
+    if s.endswith(".json") or os.sep in s or os.path.exists(s):
+        return read(s)
+    names = available()
+    if s not in names:
+        raise ValueError(f"no preset named {s!r}; known presets: {', '.join(sorted(names))} "
+                         f"(or give a path to a .json file)")
+    return read(names[s])
+
+
+# -- shipped presets ------------------------------------------------------------------------------
+def paper_preset(name: str) -> Preset:
+    setting = schedules.PAPER_SETTINGS[name]
+    return Preset(
+        name=name, family=name.split("-")[0], sigmas=schedules.paper_preset(name),
+        solver=_PAPER_SOLVERS[name], freeu=_paper_plan(name, setting["steps"]),
+        guidance=_PAPER_GUIDANCE[name], schedule={"name": name},
+        provenance={"source": "Hyperparameters are all you need (Li, 2025), as its code computes it",
+                    "parameters": dict(setting)})
+
+
+def ays_preset(family: str, steps: int) -> Preset:
+    return Preset(
+        name=f"ays-{family}-{steps}", family=family, sigmas=schedules.ays(steps, family),
+        solver="dpmpp_2m", guidance=7.5 if family == "sd15" else 5.0,
+        schedule={"name": "ays", "steps": steps, "family": family},
+        provenance={"source": "Align Your Steps (Sabour et al., 2024), 10-step table"
+                              + ("" if steps == 10 else ", log-linear interpolation")})
+
+
+def shipped() -> list[Preset]:
+    out = [paper_preset(n) for n in schedules.PAPER_SETTINGS]
+    out += [ays_preset(f, n) for f in ("sd15", "sdxl") for n in (5, 6, 8, 10)]
+    return out
+
+
+def write_shipped(directory: Path = SHIPPED_DIR) -> list[Path]:
+    """Regenerate the shipped preset files from code (``python -m schedsearch.presets``)."""
+    return [p.save(directory / f"{p.name}.json") for p in shipped()]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(**extra) -> dict:
+    return {"date": now(), "schedsearch_version": __version__, **extra}
+
+
+if __name__ == "__main__":
+    for path in write_shipped():
+        print(path)
