@@ -1,0 +1,183 @@
+"""OSS — Optimal Stepsize Search by dynamic programming on the student's own states (SPEC §5.1).
+
+For each sample, level k of the DP keeps one student state per grid point j: the one with the
+lowest squared error to the teacher at j among the states reachable in at most k+1 steps
+(``dp[k+1] = dp[k]``, the reference's carry). Each level evaluates the model once at every live
+state — all of them, of all samples, in batched calls with per-image σ — and tries every first-order
+(DPM++1S) jump from it to every lower grid point. After M levels the best state at the data end
+gives the sample's schedule; the per-position median over samples gives the model's.
+
+Choices the SPEC leaves open:
+
+* Paths are tracked per state (each state carries the grid indices it came through), so a
+  backtracked path is always the one that produced its state. The reference's trace table can mix
+  levels when a carried entry is used; here that cannot happen.
+* Start: by default every path starts at σ_max from the sampler's initial noise, so level 0 has one
+  live state per sample and a search costs N + 1 + (M−1)·N model calls per sample (teacher
+  included). ``free_start=True`` is the reference's quirk: a path may start at any T[i] from the
+  same ε scaled to T[i] (``initial_noise`` at σ = T[i], which is what the sampler does for a
+  schedule that starts there); all N states are live from level 0 and the cost is N + M·N.
+* Ties between predecessors go to the highest index, as the reference's loop (i from N down, strict
+  ``<``) resolves them.
+* Median: the lower median (the ⌈S/2⌉-th smallest index at each position), so each position is an
+  actual grid index and σ is exactly a teacher grid value; per-position order statistics of
+  strictly decreasing paths are strictly decreasing, so the result is a valid schedule.
+* With the carry, the best state at the data end may come from a path of fewer than M steps. The
+  schedule must spend exactly the budget (SPEC §1), so the backtrack starts from the best landing
+  on T[0] at the last level among states that are exactly M−1 steps from the start (same states,
+  same model calls; only the final pick is restricted). ``provenance["shorter_better"]`` counts
+  the samples where a shorter path would have landed closer. A sample without any M-step path
+  (not seen in practice) is left out of the median and counted in ``provenance["no_full_path"]``.
+* Amplitude calibration (off by default) rescales each state affinely before its step so that its
+  5% and 95% quantiles match the teacher's at that grid point. It only shapes the search: the sampler
+  does not calibrate, so a schedule searched with it is scored without it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .teacher import CountingDenoiser, Distilled, Teacher
+
+_CHUNK_ELEMENTS = 1 << 24   # bound on the (rows, N+1, d) landing tensor built at once
+
+
+def _check_budget(budget: int, teacher: Teacher) -> int:
+    n = teacher.steps
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"the budget M must be an integer >= 1, got {budget!r}")
+    if budget >= n:
+        raise ValueError(f"the budget M = {budget} must be smaller than the teacher's N = {n} steps "
+                         f"(use more --teacher-steps)")
+    return budget
+
+
+def _calibrate(z: torch.Tensor, q_target: torch.Tensor) -> torch.Tensor:
+    """Affine map of each row of z (R, d) so its 5%/95% quantiles become q_target (R, 2)."""
+    q = torch.quantile(z, torch.tensor([0.05, 0.95], device=z.device, dtype=z.dtype), dim=1).T
+    scale = (q_target[:, 1] - q_target[:, 0]) / (q[:, 1] - q[:, 0]).clamp_min(1e-12)
+    return (z - q[:, :1]) * scale[:, None] + q_target[:, :1]
+
+
+def lower_median(paths: torch.Tensor) -> torch.Tensor:
+    """Per-position lower median of (S, L) integer paths."""
+    return paths.sort(dim=0).values[(paths.shape[0] - 1) // 2]
+
+
+@torch.no_grad()
+def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
+           calibrate: bool = False, batch_size: int = 256, progress=None) -> Distilled:
+    """Run the OSS dynamic programme on the teacher's samples; see the module docstring.
+
+    ``batch_size``: images per model call (the level's live states are packed across samples).
+    ``progress``: tqdm-like, ``update(k)`` after each model call on k states.
+    """
+    m = _check_budget(budget, teacher)
+    device = torch.device(model.device)
+    S, n = len(teacher.seeds), teacher.steps
+    T = teacher.sigmas.to(device, torch.float32)
+    X = teacher.x.to(device).flatten(2)                                   # (S, N+1, d)
+    d = X.shape[2]
+    ratio = (T[None, :] / T[:, None].clamp_min(1e-30)).tril(-1)          # q[i, j] = T[j]/T[i], j < i
+    below = torch.ones(n + 1, n + 1, dtype=torch.bool, device=device).tril(-1)   # [i, j]: j < i
+    q_teacher = None
+    if calibrate:
+        q_teacher = torch.quantile(X.reshape(-1, d), torch.tensor([0.05, 0.95], device=device),
+                                   dim=1).T.reshape(S, n + 1, 2)
+
+    Z = torch.zeros_like(X)
+    live = torch.zeros(S, n + 1, dtype=torch.bool, device=device)
+    if free_start:
+        eps = X[:, n] / T[n]
+        Z[:, 1:] = eps[:, None] * T[None, 1:, None]
+        live[:, 1:] = True
+    else:
+        Z[:, n] = X[:, n]
+        live[:, n] = True
+    dp = torch.full((S, n + 1), torch.inf, device=device)
+    paths = torch.full((S, n + 1, m + 1), -1, dtype=torch.long, device=device)
+    paths[:, :, 0] = torch.arange(n + 1, device=device)
+    lengths = live.long()                                                # points on the path
+    denoise = CountingDenoiser(model, teacher.guidance, progress)
+    s_all = torch.arange(S, device=device)
+
+    for level in range(m):
+        s_idx, i_idx = live.nonzero(as_tuple=True)                      # rows, sample-major
+        z = Z[s_idx, i_idx]
+        if calibrate:
+            z = _calibrate(z, q_teacher[s_idx, i_idx])
+        den = torch.empty_like(z)
+        for a in range(0, len(z), batch_size):
+            b = min(len(z), a + batch_size)
+            cond = model.condition([teacher.prompts[s] for s in s_idx[a:b].tolist()])
+            den[a:b] = denoise(z[a:b], T[i_idx[a:b]], cond).float()
+        # cost[s, i, j]: error at T[j] of the jump from the state at T[i]
+        cost = torch.full((S, n + 1, n + 1), torch.inf, device=device)
+        rows = max(1, _CHUNK_ELEMENTS // ((n + 1) * d))
+        for a in range(0, len(z), rows):
+            b = min(len(z), a + rows)
+            q = ratio[i_idx[a:b]][:, :, None]                            # (r, N+1, 1)
+            land = torch.lerp(den[a:b, None], z[a:b, None], q)          # (r, N+1, d)
+            c = (land - X[s_idx[a:b]]).square().mean(2)
+            cost[s_idx[a:b], i_idx[a:b]] = c.masked_fill(~below[i_idx[a:b]], torch.inf)
+        if level == m - 1:
+            # the final pick: landings on T[0] from states exactly M−1 steps from the start
+            full = lengths == m
+            final, flipped = cost[:, :, 0].masked_fill(~full, torch.inf).flip(1).min(dim=1)
+            final_i = n - flipped
+            carried = torch.minimum(dp[:, 0], cost[:, :, 0].min(dim=1).values)
+            break
+        # best predecessor per (s, j), ties to the highest i
+        best, flipped = cost.flip(1).min(dim=1)
+        best_i = n - flipped                                             # (S, N+1)
+        better = best < dp
+        better[:, n] = False
+        if not bool(better.any()):
+            continue
+        row_of = torch.full((S, n + 1), -1, dtype=torch.long, device=device)
+        row_of[s_idx, i_idx] = torch.arange(len(z), device=device)
+        s_new, j_new = better.nonzero(as_tuple=True)
+        i_new = best_i[s_new, j_new]
+        r = row_of[s_new, i_new]
+        Z_next = Z.clone()
+        Z_next[s_new, j_new] = torch.lerp(den[r], z[r], (T[j_new] / T[i_new])[:, None])
+        new_paths = paths[s_new, i_new].clone()
+        k = lengths[s_new, i_new]
+        new_paths[torch.arange(len(k), device=device), k] = j_new
+        paths[s_new, j_new] = new_paths
+        lengths[s_new, j_new] = k + 1
+        dp = torch.where(better, best, dp)
+        live[s_new, j_new] = j_new > 0      # a state at the data end takes no further step
+        Z = Z_next
+
+    ok = torch.isfinite(final)
+    if not bool(ok.any()):
+        raise RuntimeError("OSS found no path of exactly M steps to the data end for any sample")
+    chosen = paths[s_all, final_i].clone()
+    chosen[:, m] = 0
+    median = lower_median(chosen[ok])
+    sigmas = teacher.sigmas[median.cpu()]
+    errors = final[ok].double()
+    provenance = {
+        "method": "oss",
+        "budget": m,
+        "teacher": teacher.provenance(),
+        "solver": "dpmpp_1s",
+        "free_start": bool(free_start),
+        "calibrate": bool(calibrate),
+        "grid_indices": median.tolist(),
+        "median": "lower (order statistic (S-1)//2 of each position)",
+        "paths": [chosen[s].tolist() if bool(ok[s]) else None for s in range(S)],
+        "shorter_better": int((carried < final).sum()),
+        "no_full_path": int((~ok).sum()),
+        "samples": S,
+        "calls_per_sample": {"teacher": n, "search": denoise.rows / S,
+                             "total": n + denoise.rows / S},
+        "teacher_calls_this_run": teacher.calls,
+        "final_error": float(errors.mean()),
+        "final_error_per_sample": [float(e) if bool(o) else None for e, o in zip(final.double(), ok)],
+        "error": "mean squared error to the teacher at the data end of each sample's own M-step path",
+    }
+    return Distilled(sigmas, provenance)
