@@ -1,0 +1,247 @@
+"""Reference statistics: the real-data side of FID and KID, with their provenance.
+
+A file holds ``mu`` and ``sigma`` (float64) and the raw ``features`` (for KID) as safetensors tensors,
+and its provenance as string metadata: extractor, resize mode, n, dim, source, created, schedsearch
+version. No pickle anywhere: loading a file runs no code.
+
+Features are kept at float32 precision (what the networks produce) and the moments are computed from
+exactly those values, so a statistics object scores the same before and after a save/load round trip.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .fid import statistics
+
+FORMAT = "schedsearch-refstats/1"
+REQUIRED = ("format", "extractor", "resize", "n", "dim", "source", "created", "schedsearch_version")
+
+
+def cache_dir() -> str:
+    """$SCHEDSEARCH_CACHE, else ~/.cache/schedsearch."""
+    root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                               "schedsearch")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+class ExtractorMismatch(ValueError):
+    """Reference statistics from another feature space than the one scoring uses."""
+
+
+@dataclass
+class RefStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: Optional[np.ndarray]
+    meta: dict = field(default_factory=dict)
+    path: Optional[str] = field(default=None, compare=False)   # the file it was loaded from / saved to
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_features(cls, features: np.ndarray, *, extractor, source: str,
+                      keep_features: bool = True, **extra) -> "RefStats":
+        """``extractor``: the Extractor used (its name and resize mode are recorded)."""
+        from .. import __version__
+
+        f = np.asarray(features)
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"reference features must be (N >= 2, D), got shape {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError("the reference features are not all finite")
+        f = f.astype(np.float32).astype(np.float64)
+        mu, sigma = statistics(f)
+        meta = {
+            "format": FORMAT,
+            "extractor": extractor.name,
+            "resize": getattr(extractor, "resize", "none"),
+            "n": str(f.shape[0]),
+            "dim": str(f.shape[1]),
+            "source": str(source),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "schedsearch_version": __version__,
+        }
+        meta.update({k: str(v) for k, v in extra.items() if v is not None})
+        return cls(mu, sigma, f if keep_features else None, meta)
+
+    # -- accessors ------------------------------------------------------------------------------
+    @property
+    def extractor(self) -> str:
+        return self.meta["extractor"]
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["n"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def trace(self) -> float:
+        return float(np.trace(self.sigma))
+
+    def provenance(self) -> dict:
+        out = {k: v for k, v in self.meta.items() if k != "format"}
+        out["n"], out["dim"] = self.n, self.dim
+        out["has_features"] = self.features is not None
+        return out
+
+    def check(self, extractor) -> None:
+        """Refuse to score in another feature space than the one the statistics were built in."""
+        name = extractor if isinstance(extractor, str) else extractor.name
+        if name != self.extractor:
+            raise ExtractorMismatch(
+                f"the reference statistics were computed with the {self.extractor!r} extractor, but "
+                f"scoring uses {name!r}; FIDs across feature spaces mean nothing. Rebuild them with "
+                f"`schedsearch refstats ... --extractor {_kind(name)}`, or score with the extractor "
+                f"the statistics were made with")
+        resize = getattr(extractor, "resize", None)
+        if resize is not None and resize != self.meta.get("resize"):
+            raise ExtractorMismatch(
+                f"the reference statistics used resize mode {self.meta.get('resize')!r}, scoring "
+                f"uses {resize!r}; rebuild them with the same pipeline")
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: str) -> str:
+        """Write atomically (several workers may build the same cache entry at once)."""
+        from safetensors.numpy import save_file
+
+        tensors = {"mu": np.ascontiguousarray(self.mu, np.float64),
+                   "sigma": np.ascontiguousarray(self.sigma, np.float64)}
+        if self.features is not None:
+            tensors["features"] = np.ascontiguousarray(self.features, np.float32)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".refstats-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={k: str(v) for k, v in self.meta.items()})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "RefStats":
+        from safetensors import SafetensorError, safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"reference statistics file {path!r} does not exist; make one "
+                                    "with `schedsearch refstats --images DIR --out FILE`")
+        try:
+            with safe_open(path, framework="np") as f:
+                meta = dict(f.metadata() or {})
+                keys = set(f.keys())
+                tensors = {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{path!r} is not a safetensors file ({exc}); reference statistics "
+                             "are made with `schedsearch refstats`") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path!r} is not a schedsearch reference-statistics file (format "
+                             f"{meta.get('format')!r}, expected {FORMAT!r}); make one with "
+                             "`schedsearch refstats`")
+        missing = [k for k in REQUIRED if k not in meta] + [k for k in ("mu", "sigma")
+                                                             if k not in keys]
+        if missing:
+            raise ValueError(f"{path!r} lacks {', '.join(missing)}; rebuild it with "
+                             "`schedsearch refstats`")
+        mu, sigma = tensors["mu"].astype(np.float64), tensors["sigma"].astype(np.float64)
+        d = int(meta["dim"])
+        if mu.shape != (d,) or sigma.shape != (d, d):
+            raise ValueError(f"{path!r}: mu {mu.shape} / sigma {sigma.shape} do not match dim {d}")
+        feats = tensors.get("features")
+        if feats is not None:
+            feats = feats.astype(np.float64)
+            if feats.shape != (int(meta["n"]), d):
+                raise ValueError(f"{path!r}: features {feats.shape} do not match n × dim")
+        return cls(mu, sigma, feats, meta, path=path)
+
+
+def _kind(name: str) -> str:
+    if name.startswith("inception"):
+        return "inception"
+    if name.startswith("digits"):
+        return "digits"
+    return name
+
+
+# -- built-in testbeds ----------------------------------------------------------------------------
+GMM_N = 10_000
+GMM_SEED = 12345
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Optional[int] = None,
+                     device=None, rebuild: bool = False, cache: Optional[str] = None) -> RefStats:
+    """Reference statistics of a built-in testbed, built once and cached.
+
+    * ``digits``: the held-out split of the digits data through the classifier (or ``extractor``).
+    * ``gmm``: ``n`` exact samples (default 10 000, seeded), classes balanced, as the ``classes:K``
+      prompt sets draw them.
+    """
+    from . import features as _features
+
+    family = getattr(model, "family", None)
+    if family not in ("digits", "gmm"):
+        raise ValueError(f"no built-in reference data for {getattr(model, 'name', model)!r}; make "
+                         "statistics from real images with `schedsearch refstats --images DIR --out "
+                         "FILE` and pass them with --ref-stats FILE")
+    if extractor is None:
+        extractor = _features.build(model=model, device=device)
+    if family == "gmm":
+        n = GMM_N if n is None else int(n)
+        seed = GMM_SEED if seed is None else int(seed)
+    else:
+        seed = 0 if seed is None else int(seed)
+    key = _safe(f"{model.fingerprint()}-{extractor.name}-n{n if n is not None else 'all'}-s{seed}")
+    path = os.path.join(cache or os.path.join(cache_dir(), "refstats"), key + ".safetensors")
+    if not rebuild and os.path.isfile(path):
+        try:
+            ref = RefStats.load(path)
+            if ref.extractor == extractor.name and ref.meta.get("model_fingerprint") == model.fingerprint():
+                return ref
+        except ValueError:
+            pass  # a stale or damaged cache entry: rebuild it below
+    if family == "gmm":
+        k = model.num_classes
+        data = model.sample_data([i % k for i in range(n)], seed=seed).float()
+        feats = extractor(data)
+        source = f"{model.name}: {n} exact samples, classes 0..{k - 1} in turn, seed {seed}"
+    else:
+        from ..models.digits import digits_data
+
+        images = _digits_images(digits_data("heldout"))
+        if n is not None:
+            if n > images.shape[0]:
+                raise ValueError(f"the held-out digits split has {images.shape[0]} images; asked "
+                                 f"for {n}")
+            images = images[:n]
+        feats = extractor(images)
+        source = f"digits held-out split ({images.shape[0]} images)"
+    ref = RefStats.from_features(feats, extractor=extractor, source=source, model=model.name,
+                                 model_fingerprint=model.fingerprint(), seed=seed)
+    ref.save(path)
+    return ref
+
+
+def _digits_images(data):
+    """``digits_data(split)`` gives (images in [-1, 1], labels); the model's decoder maps its samples
+    to [0, 1] with ``to_unit``, so the reference goes through the same map."""
+    from ..models.digits import to_unit
+
+    images = data[0] if isinstance(data, (tuple, list)) else data
+    return to_unit(images)

@@ -1,0 +1,250 @@
+"""The objective of the search: FID (and KID) of a schedule on a fixed prompt subset.
+
+Generation, feature extraction and statistics run batch by batch in memory. The prompt set is read
+in order, so its prefixes are the growing subsets: FID is reported at each checkpoint size, and a
+caller's ``on_checkpoint(n, fid)`` may raise to stop a poor candidate early. Batches never straddle a
+checkpoint, so the features of the first n images do not depend on how many more are scored.
+
+Candidates are only comparable at the same n with the same prompts and seeds (common random
+numbers); at n below the feature dimension FID is biased upward, which is why KID (unbiased) is
+reported next to it (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import schedules, solvers
+from ..sampler import sample
+from .fid import frechet_distance, frechet_distance_lowrank, kid, statistics
+
+STAGES = ("sampling", "model", "solver", "decode", "features", "statistics", "total")
+# "clip" joins the stages when a CLIP score is computed (a separate metric, never part of FID).
+
+
+class ScoreError(ValueError):
+    """A candidate that cannot be scored (non-finite samples or features); the message says why."""
+
+
+@dataclass
+class ScoreResult:
+    fid: float
+    kid: Optional[float]
+    n: int
+    fid_at: dict                      # n -> FID at each checkpoint (the last is n itself)
+    nfe: int                          # model calls per image
+    seconds: dict                     # STAGES -> seconds
+    images: Optional[torch.Tensor] = None       # the first keep_images images, for grids
+    features: Optional[np.ndarray] = field(default=None, repr=False)   # (n, D) generated features
+    clip: Optional[float] = None      # mean CLIP score, when the Scorer has a ClipScore
+
+    def as_dict(self) -> dict:
+        out = {"fid": self.fid, "kid": self.kid, "n": self.n,
+               "fid_at": {str(k): v for k, v in self.fid_at.items()}, "nfe": self.nfe,
+               "seconds": {k: round(v, 4) for k, v in self.seconds.items()}}
+        if self.clip is not None:
+            out["clip"] = self.clip
+        return out
+
+
+# The usual CFG scale per model family (the same table as ``schedsearch run``).
+FAMILY_GUIDANCE = {"digits": 2.0, "gmm": 3.0, "sd15": 5.5, "sd2": 5.5, "sdxl": 7.5}
+
+
+def default_guidance(model) -> float:
+    return FAMILY_GUIDANCE.get(getattr(model, "family", None), 5.5)
+
+
+class Scorer:
+    """Scores σ lists against fixed reference statistics on a fixed prompt set.
+
+    ``frechet``: ``"cleanfid"`` always uses clean-fid's sqrtm; ``"lowrank"`` the equivalent N×N
+    eigenproblem; ``"auto"`` (default) the low-rank route when n < D (e.g. 256 Inception features,
+    where one 2048² sqrtm costs ~30 s on two CPU cores), clean-fid's otherwise.
+    ``clip``: a ``features.ClipScore`` to also report the mean CLIP score (text prompts only).
+    """
+
+    def __init__(self, model, extractor, ref, prompt_set, *, guidance: Optional[float] = None,
+                 batch_size: int = 16, checkpoints: Sequence[int] = (64, 128, 256),
+                 kid_subsets: int = 100, kid_seed: int = 0, frechet: str = "auto", clip=None):
+        ref.check(extractor)
+        if len(prompt_set) < 2:
+            raise ValueError(f"scoring needs at least 2 prompts, got {len(prompt_set)}")
+        if ref.features is not None and ref.features.shape[1] != ref.dim:
+            raise ValueError("reference features and moments disagree in dimension")
+        if frechet not in ("auto", "cleanfid", "lowrank"):
+            raise ValueError(f"frechet must be auto, cleanfid or lowrank, got {frechet!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.extractor, self.ref, self.prompts = model, extractor, ref, prompt_set
+        self.guidance = default_guidance(model) if guidance is None else float(guidance)
+        self.batch_size = int(batch_size)
+        self.n = len(prompt_set)
+        cps = sorted({int(c) for c in checkpoints if 2 <= int(c) < self.n})
+        self.checkpoints = tuple(cps) + (self.n,)
+        self.kid_subsets, self.kid_seed, self.frechet = int(kid_subsets), int(kid_seed), frechet
+        self.clip = clip
+        self._ref_trace = ref.trace
+        import cleanfid.fid  # noqa: F401  (imports torchvision, ~3 s once: not a scoring cost)
+
+    # -- statistics -----------------------------------------------------------------------------
+    def fid_of(self, features: np.ndarray) -> float:
+        n, d = features.shape
+        if self.frechet == "lowrank" or (self.frechet == "auto" and n < d):
+            return frechet_distance_lowrank(features, self.ref.mu, self.ref.sigma, self._ref_trace)
+        mu, sigma = statistics(features)
+        return frechet_distance(mu, sigma, self.ref.mu, self.ref.sigma)
+
+    def kid_of(self, features: np.ndarray) -> Optional[float]:
+        if self.ref.features is None or self.kid_subsets < 1:
+            return None
+        # clean-fid's argument order for a generator against reference features
+        return kid(self.ref.features, features, seed=self.kid_seed, num_subsets=self.kid_subsets)
+
+    # -- the objective --------------------------------------------------------------------------
+    def _slices(self):
+        """Batches of at most batch_size that end exactly at each checkpoint."""
+        start = 0
+        for stop_at in self.checkpoints:
+            while start < stop_at:
+                stop = min(start + self.batch_size, stop_at)
+                yield start, stop
+                start = stop
+
+    def score(self, sigmas, solver: str = "dpmpp_2m", freeu=None,
+              on_checkpoint: Optional[Callable[[int, float], None]] = None, keep_images: int = 16,
+              on_batch: Optional[Callable[[int, torch.Tensor], None]] = None,
+              keep_features: bool = True) -> ScoreResult:
+        """FID/KID of a σ list. ``on_checkpoint(n, fid)`` runs at each checkpoint (also at the full
+        n) and may raise to stop early; the exception propagates unchanged. ``on_batch(start,
+        images)`` sees every batch of images (e.g. to save them). Raises ScoreError on non-finite
+        samples or features."""
+        sigmas = schedules.explicit(sigmas)
+        solver = solvers.canonical(solver)
+        t_start = time.perf_counter()
+        sec = dict.fromkeys(STAGES, 0.0)
+        if self.clip is not None:
+            sec["clip"] = 0.0
+        clip_scores: list[np.ndarray] = []
+        feats: list[np.ndarray] = []
+        kept: list[torch.Tensor] = []
+        n_kept = 0
+        fid_at: dict[int, float] = {}
+        nfe = solvers.model_calls(solver, sigmas)
+        next_cp = 0
+        done = 0
+        for start, stop in self._slices():
+            t0 = time.perf_counter()
+            try:
+                out = sample(self.model, sigmas, self.prompts.prompts[start:stop],
+                             self.prompts.seeds[start:stop], solver=solver, guidance=self.guidance,
+                             freeu=freeu, batch_size=self.batch_size)
+            except solvers.NonFiniteError as exc:
+                raise ScoreError(f"{exc} (images {start}..{stop - 1} of the prompt set)") from exc
+            sec["sampling"] += time.perf_counter() - t0
+            for key in ("model", "solver", "decode"):
+                sec[key] += out.seconds.get(key, 0.0)
+            nfe = out.nfe
+            images = out.images
+            if not bool(torch.isfinite(images).all()):
+                raise ScoreError(f"the decoded images {start}..{stop - 1} are not finite")
+            if n_kept < keep_images:
+                kept.append(images[: keep_images - n_kept].clone())
+                n_kept += kept[-1].shape[0]
+            if on_batch is not None:
+                on_batch(start, images)
+            t1 = time.perf_counter()
+            f = self.extractor(images)
+            sec["features"] += time.perf_counter() - t1
+            if not np.isfinite(f).all():
+                raise ScoreError(f"the features of images {start}..{stop - 1} are not finite")
+            if f.shape[1] != self.ref.dim:
+                raise ValueError(f"the extractor gives {f.shape[1]}-d features, the reference "
+                                 f"statistics are {self.ref.dim}-d")
+            feats.append(f)
+            if self.clip is not None:
+                t4 = time.perf_counter()
+                clip_scores.append(self.clip(images, self.prompts.prompts[start:stop]))
+                sec["clip"] += time.perf_counter() - t4
+            done = stop
+            if done == self.checkpoints[next_cp]:
+                t2 = time.perf_counter()
+                allf = np.concatenate(feats)
+                feats = [allf]
+                fid_at[done] = self.fid_of(allf)
+                sec["statistics"] += time.perf_counter() - t2
+                if not np.isfinite(fid_at[done]):
+                    raise ScoreError(f"FID at n = {done} is not finite")
+                next_cp += 1
+                if on_checkpoint is not None:
+                    on_checkpoint(done, fid_at[done])
+        allf = feats[0]
+        t3 = time.perf_counter()
+        kid_value = self.kid_of(allf)
+        sec["statistics"] += time.perf_counter() - t3
+        sec["total"] = time.perf_counter() - t_start
+        return ScoreResult(
+            fid=fid_at[self.n], kid=kid_value, n=self.n, fid_at=fid_at, nfe=int(nfe), seconds=sec,
+            images=torch.cat(kept) if kept else None, features=allf if keep_features else None,
+            clip=float(np.concatenate(clip_scores).mean()) if clip_scores else None)
+
+    # -- provenance -----------------------------------------------------------------------------
+    def provenance(self) -> dict:
+        from .. import __version__
+
+        m = self.model
+        return {"model": getattr(m, "name", str(m)),
+                "fingerprint": m.fingerprint() if hasattr(m, "fingerprint") else None,
+                "guidance": self.guidance, "prompts": self.prompts.as_json(),
+                "extractor": self.extractor.describe(), "reference": self.ref.provenance(),
+                "checkpoints": list(self.checkpoints), "frechet": self.frechet,
+                "kid": {"subsets": self.kid_subsets, "seed": self.kid_seed},
+                "clip": getattr(self.clip, "path", None),
+                "schedsearch_version": __version__}
+
+
+def default_prompts(model) -> str:
+    """``classes:K`` for the class-conditional testbeds; text models need a prompt file."""
+    k = getattr(model, "num_classes", None)
+    if k is None and getattr(model, "family", None) == "digits":
+        from ..models.digits import NUM_CLASSES as k
+    if k is None:
+        raise ValueError(f"{getattr(model, 'name', model)} needs prompts: pass --prompts FILE (a "
+                         "text file with one prompt per line, a CSV, or a COCO captions JSON)")
+    return f"classes:{k}"
+
+
+def scoring_setup(model, config) -> tuple:
+    """(extractor, reference statistics) from a config-like object with optional attributes
+    ``extractor`` (inception|digits|identity), ``inception`` (weights path), ``ref_stats`` (a file;
+    None: the testbed's cached default) and ``device``. Refuses mismatched statistics."""
+    from . import features as _features
+    from .refstats import RefStats, default_refstats
+
+    device = getattr(config, "device", None) or getattr(model, "device", None)
+    ext = _features.build(getattr(config, "extractor", None), model=model, device=device,
+                          inception_path=getattr(config, "inception", None))
+    path = getattr(config, "ref_stats", None)
+    ref = RefStats.load(path) if path else default_refstats(model, ext, device=device)
+    ref.check(ext)
+    return ext, ref
+
+
+def build_scorer(model, *, prompts: Optional[str] = None, n: int = 256, prompt_seed: int = 0,
+                 ref_stats: Optional[str] = None, extractor: Optional[str] = None,
+                 inception: Optional[str] = None, device=None, **kwargs) -> Scorer:
+    """A Scorer with the defaults of the built-in testbeds: ``classes:K`` prompts, the model's natural
+    extractor, and the cached default reference statistics (``ref_stats`` names a file otherwise)."""
+    from types import SimpleNamespace
+
+    from .. import prompts as _prompts
+
+    ext, ref = scoring_setup(model, SimpleNamespace(extractor=extractor, inception=inception,
+                                                    ref_stats=ref_stats, device=device))
+    pset = _prompts.load(prompts or default_prompts(model), n, prompt_seed)
+    return Scorer(model, ext, ref, pset, **kwargs)

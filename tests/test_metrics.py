@@ -1,0 +1,310 @@
+"""FID/KID against clean-fid itself, feature extractors, and reference-statistics files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from schedsearch.metrics import features as F
+from schedsearch.metrics import fid as M
+from schedsearch.metrics.refstats import ExtractorMismatch, RefStats, default_refstats
+
+
+class TinyConvNet(torch.nn.Module):
+    """A fixed random network with clean-fid's input convention ((B, 3, 299, 299) in [0, 255]),
+    so clean-fid's own pipeline can run without downloading Inception."""
+
+    def __init__(self, seed: int = 0, dim: int = 12):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, 8, 7, stride=4)
+        self.conv2 = torch.nn.Conv2d(8, dim, 5, stride=4)
+        self.eval()
+
+    def forward(self, x):
+        x = (x - 128) / 128
+        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        return 20 * x.mean(dim=(2, 3))
+
+
+def _write_folder(folder, n, seed, shift, sizes=((32, 32),), gray_every=0, level=127):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = level + 100 * np.sin(xx / (3 + shift) + rng.uniform(0, 6)) * np.cos(yy / 5)
+        arr = np.clip(base[..., None] + rng.normal(0, 30 + 20 * shift, (h, w, 3)), 0, 255)
+        arr = arr.astype(np.uint8)
+        if gray_every and i % gray_every == 0:
+            Image.fromarray(arr[..., 0], mode="L").save(os.path.join(folder, f"img{i:03d}.png"))
+        else:
+            Image.fromarray(arr).save(os.path.join(folder, f"img{i:03d}.png"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    a = _write_folder(root / "a", 30, 0, 0.0, sizes=((32, 32), (40, 28)), gray_every=7)
+    b = _write_folder(root / "b", 26, 1, 1.0, level=70)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def net():
+    return TinyConvNet()
+
+
+def test_fid_of_two_folders_equals_clean_fid(folders, net):
+    from cleanfid import fid as cf
+
+    a, b = folders
+    ext = F.CleanFID(net, "tiny", batch_size=8)
+    ours = M.fid_folders(a, b, ext)
+    theirs = cf.compute_fid(a, b, mode="clean", custom_feat_extractor=net, num_workers=0,
+                            batch_size=8, device=torch.device("cpu"), verbose=False)
+    assert ours > 1  # a real difference between the folders, not 0 == 0
+    # clean-fid averages float32 features in float32; we average in float64. That is the only
+    # difference (next assertions), worth ~1e-7 relative.
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=0)
+    kw = dict(num_workers=0, batch_size=8, device=torch.device("cpu"), mode="clean", verbose=False)
+    fa, fb = cf.get_folder_features(a, net, **kw), cf.get_folder_features(b, net, **kw)
+    assert np.array_equal(M.folder_features(a, ext), fa.astype(np.float64))
+    assert np.array_equal(M.folder_features(b, ext), fb.astype(np.float64))
+    assert ours == pytest.approx(cf.fid_from_feats(fa.astype(np.float64), fb.astype(np.float64)),
+                                 rel=1e-12)
+
+
+def test_kid_equals_clean_fid_and_leaves_the_global_rng_alone(folders, net):
+    from cleanfid import fid as cf
+
+    a, b = folders
+    kw = dict(num_workers=0, batch_size=8, device=torch.device("cpu"), mode="clean", verbose=False)
+    fa, fb = cf.get_folder_features(a, net, **kw), cf.get_folder_features(b, net, **kw)
+    np.random.seed(3)
+    theirs = cf.kernel_distance(fa, fb)           # what compute_kid does between two folders
+    np.random.seed(99)
+    before = np.random.get_state()[1].copy()
+    ours = M.kid_folders(a, b, F.CleanFID(net, "tiny", batch_size=8), seed=3)
+    assert np.array_equal(np.random.get_state()[1], before)
+    assert ours == pytest.approx(theirs, abs=1e-9, rel=1e-7)
+    assert ours > 1e-3
+    # the seed matters (subsets are random), so it is part of the score's definition
+    assert M.kid(fa, fb, seed=4) != M.kid(fa, fb, seed=3)
+
+
+def test_in_memory_images_give_the_features_of_the_same_images_on_disk(tmp_path, net):
+    from schedsearch.images import save_images
+
+    ext = F.CleanFID(net, "tiny", batch_size=5)
+    g = torch.Generator().manual_seed(0)
+    for channels in (3, 1):
+        images = torch.rand(7, channels, 24, 20, generator=g)
+        folder = tmp_path / f"c{channels}"
+        save_images(images, str(folder), [f"{i}.png" for i in range(7)])
+        from_disk = M.folder_features(str(folder), ext)
+        in_memory = ext(images)
+        assert in_memory.dtype == np.float64 and in_memory.shape == (7, 12)
+        assert np.array_equal(in_memory, from_disk)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.environ.get(F.INCEPTION_ENV) or F.CLEANFID_DEFAULT),
+                    reason="clean-fid's inception-2015-12-05.pt is not on this machine (no "
+                           "internet here); put it at /tmp/inception-2015-12-05.pt or set "
+                           "SCHEDSEARCH_INCEPTION to run this test")
+def test_inception_features_equal_clean_fid(folders):
+    from cleanfid import fid as cf
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    a, b = folders
+    weights = F.find_inception()
+    ext = F.inception(weights, batch_size=8)
+    net = InceptionV3W(path=os.path.dirname(weights), download=False, resize_inside=False).eval() \
+        if os.path.basename(weights) == F.INCEPTION_FILE else ext.net
+    ours = M.fid_folders(a, b, ext)
+    theirs = cf.compute_fid(a, b, mode="clean", custom_feat_extractor=net, num_workers=0,
+                            batch_size=8, device=torch.device("cpu"), verbose=False)
+    assert ours == pytest.approx(theirs, abs=1e-6 * max(1.0, theirs), rel=0)
+    assert ext(torch.rand(2, 3, 16, 16)).shape == (2, 2048)
+
+
+def test_missing_inception_says_where_to_put_it_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(F.INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
+    with pytest.raises(FileNotFoundError) as exc:
+        F.inception()
+    msg = str(exc.value)
+    for part in (str(tmp_path / "nowhere.pt"), F.INCEPTION_URL, "/tmp/inception-2015-12-05.pt",
+                 "SCHEDSEARCH_INCEPTION", "--inception"):
+        assert part in msg
+    # a file that is not TorchScript is refused with a clear error, not a stack trace
+    bad = tmp_path / "inception-2015-12-05.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable clean-fid Inception"):
+        F.inception(str(tmp_path))
+
+
+def test_frechet_distance_of_known_gaussians():
+    # N(0, I) vs N(m, 4I) in d dims: |m|² + d + 4d − 2·tr(2I) = |m|² + d
+    d = 6
+    m = np.arange(d, dtype=np.float64) / 3
+    assert M.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(
+        float(m @ m) + d, rel=1e-10)
+    with pytest.raises(ValueError, match="different feature spaces"):
+        M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+@pytest.mark.parametrize("n,d", [(40, 120), (90, 30)])
+def test_low_rank_frechet_equals_clean_fid(n, d):
+    rng = np.random.default_rng(n)
+    gen = rng.normal(size=(n, d)) * rng.uniform(0.5, 2, d) + 0.2
+    ref = rng.normal(size=(4 * d, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+    mu2, s2 = M.statistics(ref)
+    mu1, s1 = M.statistics(gen)
+    exact = M.frechet_distance(mu1, s1, mu2, s2)
+    assert M.frechet_distance_lowrank(gen, mu2, s2) == pytest.approx(exact, rel=1e-7)
+
+
+def test_statistics_refuse_a_single_sample():
+    with pytest.raises(ValueError, match="at least 2"):
+        M.statistics(np.zeros((1, 3)))
+
+
+# -- reference statistics -------------------------------------------------------------------------
+def test_refstats_round_trip_is_exact_and_records_provenance(tmp_path, net):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 12))
+    ext = F.CleanFID(net, "tiny", batch_size=8)
+    ref = RefStats.from_features(feats, extractor=ext, source="unit test", model="m")
+    path = ref.save(str(tmp_path / "ref.safetensors"))
+    back = RefStats.load(path)
+    assert np.array_equal(back.mu, ref.mu) and np.array_equal(back.sigma, ref.sigma)
+    assert np.array_equal(back.features, ref.features)
+    assert back.meta == ref.meta
+    prov = back.provenance()
+    assert prov["extractor"] == "tiny" and prov["resize"] == "clean" and prov["n"] == 50
+    assert prov["dim"] == 12 and prov["source"] == "unit test" and prov["model"] == "m"
+    assert prov["schedsearch_version"] and prov["created"].endswith("+00:00")
+    # moments are those of the stored (float32-precision) features
+    np.testing.assert_allclose(back.mu, feats.mean(0), atol=1e-6)
+    np.testing.assert_allclose(back.sigma, np.cov(feats, rowvar=False), atol=1e-5)
+    # the file is plain safetensors: an 8-byte header length, then a JSON header
+    raw = open(path, "rb").read()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["__metadata__"]["format"] == "schedsearch-refstats/1"
+    assert set(header) - {"__metadata__"} == {"mu", "sigma", "features"}
+
+
+def test_refstats_refuse_another_extractor(net):
+    ref = RefStats.from_features(np.random.default_rng(0).normal(size=(10, 12)),
+                                 extractor=F.CleanFID(net, "tiny"), source="x")
+    ref.check(F.CleanFID(net, "tiny"))
+    with pytest.raises(ExtractorMismatch, match="'tiny' extractor, but scoring uses 'identity'"):
+        ref.check(F.Identity())
+    with pytest.raises(ExtractorMismatch, match="resize mode"):
+        ref.check(F.CleanFID(net, "tiny", size=(64, 64)))
+
+
+def test_refstats_load_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    with pytest.raises(FileNotFoundError, match="schedsearch refstats"):
+        RefStats.load(str(tmp_path / "missing.safetensors"))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        RefStats.load(str(junk))
+    other = tmp_path / "other.safetensors"
+    save_file({"mu": np.zeros(3)}, str(other))
+    with pytest.raises(ValueError, match="not a schedsearch reference-statistics file"):
+        RefStats.load(str(other))
+
+
+def test_default_gmm_reference_matches_the_exact_moments_and_is_cached(tmp_path, monkeypatch):
+    from schedsearch.models import load
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path))
+    model = load("gmm", device="cpu")
+    ref = default_refstats(model)
+    assert ref.extractor == "identity" and ref.n == 10_000 and ref.dim == 16
+    mu, sigma = model.moments(class_ids=range(model.num_classes))
+    # 10k samples: the sample moments sit within a few standard errors of the exact ones
+    se = np.sqrt(np.diag(sigma) / ref.n)
+    assert np.all(np.abs(ref.mu - mu) < 5 * se)
+    assert np.abs(ref.sigma - sigma).max() < 0.05 * np.abs(sigma).max()
+    assert ref.path.startswith(str(tmp_path))
+    again = default_refstats(model)
+    assert again.meta["created"] == ref.meta["created"] and np.array_equal(again.features,
+                                                                           ref.features)
+
+
+def _digits_available():
+    try:
+        from schedsearch.models.digits import load_classifier
+        load_classifier()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _digits_available(), reason="the digits testbed weights are not built yet")
+def test_default_digits_reference_is_the_heldout_split(tmp_path, monkeypatch):
+    from schedsearch.models import load
+    from schedsearch.models.digits import digits_data, load_classifier, to_unit
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path))
+    model = load("digits", device="cpu")
+    ref = default_refstats(model)
+    images, _ = digits_data("heldout")
+    clf = load_classifier()
+    expected = clf.features(to_unit(images)).double().numpy()
+    assert ref.n == images.shape[0] and ref.extractor == clf.fingerprint()
+    np.testing.assert_allclose(ref.features, expected.astype(np.float32), rtol=0, atol=0)
+    assert "held-out" in ref.meta["source"]
+
+
+# -- CLIP score -----------------------------------------------------------------------------------
+def _tiny_clip(folder):
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 512, 513
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    cfg = CLIPConfig(text_config=dict(vocab_size=514, max_position_embeddings=77, bos_token_id=512,
+                                      eos_token_id=513, pad_token_id=513, **small),
+                     vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}),
+                         tokenizer=tok)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return model, proc
+
+
+def test_clip_score_is_100_times_the_clamped_cosine(tmp_path):
+    model, proc = _tiny_clip(str(tmp_path / "clip"))
+    scorer = F.ClipScore(str(tmp_path / "clip"), batch_size=3)
+    images = torch.rand(5, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    texts = ["a cat", "a dog on grass", "red", "blue sky", "x"]
+    got = scorer(images, texts)
+    # the independent route: CLIP's own forward, whose logits are exp(logit_scale)·cos
+    arrays = [a for a in (images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())]
+    inputs = proc(text=texts, images=arrays, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+        cos = out.logits_per_image.diag() / model.logit_scale.exp()
+    np.testing.assert_allclose(got, (100 * cos.clamp(min=0)).numpy(), rtol=1e-5, atol=1e-4)
+    assert (got > 0).any()
+    with pytest.raises(ValueError, match="text prompts"):
+        scorer(images[:2], [1, 2])
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        F.ClipScore(str(tmp_path / "missing"))

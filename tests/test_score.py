@@ -1,0 +1,182 @@
+"""The scorer: determinism, nesting, early stopping, non-finite candidates, the `score` and
+`refstats` commands, and whether the FID proxy ranks schedules the right way."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from schedsearch import prompts, schedules
+from schedsearch.cli import main
+from schedsearch.metrics.features import CleanFID, Identity
+from schedsearch.metrics.fid import frechet_distance, kid, statistics
+from schedsearch.metrics.refstats import ExtractorMismatch, RefStats
+from schedsearch.metrics.score import STAGES, Scorer, ScoreError
+from schedsearch.models import load
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load("gmm", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ref(gmm):
+    data = gmm.sample_data([i % gmm.num_classes for i in range(4000)], seed=1).float()
+    return RefStats.from_features(Identity()(data), extractor=Identity(), source="test")
+
+
+def _scorer(model, ref, n, **kw):
+    kw.setdefault("guidance", 1.0)
+    kw.setdefault("batch_size", 32)
+    return Scorer(model, Identity(), ref, prompts.load("classes:4", n, seed=kw.pop("seed", 0)),
+                  **kw)
+
+
+class Wrapped:
+    """A real model object around the gmm testbed that counts the images it denoises and can be
+    made to return NaN below a noise level or from its decoder."""
+
+    def __init__(self, model, nan_below=None, nan_decode=False):
+        self.model, self.nan_below, self.nan_decode = model, nan_below, nan_decode
+        self.images_denoised = 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def denoise(self, x, sigma, cond, guidance):
+        d = self.model.denoise(x, sigma, cond, guidance)
+        if float(sigma) >= self.model.table.sigma_max - 1e-6:
+            self.images_denoised += x.shape[0]   # first step: one per image
+        if self.nan_below is not None and float(sigma) < self.nan_below:
+            return torch.full_like(d, float("nan"))
+        return d
+
+    def decode(self, latents):
+        out = self.model.decode(latents)
+        return out * float("nan") if self.nan_decode else out
+
+
+def test_scoring_twice_gives_the_same_numbers(gmm, ref):
+    s = _scorer(gmm, ref, 96, checkpoints=(32,))
+    a, b = s.score(schedules.karras(6)), s.score(schedules.karras(6))
+    assert a.fid == b.fid and a.kid == b.kid and a.fid_at == b.fid_at
+    assert np.array_equal(a.features, b.features)
+    assert a.nfe == 6 and a.n == 96 and list(a.fid_at) == [32, 96]
+
+
+def test_subsets_nest_whatever_the_batch_size(gmm, ref):
+    small = _scorer(gmm, ref, 64, batch_size=24, checkpoints=(64,)).score(schedules.karras(5))
+    large = _scorer(gmm, ref, 128, batch_size=24, checkpoints=(64,)).score(schedules.karras(5))
+    assert np.array_equal(large.features[:64], small.features)
+    assert large.fid_at[64] == small.fid
+    assert large.fid != small.fid
+
+
+def test_fid_and_kid_are_clean_fids_metrics_of_the_generated_features(gmm, ref):
+    s = _scorer(gmm, ref, 80, checkpoints=(40,))
+    res = s.score(schedules.karras(4), keep_images=10)
+    mu, sigma = statistics(res.features)
+    assert res.fid == frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    mu40, sigma40 = statistics(res.features[:40])
+    assert res.fid_at[40] == frechet_distance(mu40, sigma40, ref.mu, ref.sigma)
+    assert res.kid == kid(ref.features, res.features, seed=0)
+    # the gmm's images are its vectors, and the identity extractor keeps them
+    assert torch.equal(res.images, torch.from_numpy(res.features[:10]).float())
+    d = res.as_dict()
+    assert json.loads(json.dumps(d))["fid_at"] == {"40": res.fid_at[40], "80": res.fid}
+
+
+def test_time_is_broken_down_by_stage(gmm, ref):
+    res = _scorer(gmm, ref, 64, checkpoints=()).score(schedules.karras(3))
+    sec = res.seconds
+    assert set(STAGES) == set(sec)
+    assert 0 < sec["model"] <= sec["sampling"] <= sec["total"]
+    assert sec["sampling"] + sec["features"] + sec["statistics"] <= sec["total"] + 1e-6
+
+
+def test_a_checkpoint_callback_can_stop_a_candidate_early(gmm, ref):
+    model = Wrapped(gmm)
+    seen = []
+
+    class Pruned(Exception):
+        pass
+
+    def on_checkpoint(n, fid):
+        seen.append((n, fid))
+        if n >= 48:
+            raise Pruned
+
+    s = _scorer(model, ref, 160, batch_size=32, checkpoints=(16, 48))
+    with pytest.raises(Pruned):
+        s.score(schedules.karras(4), on_checkpoint=on_checkpoint)
+    assert [n for n, _ in seen] == [16, 48]
+    assert model.images_denoised == 48          # nothing past the checkpoint was sampled
+    full = _scorer(gmm, ref, 160, batch_size=32, checkpoints=(16, 48)).score(schedules.karras(4))
+    assert seen == [(16, full.fid_at[16]), (48, full.fid_at[48])]
+
+
+def test_non_finite_samples_raise_score_error_with_the_reason(gmm, ref):
+    with pytest.raises(ScoreError, match=r"non-finite values at step \d+ \(sigma = 0\.") as exc:
+        _scorer(Wrapped(gmm, nan_below=1.0), ref, 32).score(schedules.karras(6))
+    assert isinstance(exc.value, ValueError)
+    with pytest.raises(ScoreError, match="decoded images 0..31 are not finite"):
+        _scorer(Wrapped(gmm, nan_decode=True), ref, 32).score(schedules.karras(3))
+
+
+def test_statistics_from_another_extractor_are_refused(gmm):
+    net = torch.nn.Identity()
+    other = RefStats.from_features(np.random.default_rng(0).normal(size=(20, 16)),
+                                   extractor=CleanFID(net, "some-net"), source="x")
+    with pytest.raises(ExtractorMismatch, match="'some-net' extractor, but scoring uses 'identity'"):
+        _scorer(gmm, other, 32)
+
+
+def test_the_proxy_ranks_schedules_on_the_exact_testbed(gmm, ref):
+    """With guidance 1 an exact solver reproduces the data distribution, so a fine schedule must
+    score like exact data samples (within the spread over seed sets), and a coarse one far worse."""
+    n = 128
+    floor = []
+    for seed in range(8):
+        data = gmm.sample_data([i % 4 for i in range(n)], seed=100 + seed).float()
+        floor.append(statistics(Identity()(data)))
+    floor = np.array([frechet_distance(mu, s, ref.mu, ref.sigma) for mu, s in floor])
+    noise = floor.std(ddof=1)
+    s = _scorer(gmm, ref, n, batch_size=128, checkpoints=())
+    fid = {steps: s.score(schedules.karras(steps)).fid for steps in (2, 8, 30)}
+    assert fid[2] > fid[8] > fid[30]
+    assert fid[2] > floor.mean() + 10 * noise
+    assert abs(fid[30] - floor.mean()) < 3 * noise
+
+
+# -- commands -------------------------------------------------------------------------------------
+def test_refstats_and_score_commands(tmp_path, capsys, gmm):
+    out = tmp_path / "gmm.safetensors"
+    assert main(["refstats", "--testbed", "gmm", "--n", "3000", "--seed", "5",
+                 "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == 3000 and summary["extractor"] == "identity"
+    assert str(out) in summary["written"]
+
+    argv = ["score", "--model", "gmm", "--schedule", "karras", "--steps", "4", "--n", "64",
+            "--checkpoints", "32", "--ref-stats", str(out), "--guidance", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n"] == 64 and got["nfe"] == 4 and set(got["fid_at"]) == {"32", "64"}
+    prov = got["provenance"]
+    assert prov["schedule"] == {"name": "karras", "steps": 4, "rho": 7.0}
+    assert len(prov["sigmas"]) == 5 and prov["sigmas"][-1] == 0
+    assert prov["prompts"]["seeds"] == [0, 63] and prov["prompts"]["source"] == "classes:4@seed0"
+    assert prov["extractor"]["extractor"] == "identity" and prov["reference"]["n"] == 3000
+    assert prov["fingerprint"] == gmm.fingerprint() and prov["schedsearch_version"]
+    # the command scores what the library scores
+    ref = RefStats.load(str(out))
+    res = _scorer(gmm, ref, 64, batch_size=64, checkpoints=(32,)).score(schedules.karras(4))
+    assert got["fid"] == res.fid and got["kid"] == res.kid
+
+    bad = tmp_path / "bad.safetensors"
+    RefStats.from_features(np.random.default_rng(0).normal(size=(20, 16)),
+                           extractor=CleanFID(torch.nn.Identity(), "some-net"), source="x").save(str(bad))
+    assert main(argv[:-6] + ["--ref-stats", str(bad)]) == 2
+    assert "'some-net' extractor, but scoring uses 'identity'" in capsys.readouterr().err
