@@ -79,6 +79,7 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
     S, n = len(teacher.seeds), teacher.steps
     T = teacher.sigmas.to(device, torch.float32)
     X = teacher.x.to(device).flatten(2)                                   # (S, N+1, d)
+    shape = tuple(teacher.x.shape[2:])
     d = X.shape[2]
     ratio = (T[None, :] / T[:, None].clamp_min(1e-30)).tril(-1)          # q[i, j] = T[j]/T[i], j < i
     below = torch.ones(n + 1, n + 1, dtype=torch.bool, device=device).tril(-1)   # [i, j]: j < i
@@ -112,7 +113,7 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
         for a in range(0, len(z), batch_size):
             b = min(len(z), a + batch_size)
             cond = model.condition([teacher.prompts[s] for s in s_idx[a:b].tolist()])
-            den[a:b] = denoise(z[a:b], T[i_idx[a:b]], cond).float()
+            den[a:b] = denoise(z[a:b].view(b - a, *shape), T[i_idx[a:b]], cond).flatten(1).float()
         # cost[s, i, j]: error at T[j] of the jump from the state at T[i]
         cost = torch.full((S, n + 1, n + 1), torch.inf, device=device)
         rows = max(1, _CHUNK_ELEMENTS // ((n + 1) * d))

@@ -148,3 +148,29 @@ def test_cli_oss(tmp_path, capsys):
     assert main(["oss", "--model", "gmm", "--budget", "3", "--seeds", ",",
                  "--cache-dir", str(tmp_path), "--no-progress"]) == 2
     assert "--seeds is empty" in capsys.readouterr().err
+
+
+class ImageShaped:
+    """The gmm seen as a model with (1, 4, 4) latents, like an image testbed."""
+
+    latent_shape = (1, 4, 4)
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def denoise(self, x, sigma, cond, guidance):
+        assert x.shape[1:] == self.latent_shape
+        return self._model.denoise(x.flatten(1), sigma, cond, guidance).view(x.shape)
+
+
+def test_image_shaped_latents(gmm, teacher):
+    shaped = ImageShaped(gmm)
+    tea = trajectories(shaped, PROMPTS, SEEDS, guidance=teacher.guidance, grid=teacher.grid,
+                       use_cache=False)
+    assert tea.x.shape == (S, N + 1, 1, 4, 4)
+    torch.testing.assert_close(tea.x.flatten(2), teacher.x)
+    assert oss.search(shaped, tea, M).provenance["paths"] == \
+        oss.search(gmm, teacher, M).provenance["paths"]
