@@ -18,3 +18,189 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 8
     )
     config.update(overrides)
     return UNet2DConditionModel(**config).eval()
+
+
+# -- tiny Stable Diffusion pipelines, saved to disk so loading goes through the real path ----------
+
+def tiny_tokenizer():
+    """A CLIP tokenizer without merges: the 256 byte-level symbols, the same with the end-of-word
+    mark, and the two special tokens (514 ids). model_max_length=77 is what the pipelines pad to."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _text_config(hidden: int = 32, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    # bos/eos are the tokenizer's ids (512, 513): the pooled output is read at the eos position
+    return CLIPTextConfig(vocab_size=514, hidden_size=hidden, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                          bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                          projection_dim=projection_dim, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def tiny_vae(seed: int = 0, **overrides):
+    """Four blocks like the real VAE, so the latent is 1/8 of the image (8×8 → 64×64)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    config = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                  block_out_channels=(8, 8, 16, 16), norm_num_groups=4, sample_size=64,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4)
+    config.update(overrides)
+    return AutoencoderKL(**config).eval()
+
+
+def sd_scheduler(**overrides):
+    from diffusers import EulerDiscreteScheduler
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon")
+    config.update(overrides)
+    return EulerDiscreteScheduler(**config)
+
+
+def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """An SD1.x-shaped StableDiffusionPipeline (one CLIP text encoder), randomly initialised."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_text_config()).eval()
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed + 2), text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+        unet=tiny_unet(seed), scheduler=sd_scheduler(prediction_type=prediction_type),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """An SDXL-shaped StableDiffusionXLPipeline: two text encoders (the second with projection)
+    whose penultimate states are concatenated (32 + 32 = 64), pooled text embeddings and
+    (H, W, 0, 0, H, W) time ids through addition_embed_type="text_time"."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_text_config()).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config()).eval()
+    unet = tiny_unet(seed, cross_attention_dim=64, addition_embed_type="text_time",
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+                     use_linear_projection=True)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed + 2), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), unet=unet,
+        scheduler=sd_scheduler(timestep_spacing="leading"),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+
+
+def save_pipeline(pipe, folder) -> str:
+    """save_pretrained in safetensors, as a downloaded model folder looks."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+# -- the original (CompVis / A1111) single-file layout of an SD1.x pipeline ------------------------
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),
+           ("conv_shortcut", "skip_connection"))
+_VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
+             ("to_out.0", "proj_out"))
+
+
+def _sub(rest: str, pairs) -> str:
+    for new, old in pairs:
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def _ldm_unet_key(key: str, lpb: int, up_has_attn: dict) -> str:
+    """The inverse of diffusers' convert_ldm_unet_checkpoint, for any number of blocks."""
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    p = key.split(".")
+    if p[0] == "down_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "downsamplers":   # down_blocks.i.downsamplers.0.conv.X
+            return f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.{p[-1]}"
+        j, rest = int(p[3]), ".".join(p[4:])
+        n = i * (lpb + 1) + j + 1
+        return f"input_blocks.{n}.0.{_sub(rest, _RESNET)}" if kind == "resnets" else \
+            f"input_blocks.{n}.1.{rest}"
+    if p[0] == "mid_block":
+        j, rest = int(p[2]), ".".join(p[3:])
+        return f"middle_block.{2 * j}.{_sub(rest, _RESNET)}" if p[1] == "resnets" else \
+            f"middle_block.1.{rest}"
+    if p[0] == "up_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "upsamplers":
+            return f"output_blocks.{i * (lpb + 1) + lpb}.{2 if up_has_attn[i] else 1}.conv.{p[-1]}"
+        j, rest = int(p[3]), ".".join(p[4:])
+        n = i * (lpb + 1) + j
+        return f"output_blocks.{n}.0.{_sub(rest, _RESNET)}" if kind == "resnets" else \
+            f"output_blocks.{n}.1.{rest}"
+    raise KeyError(key)
+
+
+def _ldm_vae_key(key: str, n_up: int) -> str:
+    p = key.split(".")
+    part = p[0]                                   # encoder / decoder / quant_conv / post_quant_conv
+    if part in ("quant_conv", "post_quant_conv"):
+        return key
+    rest = ".".join(p[1:])
+    if rest.startswith("conv_norm_out."):
+        return f"{part}.norm_out.{p[-1]}"
+    if p[1] in ("down_blocks", "up_blocks"):
+        i = int(p[2]) if p[1] == "down_blocks" else n_up - 1 - int(p[2])
+        name = "down" if p[1] == "down_blocks" else "up"
+        if p[3] in ("downsamplers", "upsamplers"):
+            return f"{part}.{name}.{i}.{'downsample' if name == 'down' else 'upsample'}.conv.{p[-1]}"
+        tail = ".".join(p[5:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{part}.{name}.{i}.block.{p[4]}.{tail}"
+    if p[1] == "mid_block":
+        if p[2] == "resnets":
+            return f"{part}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:]).replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{part}.mid.attn_1.{_sub('.'.join(p[4:]), _VAE_ATTN)}"
+    return key
+
+
+def ldm_state_dict(pipe) -> dict:
+    """An SD1.x pipeline's weights under the original single-file key names (what a
+    v1-5-pruned-emaonly.safetensors holds), the layout diffusers' from_single_file converts back.
+    diffusers ships only the other direction, so the map is written out here."""
+    sd = {}
+    lpb = pipe.unet.config.layers_per_block
+    up_has_attn = {i: hasattr(b, "attentions") for i, b in enumerate(pipe.unet.up_blocks)}
+    for k, v in pipe.unet.state_dict().items():
+        sd["model.diffusion_model." + _ldm_unet_key(k, lpb, up_has_attn)] = v
+    n_up = len(pipe.vae.config.up_block_types)
+    for k, v in pipe.vae.state_dict().items():
+        new = _ldm_vae_key(k, n_up)
+        if ".mid.attn_1." in new and v.ndim == 2:
+            v = v[:, :, None, None]                # the original VAE attention is 1×1 convs
+        sd["first_stage_model." + new] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        # files hold transformers 4's nesting (text_model.*), which transformers 5 flattened
+        k = k if k.startswith("text_model.") else "text_model." + k
+        sd["cond_stage_model.transformer." + k] = v
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def save_single_file(pipe, path) -> str:
+    from safetensors.torch import save_file
+
+    save_file(ldm_state_dict(pipe), str(path))
+    return str(path)

@@ -1,0 +1,532 @@
+"""Stable Diffusion (SD1.x, SD2.x, SDXL) through diffusers, as a denoiser D(x; σ) (SPEC §1).
+
+A model spec is a local diffusers folder, a hub id (read from the local Hugging Face cache when
+offline), or a single ``.safetensors`` checkpoint (``from_single_file``; offline it needs a local
+diffusers folder of the same architecture for its configs: ``config=FOLDER``). Only safetensors are
+read: pickled checkpoints (.ckpt, .bin, .pt) can run code when loaded and are refused.
+
+Reproducibility: an image depends on its own prompt and seed only, never on the batch it is sampled
+in. CPU convolution and small-matrix kernels pick their algorithm by the batch size, so the same
+image computed alone and inside a batch of 8 differs in the last bits (measured ~1e-6 per UNet call).
+The backend therefore never lets the batch size reach a kernel: the UNet always sees exactly
+``eval_batch`` images (the last chunk of a batch is padded with copies of its last row, which are
+thrown away), prompts are encoded one at a time, and the VAE decodes one image at a time. With a
+fixed shape, a row's result does not depend on its position or its neighbours (checked bitwise in
+the tests). ``eval_batch`` defaults to 1 on CPU (no padding; a real SD UNet call on one image
+already fills the cores) and 8 on CUDA (small batches leave a GPU idle, so padding a lone image to 8
+costs little time, while larger batches stay efficient).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..noise import NoiseTable
+from .unet import Conditioning, unet_denoise
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+# -- errors that say what to do -------------------------------------------------------------------
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _not_cached_message(repo_id: str, why: str) -> str:
+    return (f"model {repo_id!r} is not a local folder or file, and as a Hugging Face hub id it "
+            f"{why}. On a machine with internet run `hf download {repo_id}` (older clients: "
+            f"`huggingface-cli download {repo_id} --local-dir DIR`), copy the folder here and pass "
+            f"it with --model DIR; or copy a whole Hugging Face cache and set HF_HOME to it "
+            f"(searched now: {_cache_dir()})")
+
+
+def _check_safetensors_file(path: str) -> None:
+    low = path.lower()
+    if low.endswith(PICKLE_SUFFIXES):
+        raise ValueError(
+            f"{path}: pickled checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded "
+            f"and are not read; use the model's .safetensors file, or convert it once on a trusted "
+            f"machine (e.g. load it with diffusers and save_pretrained(..., safe_serialization=True))")
+    if not low.endswith(".safetensors"):
+        raise ValueError(f"{path}: a single-file model must be a .safetensors checkpoint")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path!r} does not exist")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # the safetensors parser raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({exc}); the download may be "
+                         f"incomplete — fetch it again") from None
+
+
+def _wrap_load_error(where: str, exc: Exception) -> ValueError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"could not load the model from {where}: {text}. A diffusers folder needs "
+                      f"model_index.json and, per component, its config and .safetensors weights "
+                      f"(a partial download or a folder of another format gives this error)")
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+@dataclass
+class _Embedding:
+    states: torch.Tensor                 # (1, L, C) encoder hidden states, stored on the CPU
+    pooled: Optional[torch.Tensor]       # (1, P) SDXL pooled text embeds, else None
+
+
+class _ChunkedConditioning(Conditioning):
+    """Conditioning that hands out fixed-size row chunks (padded with the last row), built once
+    per batch and reused at every step."""
+
+    def rows(self, idx: tuple) -> Conditioning:
+        cache = self.__dict__.setdefault("_row_cache", {})
+        if idx not in cache:
+            sel = torch.tensor(idx, device=self.cond.device)
+            pick = (lambda d: None if d is None else {k: v[sel] for k, v in d.items()})
+            cache[idx] = Conditioning(self.cond[sel], self.uncond[sel], pick(self.added),
+                                      pick(self.uncond_added))
+        return cache[idx]
+
+
+class StableDiffusion:
+    """The Model protocol (see ``schedsearch.models``) over a diffusers SD / SDXL pipeline."""
+
+    def __init__(self, pipe, *, name: str, family: str, height: int, width: int,
+                 device: torch.device, dtype: torch.dtype, eval_batch: int,
+                 prediction_type: Optional[str] = None, source: str = ""):
+        self.pipe = pipe
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.is_xl = hasattr(pipe, "text_encoder_2")
+        self.name, self.family, self.source = name, family, source
+        self.device, self.dtype = torch.device(device), dtype
+        cfg = dict(pipe.scheduler.config)
+        if prediction_type is not None:
+            cfg["prediction_type"] = prediction_type
+        self.table = NoiseTable.from_config(cfg)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        for side, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % self.vae_scale:
+                raise ValueError(f"{side} must be a positive multiple of {self.vae_scale} (the VAE's "
+                                 f"downscaling factor), got {v!r}")
+        self.height, self.width = height, width
+        self.latent_shape = (self.unet.config.in_channels, height // self.vae_scale,
+                             width // self.vae_scale)
+        if isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 0:
+            raise ValueError(f"eval_batch must be an integer >= 1 (or 0: the sampler's batch as "
+                             f"is, not batch-invariant), got {eval_batch!r}")
+        self.eval_batch = eval_batch
+        self._prompts: dict[str, _Embedding] = {}
+        self._uncond: Optional[_Embedding] = None
+        self._fingerprint: Optional[str] = None
+        self.text_encoder_calls = 0      # prompt encodings (cache misses), for tests and logs
+
+    def __repr__(self) -> str:
+        return (f"StableDiffusion({self.name!r}, family={self.family}, {self.height}x{self.width}, "
+                f"{self.table.prediction_type}, {self.dtype}, {self.device})")
+
+    # -- identity ---------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A digest of the loaded weights (names, shapes, dtypes and 64 values spread over every
+        tensor of every component), the noise table and the resolution. Independent of where the
+        files were loaded from; changes with fine-tunes, merges, a swapped VAE and the dtype."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(f"{self.table.fingerprint()}|{self.height}x{self.width}".encode())
+            for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                module = getattr(self.pipe, comp, None)
+                if module is None:
+                    continue
+                h.update(comp.encode())
+                for key, t in module.state_dict().items():
+                    flat = t.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+                    h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+                    h.update(sample.numpy().tobytes())
+            self._fingerprint = f"{self.name}-{h.hexdigest()[:16]}"
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        """JSON-able facts for provenance."""
+        return {"name": self.name, "family": self.family, "source": self.source,
+                "fingerprint": self.fingerprint(), "height": self.height, "width": self.width,
+                "prediction_type": self.table.prediction_type, "dtype": str(self.dtype),
+                "vae_dtype": str(self.vae.dtype), "device": str(self.device),
+                "eval_batch": self.eval_batch}
+
+    # -- conditioning -----------------------------------------------------------------------------
+    @staticmethod
+    def _text(prompt) -> str:
+        if prompt is None:
+            return ""
+        if not isinstance(prompt, str):
+            raise ValueError(f"the Stable Diffusion backend takes text prompts, got {prompt!r} "
+                             f"(class labels are for the digits and gmm testbeds)")
+        return prompt
+
+    @torch.no_grad()
+    def _encode(self, text: str) -> _Embedding:
+        # One prompt per text-encoder call: an embedding must not depend on which prompts
+        # happened to share its first batch, since it is cached and reused everywhere after.
+        self.text_encoder_calls += 1
+        if self.is_xl:
+            states, _, pooled, _ = self.pipe.encode_prompt(
+                text, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=False)
+            return _Embedding(states.cpu(), pooled.cpu())
+        states, _ = self.pipe.encode_prompt(text, self.device, 1, False)
+        return _Embedding(states.cpu(), None)
+
+    def _uncond_embedding(self, ref: _Embedding) -> _Embedding:
+        if self._uncond is None:
+            if self.is_xl and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+                # what SDXL was trained with for the unconditional branch (and what its pipeline does)
+                self._uncond = _Embedding(torch.zeros_like(ref.states), torch.zeros_like(ref.pooled))
+            else:
+                self._uncond = self._prompts.get("") or self._encode("")
+                self._prompts.setdefault("", self._uncond)
+        return self._uncond
+
+    def condition(self, prompts: Sequence) -> Conditioning:
+        """Encoder states for a batch (embeddings are computed once per distinct prompt, kept on
+        the CPU — 10k SDXL prompts are ~3 GB in fp16, which a GPU should not hold — and moved to
+        the device per batch)."""
+        texts = [self._text(p) for p in prompts]
+        if not texts:
+            raise ValueError("no prompts to condition on")
+        for t in texts:
+            if t not in self._prompts:
+                self._prompts[t] = self._encode(t)
+        un = self._uncond_embedding(self._prompts[texts[0]])
+        dev, dt = self.device, self.unet.dtype
+        cond = torch.cat([self._prompts[t].states for t in texts]).to(dev, dt)
+        uncond = un.states.expand(len(texts), -1, -1).to(dev, dt)
+        added = uncond_added = None
+        if self.is_xl:
+            # SDXL micro-conditioning: original size, crop (0, 0), target size — the real resolution
+            ids = torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]],
+                               dtype=dt, device=dev).expand(len(texts), -1)
+            added = {"text_embeds": torch.cat([self._prompts[t].pooled for t in texts]).to(dev, dt),
+                     "time_ids": ids}
+            uncond_added = {"text_embeds": un.pooled.expand(len(texts), -1).to(dev, dt),
+                            "time_ids": ids}
+        return _ChunkedConditioning(cond, uncond, added, uncond_added)
+
+    # -- the denoiser -----------------------------------------------------------------------------
+    def denoise(self, x: torch.Tensor, sigma, cond: Conditioning, guidance: float) -> torch.Tensor:
+        """D(x; σ) with CFG as one batched UNet call per chunk of ``eval_batch`` images."""
+        b, k = x.shape[0], self.eval_batch
+        if k == 0 or b == k:
+            return unet_denoise(self.unet, self.table, x, sigma, cond, guidance)
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sig = sig.expand(b) if sig.numel() == 1 else sig
+        if not isinstance(cond, _ChunkedConditioning):
+            cond = _ChunkedConditioning(cond.cond, cond.uncond, cond.added, cond.uncond_added)
+        out = []
+        for start in range(0, b, k):
+            n = min(k, b - start)
+            idx = tuple(range(start, start + n)) + (start + n - 1,) * (k - n)
+            sel = torch.tensor(idx, device=x.device)
+            d = unet_denoise(self.unet, self.table, x[sel], sig[sel], cond.rows(idx), guidance)
+            out.append(d[:n])
+        return torch.cat(out)
+
+    # -- decoding ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to float images in [0, 1], (N, 3, H, W), one image per VAE call (a fixed
+        shape keeps images batch-independent, and bounds memory at 1024²)."""
+        from ..solvers import NonFiniteError
+
+        vae, cfg = self.vae, self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        shift = getattr(cfg, "shift_factor", None)
+        out = []
+        for i in range(latents.shape[0]):
+            z = latents[i:i + 1].to(self.device, torch.float32)
+            if mean is not None and std is not None:
+                c = z.shape[1]
+                z = z * torch.tensor(std, device=z.device).view(1, c, 1, 1) / cfg.scaling_factor \
+                    + torch.tensor(mean, device=z.device).view(1, c, 1, 1)
+            else:
+                z = z / cfg.scaling_factor
+                if shift is not None:
+                    z = z + shift
+            img = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+            if not bool(torch.isfinite(img).all()):
+                raise NonFiniteError(
+                    f"the VAE produced non-finite pixels (VAE in {vae.dtype}); an fp16 VAE that "
+                    f"overflows needs fp32 (--dtype fp32) or an fp16-fix VAE (vae=FOLDER)")
+            out.append((img / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def _pipeline_class(class_name: str, where: str):
+    import diffusers
+
+    if class_name not in SUPPORTED:
+        raise ValueError(f"{where} holds a {class_name or 'pipeline of unknown type'}; schedsearch "
+                         f"samples text-to-image Stable Diffusion models ({', '.join(SUPPORTED)})")
+    return getattr(diffusers, class_name)
+
+
+def _read_model_index(folder: str) -> dict:
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{folder!r} is not a diffusers pipeline folder (no model_index.json). Pass the folder "
+            f"that holds model_index.json, unet/, vae/, text_encoder/ ..., or a single "
+            f".safetensors checkpoint")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc})") from None
+
+
+def _extra_components(cls, vae) -> dict:
+    extra = {"vae": vae} if vae is not None else {}
+    if cls.__name__ == "StableDiffusionPipeline":
+        # the NSFW classifier is 1.2 GB, blanks images, and plays no part in a schedule search
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        extra["add_watermarker"] = False   # the invisible watermark perturbs pixels (and FID)
+    return extra
+
+
+def _load_vae(vae, dtype, local_only: bool):
+    """A replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers folder or a hub id."""
+    from diffusers import AutoencoderKL
+
+    if vae is None or not isinstance(vae, str):
+        return vae
+    if os.path.isfile(vae):
+        raise ValueError(f"vae={vae!r}: pass the VAE as a diffusers folder (config.json and "
+                         f"diffusion_pytorch_model.safetensors), not a single file")
+    kwargs = dict(dtype=dtype, use_safetensors=True)
+    if os.path.isdir(vae):
+        sub = "vae" if os.path.isfile(os.path.join(vae, "vae", "config.json")) else None
+        if sub is None and not os.path.isfile(os.path.join(vae, "config.json")):
+            raise FileNotFoundError(f"vae={vae!r} holds no config.json (nor vae/config.json)")
+        try:
+            return AutoencoderKL.from_pretrained(vae, subfolder=sub, **kwargs)
+        except Exception as exc:  # safetensors and diffusers raise their own types
+            raise _wrap_load_error(vae, exc) from exc
+    if not _HUB_ID.match(vae):
+        raise FileNotFoundError(f"vae={vae!r} is neither a folder nor a hub id")
+    try:
+        return AutoencoderKL.from_pretrained(vae, local_files_only=local_only, **kwargs)
+    except (OSError, ValueError) as exc:
+        if local_only:
+            raise FileNotFoundError(_not_cached_message(vae, "is not in the local cache and this "
+                                                             "machine is offline")) from None
+        raise _wrap_load_error(vae, exc) from None
+
+
+def _from_folder(folder: str, dtype, vae, variant):
+    index = _read_model_index(folder)
+    cls = _pipeline_class(index.get("_class_name", ""), folder)
+    try:
+        return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, variant=variant,
+                                   local_files_only=True, **_extra_components(cls, vae))
+    except Exception as exc:  # safetensors, transformers and diffusers each raise their own types
+        raise _wrap_load_error(folder, exc) from exc
+
+
+def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision):
+    from diffusers import DiffusionPipeline
+
+    # The cache first: it works offline and does not touch the network when the model is there.
+    try:
+        index = DiffusionPipeline.load_config(repo_id, local_files_only=True, revision=revision)
+        cached = True
+    except (OSError, ValueError):
+        cached = False
+        if local_only:
+            raise FileNotFoundError(_not_cached_message(
+                repo_id, "is not in the local cache and this machine is offline (HF_HUB_OFFLINE)"
+            )) from None
+        try:
+            index = DiffusionPipeline.load_config(repo_id, revision=revision)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(_not_cached_message(
+                repo_id, f"could not be fetched ({str(exc).splitlines()[0]})")) from None
+    cls = _pipeline_class(index.get("_class_name", ""), repo_id)
+    try:
+        return cls.from_pretrained(repo_id, dtype=dtype, use_safetensors=True, variant=variant,
+                                   revision=revision, local_files_only=local_only or cached,
+                                   **_extra_components(cls, vae))
+    except (OSError, ValueError) as exc:
+        if cached and not local_only:  # the cache holds only part of it: let diffusers download
+            try:
+                return cls.from_pretrained(repo_id, dtype=dtype, use_safetensors=True,
+                                           variant=variant, revision=revision,
+                                           **_extra_components(cls, vae))
+            except (OSError, ValueError) as exc2:
+                exc = exc2
+        raise FileNotFoundError(_not_cached_message(
+            repo_id, f"is only partly usable from the cache ({str(exc).splitlines()[0]})")) from None
+
+
+def _checkpoint_kind(path: str) -> str:
+    """'sdxl' or 'sd' from the checkpoint's key names (read from the header, no weights loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd"
+    raise ValueError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet "
+                     f"weights); a file holding only a UNet, a VAE or a LoRA cannot be sampled alone")
+
+
+def _header_checkpoint(path: str) -> dict:
+    """The checkpoint's keys with empty tensors of the right shapes (for diffusers' model-type
+    inference, which only looks at key names and shapes)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+
+def _from_single_file(path: str, dtype, vae, config, local_only: bool):
+    import diffusers
+
+    _check_safetensors_file(path)
+    if config is not None:
+        if not os.path.isdir(config):
+            raise FileNotFoundError(f"config={config!r} is not a folder; give the diffusers folder "
+                                    f"(model_index.json, unet/config.json, ...) of the same "
+                                    f"architecture as the checkpoint")
+        cls = _pipeline_class(_read_model_index(config).get("_class_name", ""), config)
+    else:
+        kind = _checkpoint_kind(path)
+        cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else \
+            diffusers.StableDiffusionPipeline
+        from diffusers.loaders.single_file import _download_diffusers_model_config_from_hub
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+        repo = fetch_diffusers_config(_header_checkpoint(path))["pretrained_model_name_or_path"]
+        # diffusers would fall back to downloading these configs (even with local_files_only),
+        # so look in the cache ourselves and stop with advice when they are not there.
+        try:
+            config = _download_diffusers_model_config_from_hub(repo, None, None, None,
+                                                               local_files_only=True)
+        except (OSError, ValueError):
+            if local_only:
+                raise FileNotFoundError(
+                    f"{path}: a single-file checkpoint carries weights but no configs, and offline "
+                    f"they cannot be fetched. Pass config=FOLDER (CLI: --model-config FOLDER): a "
+                    f"diffusers folder of the same architecture, e.g. {repo} — on a machine with "
+                    f"internet `hf download {repo} --include '*.json' --include '*.txt'` fetches only its "
+                    f"configs and tokenizer — or set HF_HOME to a cache that holds them") from None
+            config = repo
+    try:
+        return cls.from_single_file(path, config=config, dtype=dtype,
+                                    local_files_only=local_only or os.path.isdir(config),
+                                    **_extra_components(cls, vae))
+    except Exception as exc:  # safetensors, transformers and diffusers each raise their own types
+        raise _wrap_load_error(f"{path} with config {config}", exc) from exc
+
+
+def _family(pipe) -> str:
+    if hasattr(pipe, "text_encoder_2"):
+        return "sdxl"
+    # SD2.x: OpenCLIP ViT-H text states, 1024 wide (SD1.x: CLIP ViT-L, 768)
+    return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd15"
+
+
+def load_stable_diffusion(spec: str, device: torch.device, dtype: torch.dtype, *,
+                          height: Optional[int] = None, width: Optional[int] = None,
+                          config: Optional[str] = None, vae=None, family: Optional[str] = None,
+                          prediction_type: Optional[str] = None,
+                          eval_batch: Optional[int] = None, variant: Optional[str] = None,
+                          revision: Optional[str] = None,
+                          local_files_only: Optional[bool] = None) -> StableDiffusion:
+    """Load an SD1.x / SD2.x / SDXL model; see the module docstring for ``spec``.
+
+    ``height``/``width``: the resolution (default: the UNet's sample_size × the VAE factor, e.g.
+    512 for SD1.5, 768 for SD2.x-768, 1024 for SDXL). ``config``: a diffusers folder giving the
+    configs of a single-file checkpoint. ``vae``: a replacement VAE (folder or hub id), e.g. an
+    fp16-fix SDXL VAE. ``prediction_type``: override the scheduler's (a v-prediction single file
+    loaded with an epsilon config). ``eval_batch``: images per UNet call (see module docstring).
+    ``variant``: weight file variant such as "fp16" when only those files were downloaded.
+    """
+    device = torch.device(device)
+    local_only = _offline() if local_files_only is None else bool(local_files_only)
+    if family is not None and family not in ("sd15", "sd2", "sdxl"):
+        raise ValueError(f"family must be sd15, sd2 or sdxl, got {family!r}")
+    if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+    spec = os.path.expanduser(str(spec))
+    vae_model = _load_vae(vae, dtype, local_only)
+
+    if os.path.isdir(spec):
+        pipe, source = _from_folder(spec, dtype, vae_model, variant), "folder"
+        name = os.path.basename(os.path.normpath(spec))
+    elif os.path.isfile(spec) or spec.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
+        pipe, source = _from_single_file(spec, dtype, vae_model, config, local_only), "single_file"
+        name = os.path.splitext(os.path.basename(spec))[0]
+    elif _HUB_ID.match(spec) and not spec.startswith("."):
+        pipe, source = _from_hub(spec, dtype, vae_model, variant, local_only, revision), "hub"
+        name = spec
+    else:
+        raise FileNotFoundError(f"model {spec!r}: no such folder or file (a model is 'digits', "
+                                f"'gmm', a diffusers folder, a .safetensors file or a hub id "
+                                f"like org/name)")
+
+    if pipe.scheduler.config.get("rescale_betas_zero_snr", False):
+        # zero terminal SNR puts σ_max at infinity: no finite σ list starts there
+        raise ValueError(f"{spec}: the scheduler rescales betas to zero terminal SNR "
+                         f"(rescale_betas_zero_snr), which σ-space sampling cannot start from; "
+                         f"such models are not supported")
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    if dtype == torch.float16 and pipe.vae.dtype == torch.float16 \
+            and pipe.vae.config.get("force_upcast", False):
+        # The SDXL VAE overflows in fp16 (black or NaN images); its config says so. The whole VAE
+        # goes to fp32 (diffusers warns about any cast; this one is deliberate).
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        try:
+            pipe.vae.to(torch.float32)
+        finally:
+            dlogging.set_verbosity(level)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.unet.config.sample_size
+    default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
+    if eval_batch is None:
+        eval_batch = 8 if device.type == "cuda" else 1
+    return StableDiffusion(pipe, name=name, family=family or _family(pipe),
+                           height=default_h * scale if height is None else height,
+                           width=default_w * scale if width is None else width, device=device,
+                           dtype=dtype,
+                           eval_batch=eval_batch, prediction_type=prediction_type, source=source)

@@ -1,0 +1,171 @@
+"""``schedsearch sample`` end to end: the real command on the gmm testbed and on a tiny SD
+pipeline saved to disk; the files it writes and the provenance in samples.json."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from schedsearch import __version__, schedules
+from schedsearch.cli import main
+from schedsearch.freeu import FreeU, FreeUPlan
+from schedsearch.models import load
+from schedsearch.sampler import sample, to_uint8
+from tiny import save_pipeline, tiny_sd_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    return save_pipeline(tiny_sd_pipeline(), tmp_path_factory.mktemp("tiny-sd"))
+
+
+def read(out):
+    with open(os.path.join(out, "samples.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_gmm_writes_vectors_scatter_and_provenance(tmp_path):
+    out = str(tmp_path / "gmm")
+    assert main(["sample", "--model", "gmm", "--class", "0,2", "--seeds", "0-2",
+                 "--no-progress", "--out", out]) == 0
+    assert sorted(os.listdir(out)) == ["samples.json", "samples.npy", "scatter.png"]
+    rec = read(out)
+    model = load("gmm", device="cpu")
+    sigmas = schedules.karras(20, model.table.sigma_min, model.table.sigma_max)
+    # defaults: DPM++2M, Karras 20 steps, the family's guidance
+    assert rec["model"]["fingerprint"] == model.fingerprint()
+    assert rec["schedule"]["spec"] == {"name": "karras", "steps": 20, "rho": 7.0}
+    assert rec["schedule"]["sigmas"] == sigmas.tolist()
+    assert rec["solver"] == "dpmpp_2m" and rec["guidance"] == 3.0 and rec["nfe"] == 20
+    assert rec["freeu"] == FreeUPlan.off(20).to_json()
+    assert rec["seeds"] == [0, 1, 2, 0, 1, 2]
+    assert [im["prompt"] for im in rec["images"]] == [0, 0, 0, 2, 2, 2]
+    assert rec["schedsearch_version"] == __version__ and rec["figure"] == "scatter.png"
+    assert rec["timings"]["sample_s"] > 0
+    ref = sample(model, sigmas, [0, 0, 0, 2, 2, 2], [0, 1, 2, 0, 1, 2], guidance=3.0)
+    assert np.array_equal(np.load(os.path.join(out, "samples.npy")), ref.images.numpy())
+    assert Image.open(os.path.join(out, "scatter.png")).size[0] >= 600
+
+
+def test_tiny_sd_through_python_m(sd_dir, tmp_path):
+    """The real entry point in a fresh process: a paper preset, DPM++1S and FreeU from step 0."""
+    out = str(tmp_path / "sd")
+    cmd = [sys.executable, "-m", "schedsearch", "sample", "--model", sd_dir,
+           "--prompt", "a red cat", "--seeds", "0,5", "--schedule", "sd15-5", "--solver",
+           "DPM++1S", "--freeu", "1.1,1.1,0.9,0.2", "--guidance", "5.5", "--no-progress",
+           "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 images, 5 model calls each (dpmpp_1s" in proc.stdout
+    files = sorted(os.listdir(out))
+    assert files == ["0000_a-red-cat_seed0.png", "0001_a-red-cat_seed5.png", "grid.png",
+                     "samples.json"]
+    rec = read(out)
+    model = load(sd_dir, device="cpu")
+    sigmas = schedules.paper_preset("sd15-5")
+    plan = FreeUPlan.from_start(5, 0, FreeU(1.1, 1.1, 0.9, 0.2))
+    assert rec["model"]["fingerprint"] == model.fingerprint()
+    assert rec["model"]["family"] == "sd15" and rec["model"]["height"] == 64
+    assert rec["schedule"]["sigmas"] == sigmas.tolist() and rec["schedule"]["ends_at_zero"] is False
+    assert rec["schedule"]["timesteps"][:2] == pytest.approx([999.0, 772.51], abs=0.01)
+    assert rec["freeu"] == plan.to_json() and rec["nfe"] == 5 and rec["solver"] == "dpmpp_1s"
+    assert rec["guidance"] == 5.5 and rec["prompts"] == {"source": "--prompt"}
+    assert [im["file"] for im in rec["images"]] == files[:2]
+    # the PNGs hold exactly what the library samples for those seeds
+    ref = sample(model, sigmas, ["a red cat"] * 2, [0, 5], solver="dpmpp_1s", guidance=5.5,
+                 freeu=plan)
+    for i, name in enumerate(files[:2]):
+        assert np.array_equal(np.asarray(Image.open(os.path.join(out, name))),
+                              to_uint8(ref.images)[i])
+    # 64 px images are upscaled ×2 in the grid: 2 columns, 1 px padding
+    assert Image.open(os.path.join(out, "grid.png")).size == ((2 * 65 + 1) * 2, 66 * 2)
+
+
+def test_prompt_file_uses_the_prompt_sets_own_seeds(sd_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\na dog\nthe sea\n", encoding="utf-8")
+    out = str(tmp_path / "p")
+    assert main(["sample", "--model", sd_dir, "--prompts", str(prompts), "--n", "2",
+                 "--schedule", "ays", "--steps", "4", "--no-progress", "--out", out]) == 0
+    rec = read(out)
+    assert [im["prompt"] for im in rec["images"]] == ["a red cat", "a dog"]
+    assert rec["seeds"] == [0, 1]                      # seed·10⁶ + position, seed 0
+    assert rec["prompts"]["source"] == "prompts.txt@seed0" and rec["prompts"]["n"] == 2
+    assert rec["schedule"]["sigmas"] == schedules.ays(4, "sd15").tolist()
+    # with --seeds: every prompt × every seed, a row per prompt
+    out2 = str(tmp_path / "p2")
+    assert main(["sample", "--model", sd_dir, "--prompts", str(prompts), "--seeds", "7,9",
+                 "--schedule", "uniform", "--steps", "3", "--no-progress", "--out", out2]) == 0
+    rec2 = read(out2)
+    assert [(im["prompt"], im["seed"]) for im in rec2["images"]] == [
+        ("a red cat", 7), ("a red cat", 9), ("a dog", 7), ("a dog", 9), ("the sea", 7),
+        ("the sea", 9)]
+    assert Image.open(os.path.join(out2, "grid.png")).size == ((2 * 65 + 1) * 2, (3 * 65 + 1) * 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gmm", "--seeds", "3-1"], "--seeds: the range '3-1' runs backwards"),
+    (["--model", "gmm", "--seeds", "a"], "--seeds must be integers or ranges a-b"),
+    (["--model", "gmm", "--class", "7"], "--class: gmm-d16-k12 has classes 0..3, got 7"),
+    (["--model", "gmm", "--height", "64"], "--height: for Stable Diffusion models only"),
+    (["--model", "gmm", "--freeu", "1,2"], "--freeu takes four numbers b1,b2,s1,s2"),
+    (["--model", "gmm", "--freeu", "1.1,1.1,0.9,0"], "FreeU s2 must be a finite number > 0"),
+    (["--model", "gmm", "--solver", "rk4"], "solver must be one of"),
+    (["--model", "gmm", "--schedule", "paper"], "schedule 'paper' needs --steps N"),
+    (["--model", "gmm", "--schedule", "nope"], "unknown schedule 'nope'"),
+    (["--model", "gmm", "--n", "3"], "--n applies to --prompts"),
+    (["--model", "gmm", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_errors_are_one_clear_line(argv, message, tmp_path, capsys):
+    assert main(["sample", *argv, "--no-progress", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("schedsearch sample: error:")
+
+
+def test_errors_on_a_text_model_and_an_empty_prompt_file(sd_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    cases = [
+        ([], "is a text-to-image model: give --prompt TEXT or --prompts FILE"),
+        (["--class", "3"], "is a text-to-image model"),
+        (["--prompts", str(empty)], "holds no prompts; put one prompt per line"),
+        (["--prompts", str(tmp_path / "none.txt")], "prompt file"),
+    ]
+    for extra, message in cases:
+        assert main(["sample", "--model", sd_dir, *extra, "--no-progress", "--out",
+                     str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_defaults_sample_the_ten_digit_classes(tmp_path):
+    """With only --out: the built-in digits testbed, 10 classes × 4 seeds, DPM++2M Karras 20."""
+    from schedsearch.models import digits
+
+    if not (digits.WEIGHTS_DIR / digits.UNET_FILE).is_file():
+        pytest.skip("the digits testbed's weights are not generated in this checkout yet")
+    out = str(tmp_path / "d")
+    assert main(["sample", "--no-progress", "--out", out]) == 0
+    rec = read(out)
+    assert rec["model"]["name"] == "digits" and rec["nfe"] == 20
+    assert [im["prompt"] for im in rec["images"]] == [c for c in range(10) for _ in range(4)]
+    assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 41
+    # 8×8 digits are upscaled ×16 in the grid so they can be read
+    assert Image.open(os.path.join(out, "grid.png")).size == ((4 * 9 + 1) * 16, (10 * 9 + 1) * 16)
