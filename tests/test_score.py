@@ -180,3 +180,58 @@ def test_refstats_and_score_commands(tmp_path, capsys, gmm):
                            extractor=CleanFID(torch.nn.Identity(), "some-net"), source="x").save(str(bad))
     assert main(argv[:-6] + ["--ref-stats", str(bad)]) == 2
     assert "'some-net' extractor, but scoring uses 'identity'" in capsys.readouterr().err
+
+
+# -- the digits testbed ---------------------------------------------------------------------------
+def _digits():
+    from schedsearch.metrics.features import digits as digits_features
+    from schedsearch.models.digits import WeightsError
+
+    try:
+        return load("digits", device="cpu"), digits_features()
+    except WeightsError:
+        return None
+
+
+DIGITS = _digits()
+needs_digits = pytest.mark.skipif(DIGITS is None, reason="the digits testbed weights are not built")
+
+
+@pytest.fixture(scope="module")
+def digits_ref(tmp_path_factory):
+    from schedsearch.metrics.refstats import default_refstats
+
+    model, ext = DIGITS
+    return default_refstats(model, ext, cache=str(tmp_path_factory.mktemp("cache")))
+
+
+@needs_digits
+def test_the_proxy_ranks_step_counts_on_the_digits_testbed(digits_ref):
+    """5-step Karras DPM++2M scores worse than 20 steps by far more than the seed-set noise, and 100
+    steps lands within that noise of 50 steps. The noise is the spread of the 20-step FID over
+    disjoint seed sets (the same prompts, other initial noise)."""
+    model, ext = DIGITS
+    n = 128
+
+    def fid(steps, seed=0):
+        pset = prompts.load("classes:10", n, seed=seed)
+        s = Scorer(model, ext, digits_ref, pset, guidance=2.0, batch_size=n, checkpoints=(),
+                   kid_subsets=0)
+        return s.score(schedules.karras(steps, model.table.sigma_min, model.table.sigma_max)).fid
+
+    spread = np.array([fid(20, seed) for seed in range(4)])
+    noise = spread.std(ddof=1)
+    f5, f20, f50, f100 = fid(5), spread[0], fid(50), fid(100)
+    assert f5 - f20 > 3 * noise, (f5, f20, noise)
+    assert abs(f100 - f50) < noise, (f50, f100, noise)
+
+
+@needs_digits
+def test_score_command_with_no_arguments_scores_the_digits_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path))
+    assert main(["score"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    prov = got["provenance"]
+    assert prov["schedule"]["name"] == "karras" and got["nfe"] == 8 and prov["solver"] == "dpmpp_2m"
+    assert prov["extractor"]["extractor"] == DIGITS[1].name
+    assert "held-out" in prov["reference"]["source"] and got["fid"] > 0 and got["kid"] is not None
