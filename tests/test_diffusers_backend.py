@@ -104,7 +104,8 @@ def test_sdxl_conditioning_zero_uncond_pooled_and_time_ids(sdxl, sdxl_dir):
     assert torch.equal(c.added["time_ids"], torch.tensor([[64., 64, 0, 0, 64, 64]] * 2))
     assert torch.equal(c.uncond_added["time_ids"], c.added["time_ids"])
     # force_zeros_for_empty_prompt=True (the SDXL config): the unconditional branch is zeros
-    assert float(c.uncond.abs().max()) == 0 and float(c.uncond_added["text_embeds"].abs().max()) == 0
+    assert float(c.uncond.abs().max()) == 0
+    assert float(c.uncond_added["text_embeds"].abs().max()) == 0
     ref, _, pooled, _ = sdxl.pipe.encode_prompt(["a red cat", "a dog"], device=CPU,
                                                 do_classifier_free_guidance=False)
     torch.testing.assert_close(c.cond, ref, rtol=1e-6, atol=1e-6)
@@ -126,7 +127,8 @@ def test_sdxl_without_forced_zeros_uses_the_empty_prompt(tmp_path):
 
 
 def test_prompt_embeddings_are_computed_once_per_prompt(sd_dir, sdxl_dir):
-    for folder, encoders in ((sd_dir, ("text_encoder",)), (sdxl_dir, ("text_encoder", "text_encoder_2"))):
+    for folder, encoders in ((sd_dir, ("text_encoder",)),
+                             (sdxl_dir, ("text_encoder", "text_encoder_2"))):
         m = load(folder, device="cpu")
         calls = {name: 0 for name in encoders}
         for name in encoders:

@@ -167,12 +167,13 @@ def _ldm_vae_key(key: str, n_up: int) -> str:
         i = int(p[2]) if p[1] == "down_blocks" else n_up - 1 - int(p[2])
         name = "down" if p[1] == "down_blocks" else "up"
         if p[3] in ("downsamplers", "upsamplers"):
-            return f"{part}.{name}.{i}.{'downsample' if name == 'down' else 'upsample'}.conv.{p[-1]}"
+            return f"{part}.{name}.{i}.{name}sample.conv.{p[-1]}"
         tail = ".".join(p[5:]).replace("conv_shortcut", "nin_shortcut")
         return f"{part}.{name}.{i}.block.{p[4]}.{tail}"
     if p[1] == "mid_block":
         if p[2] == "resnets":
-            return f"{part}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:]).replace('conv_shortcut', 'nin_shortcut')}"
+            tail = ".".join(p[4:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{part}.mid.block_{int(p[3]) + 1}.{tail}"
         return f"{part}.mid.attn_1.{_sub('.'.join(p[4:]), _VAE_ATTN)}"
     return key
 

@@ -47,6 +47,9 @@ def register(sub) -> None:
     add_schedule_args(p)
     # AYS picks its table from the model's family unless --family is given
     p.set_defaults(family=None)
+    for action in p._actions:
+        if action.dest == "family":
+            action.help = "model family, picks the AYS table (default: the model's own)"
     p.add_argument("--solver", default="dpmpp_2m",
                    help="dpmpp_2m (default), dpmpp_1s, euler or heun (DPM++2M / DPM++1S accepted)")
     p.add_argument("--guidance", type=float, default=None,
@@ -70,7 +73,8 @@ def register(sub) -> None:
                    help=f"seeds per prompt: 0-7, 0,3,5 or 0-3,10 (default {DEFAULT_SEEDS}; with "
                         f"--prompts: the prompt set's seeds)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
     sd = p.add_argument_group("Stable Diffusion models")
@@ -81,8 +85,8 @@ def register(sub) -> None:
                     help="for a single .safetensors checkpoint: a diffusers folder of the same "
                          "architecture giving its configs (needed offline)")
     sd.add_argument("--eval-batch", type=int,
-                    help="images per UNet call (default 1 on CPU, 8 on CUDA); a fixed value keeps "
-                         "each image independent of the batch it is sampled in")
+                    help="images per UNet call (default 1 on CPU, 8 on CUDA, 4 above 768²); a "
+                         "fixed value keeps each image independent of the batch it is sampled in")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)

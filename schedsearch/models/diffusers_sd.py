@@ -7,14 +7,15 @@ read: pickled checkpoints (.ckpt, .bin, .pt) can run code when loaded and are re
 
 Reproducibility: an image depends on its own prompt and seed only, never on the batch it is sampled
 in. CPU convolution and small-matrix kernels pick their algorithm by the batch size, so the same
-image computed alone and inside a batch of 8 differs in the last bits (measured ~1e-6 per UNet call).
+image computed alone and inside a batch of 8 differs in the last bits (~1e-6 per UNet call here).
 The backend therefore never lets the batch size reach a kernel: the UNet always sees exactly
 ``eval_batch`` images (the last chunk of a batch is padded with copies of its last row, which are
 thrown away), prompts are encoded one at a time, and the VAE decodes one image at a time. With a
 fixed shape, a row's result does not depend on its position or its neighbours (checked bitwise in
-the tests). ``eval_batch`` defaults to 1 on CPU (no padding; a real SD UNet call on one image
-already fills the cores) and 8 on CUDA (small batches leave a GPU idle, so padding a lone image to 8
-costs little time, while larger batches stay efficient).
+the tests). ``eval_batch`` defaults to 1 on CPU (no padding; at SD's 64×64 latent size a
+320-channel convolution or linear layer costs the same per image at 2 rows as at 16) and to 8 on
+CUDA, 4 above 768² (small batches leave a GPU idle, so padding a lone image costs little time,
+while larger batches stay efficient).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _check_safetensors_file(path: str) -> None:
         raise ValueError(
             f"{path}: pickled checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when loaded "
             f"and are not read; use the model's .safetensors file, or convert it once on a trusted "
-            f"machine (e.g. load it with diffusers and save_pretrained(..., safe_serialization=True))")
+            f"machine (load it with diffusers, then save_pretrained(..., "
+            f"safe_serialization=True))")
     if not low.endswith(".safetensors"):
         raise ValueError(f"{path}: a single-file model must be a .safetensors checkpoint")
     if not os.path.isfile(path):
@@ -127,8 +129,8 @@ class StableDiffusion:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         for side, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % self.vae_scale:
-                raise ValueError(f"{side} must be a positive multiple of {self.vae_scale} (the VAE's "
-                                 f"downscaling factor), got {v!r}")
+                raise ValueError(f"{side} must be a positive multiple of {self.vae_scale} (the "
+                                 f"VAE's downscaling factor), got {v!r}")
         self.height, self.width = height, width
         self.latent_shape = (self.unet.config.in_channels, height // self.vae_scale,
                              width // self.vae_scale)
@@ -200,8 +202,9 @@ class StableDiffusion:
     def _uncond_embedding(self, ref: _Embedding) -> _Embedding:
         if self._uncond is None:
             if self.is_xl and self.pipe.config.get("force_zeros_for_empty_prompt", False):
-                # what SDXL was trained with for the unconditional branch (and what its pipeline does)
-                self._uncond = _Embedding(torch.zeros_like(ref.states), torch.zeros_like(ref.pooled))
+                # what SDXL was trained with for the unconditional branch (its pipeline does so too)
+                self._uncond = _Embedding(torch.zeros_like(ref.states),
+                                          torch.zeros_like(ref.pooled))
             else:
                 self._uncond = self._prompts.get("") or self._encode("")
                 self._prompts.setdefault("", self._uncond)
@@ -386,8 +389,9 @@ def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision):
                                            **_extra_components(cls, vae))
             except (OSError, ValueError) as exc2:
                 exc = exc2
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FileNotFoundError(_not_cached_message(
-            repo_id, f"is only partly usable from the cache ({str(exc).splitlines()[0]})")) from None
+            repo_id, f"is only partly usable from the cache ({why})")) from None
 
 
 def _checkpoint_kind(path: str) -> str:
@@ -401,7 +405,8 @@ def _checkpoint_kind(path: str) -> str:
     if any(k.startswith("model.diffusion_model.") for k in keys):
         return "sd"
     raise ValueError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model.* UNet "
-                     f"weights); a file holding only a UNet, a VAE or a LoRA cannot be sampled alone")
+                     f"weights); a file holding only a UNet, a VAE or a LoRA cannot be sampled "
+                     f"alone")
 
 
 def _header_checkpoint(path: str) -> dict:
@@ -442,8 +447,9 @@ def _from_single_file(path: str, dtype, vae, config, local_only: bool):
                     f"{path}: a single-file checkpoint carries weights but no configs, and offline "
                     f"they cannot be fetched. Pass config=FOLDER (CLI: --model-config FOLDER): a "
                     f"diffusers folder of the same architecture, e.g. {repo} — on a machine with "
-                    f"internet `hf download {repo} --include '*.json' --include '*.txt'` fetches only its "
-                    f"configs and tokenizer — or set HF_HOME to a cache that holds them") from None
+                    f"internet `hf download {repo} --include '*.json' --include '*.txt'` "
+                    f"fetches only its configs and tokenizer — or set HF_HOME to a cache that "
+                    f"holds them") from None
             config = repo
     try:
         return cls.from_single_file(path, config=config, dtype=dtype,
@@ -481,7 +487,8 @@ def load_stable_diffusion(spec: str, device: torch.device, dtype: torch.dtype, *
     if family is not None and family not in ("sd15", "sd2", "sdxl"):
         raise ValueError(f"family must be sd15, sd2 or sdxl, got {family!r}")
     if prediction_type is not None and prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+        raise ValueError(f"prediction_type must be epsilon or v_prediction, "
+                         f"got {prediction_type!r}")
     spec = os.path.expanduser(str(spec))
     vae_model = _load_vae(vae, dtype, local_only)
 
@@ -523,10 +530,13 @@ def load_stable_diffusion(spec: str, device: torch.device, dtype: torch.dtype, *
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = pipe.unet.config.sample_size
     default_h, default_w = (size, size) if isinstance(size, int) else tuple(size)
+    height = default_h * scale if height is None else height
+    width = default_w * scale if width is None else width
     if eval_batch is None:
-        eval_batch = 8 if device.type == "cuda" else 1
+        # CUDA: 8 images (16 UNet rows with CFG) up to 768², 4 above (SDXL at 1024² has 4× the
+        # activations per image), so the default fits the GPUs these models usually run on.
+        big = isinstance(height, int) and isinstance(width, int) and height * width > 768 * 768
+        eval_batch = (4 if big else 8) if device.type == "cuda" else 1
     return StableDiffusion(pipe, name=name, family=family or _family(pipe),
-                           height=default_h * scale if height is None else height,
-                           width=default_w * scale if width is None else width, device=device,
-                           dtype=dtype,
+                           height=height, width=width, device=device, dtype=dtype,
                            eval_batch=eval_batch, prediction_type=prediction_type, source=source)
