@@ -317,7 +317,11 @@ def trajectories(model, prompts: Sequence, seeds: Sequence[int], *, guidance: fl
             return Teacher(sigmas=sigmas, x=hit["x"], denoised=hit["denoised"], calls=0, **common)
     x, d, calls = _solve(model, sigmas, prompts, seeds, guidance, solver, batch_size, progress)
     if path is not None:
-        _save(path, key, sigmas, x, d)
+        try:
+            _save(path, key, sigmas, x, d)
+        except OSError as exc:  # a read-only or full disk costs the cache, not the result
+            warnings.warn(f"could not write the teacher cache {path}: {exc}", TeacherCacheWarning,
+                          stacklevel=2)
     return Teacher(sigmas=sigmas, x=x, denoised=d, calls=calls, **common)
 
 

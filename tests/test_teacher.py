@@ -166,3 +166,12 @@ def test_bad_input(gmm, tmp_path):
         trajectories(gmm, [0, 1], [5], cache=str(tmp_path))
     with pytest.raises(ValueError, match="first-order"):
         trajectories(gmm, [0], [5], solver="dpmpp_2m", cache=str(tmp_path))
+
+
+def test_unwritable_cache_still_returns_the_teacher(gmm, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(TeacherCacheWarning, match="could not write"):
+        tea = trajectories(gmm, PROMPTS, SEEDS, guidance=3.0, grid=TeacherGrid(steps=12),
+                           cache=str(blocker / "teacher"))
+    assert tea.calls == 12 and bool(torch.isfinite(tea.x).all())
