@@ -235,3 +235,43 @@ def test_score_command_with_no_arguments_scores_the_digits_default(tmp_path, mon
     assert prov["schedule"]["name"] == "karras" and got["nfe"] == 8 and prov["solver"] == "dpmpp_2m"
     assert prov["extractor"]["extractor"] == DIGITS[1].name
     assert "held-out" in prov["reference"]["source"] and got["fid"] > 0 and got["kid"] is not None
+
+
+# -- a text-to-image model, end to end ------------------------------------------------------------
+def test_refstats_and_score_on_a_tiny_stable_diffusion_with_an_inception_file(tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The real-model path: reference statistics from an image folder with the `inception`
+    extractor (a stand-in network in clean-fid's TorchScript format: the real file cannot be
+    downloaded here), then `score` on text prompts with FreeU on."""
+    from test_metrics import _Base, _write_folder
+    from tiny import save_pipeline, tiny_sd_pipeline
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_Base()).save(str(weights))
+    monkeypatch.setenv("SCHEDSEARCH_INCEPTION", str(weights))
+    real = _write_folder(tmp_path / "real", 12, 0, 0.0, sizes=((64, 64),))
+    ref_file = tmp_path / "ref.safetensors"
+    assert main(["refstats", "--images", real, "--out", str(ref_file), "--device", "cpu"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["extractor"] == "inception-v3-cleanfid" and made["resize"] == "clean"
+    assert made["n"] == 12 and made["dim"] == 2048
+
+    model_dir = save_pipeline(tiny_sd_pipeline(), tmp_path / "sd")
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red car\na cat on a mat\na bowl of fruit\na lighthouse\n" * 3)
+    argv = ["score", "--model", model_dir, "--schedule", "sd15-5", "--solver", "dpm++1s",
+            "--freeu", "1.1,1.1,0.9,0.2", "--prompts", str(prompt_file), "--n", "3",
+            "--checkpoints", "", "--batch-size", "3", "--guidance", "5.5",
+            "--ref-stats", str(ref_file), "--device", "cpu", "--grid", str(tmp_path / "g.png")]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["nfe"] == 5 and set(got["fid_at"]) == {"3"} and got["fid"] > 0
+    prov = got["provenance"]
+    assert prov["freeu"]["steps"][0] == {"b1": 1.1, "b2": 1.1, "s1": 0.9, "s2": 0.2}
+    assert prov["prompts"]["source"] == "prompts.txt@seed0" and prov["frechet"] == "auto"
+    assert prov["extractor"] == {"extractor": "inception-v3-cleanfid", "resize": "clean"}
+    assert (tmp_path / "g.png").is_file()
+    # FreeU changes the images, hence the score
+    assert main(argv[:7] + argv[9:]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] != got["fid"]
