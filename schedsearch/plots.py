@@ -1,0 +1,72 @@
+"""Figures people would rather look at than read: schedule curves, FID vs trial, parameter
+importance, and a scatter for vector-valued testbeds. Each returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures go to files and MLflow, never to a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def schedules(curves: Mapping[str, Sequence[float]], title: str = "schedules", highlight: str | None = None):
+    """σ against step for several schedules (log scale; a final σ = 0 is drawn at the axis floor)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    positive = [s for c in curves.values() for s in c if s > 0]
+    floor = min(positive) / 3 if positive else 1e-2
+    for name, sig in curves.items():
+        s = np.asarray(sig, dtype=float)
+        shown = np.where(s > 0, s, floor)
+        lw, alpha = (2.6, 1.0) if name == highlight else (1.3, 0.8)
+        ax.plot(np.arange(len(s)), shown, marker="o", ms=3.5, lw=lw, alpha=alpha, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("σ (σ = 0 drawn at the bottom)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fid_vs_trial(trials: Sequence[tuple[int, float]], baselines: Mapping[str, float] | None = None,
+                 title: str = "FID proxy by trial"):
+    """Each finished trial's FID, the best so far, and baselines as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if trials:
+        num, val = zip(*sorted(trials))
+        ax.scatter(num, val, s=14, color="tab:blue", alpha=0.7, label="trial")
+        ax.step(num, np.minimum.accumulate(val), where="post", color="tab:blue", lw=2,
+                label="best so far")
+    for i, (name, v) in enumerate((baselines or {}).items()):
+        ax.axhline(v, ls="--", lw=1, color=f"C{(i + 1) % 10}", label=name)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("FID proxy (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def importance(values: Mapping[str, float], title: str = "parameter importance (fANOVA)"):
+    fig, ax = plt.subplots(figsize=(5.6, 0.35 * max(3, len(values)) + 1.2))
+    names = list(values)[::-1]
+    ax.barh(names, [values[n] for n in names], color="tab:green")
+    ax.set_xlabel("importance")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def scatter(vectors: np.ndarray, title: str = "samples (first two dimensions)"):
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    v = np.asarray(vectors)
+    ax.scatter(v[:, 0], v[:, 1], s=6, alpha=0.6)
+    ax.set_title(title)
+    ax.set_aspect("equal", adjustable="datalim")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,188 @@
+"""MLflow logging: one experiment per study, a parent run for the study, one nested run per trial
+and per baseline. Uses ``MlflowClient`` with explicit run ids rather than the fluent API's global
+"active run", so several trials, workers and resumed processes never fight over it.
+
+Tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<out>/mlflow.db``; artifacts go to
+``<out>/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+ROLE, STATE, REASON = "schedsearch.role", "schedsearch.state", "schedsearch.reason"
+STUDY, NAME, TRIAL = "schedsearch.study", "schedsearch.name", "schedsearch.trial"
+
+
+def tracking_uri_for(out_dir: str | os.PathLike) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def _clip(value, limit: int = 5000) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | os.PathLike):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        # alembic announces every migration step of a fresh sqlite store at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        from .locks import sqlite_init_lock
+
+        self.uri = tracking_uri
+        with sqlite_init_lock(tracking_uri):  # first use migrates the schema: one process at a time
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, artifact_location=Path(artifact_dir).resolve().as_uri())
+                except Exception:  # another worker (on another machine) created it first
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    self.experiment_id = exp.experiment_id
+            else:
+                self.experiment_id = exp.experiment_id
+        self.experiment = experiment
+
+    # -- runs ---------------------------------------------------------------------------------------
+    def study_run(self, study_name: str, params: dict, tags: dict) -> str:
+        """The study's parent run: reused when the study resumes, so all its trials stay together."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`{STUDY}` = '{study_name}' and tags.`{ROLE}` = 'study'",
+            max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=study_name,
+                                     tags={STUDY: study_name, ROLE: "study", **_str(tags)})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def child(self, parent_id: str, name: str, role: str, params: dict, tags: dict | None = None
+              ) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": parent_id, ROLE: role, NAME: name, STATE: "RUNNING",
+                  STUDY: self.experiment, **_str(tags or {})})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def find_child(self, parent_id: str, role: str, name: str) -> Optional[str]:
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ROLE}` = '{role}' "
+            f"and tags.`{NAME}` = '{name}' and attributes.status = 'FINISHED'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def children(self, parent_id: str, status: str | None = None) -> list:
+        flt = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if status:
+            flt += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], flt, max_results=5000)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _clip(v, 6000)) for k, v in params.items() if v is not None]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if v is not None and v == v]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def log_series(self, run_id: str, key: str, values: dict) -> None:
+        """A metric over steps, e.g. FID at growing subset sizes."""
+        for step, v in sorted(values.items()):
+            self.log_metrics(run_id, {key: v}, step=int(step))
+
+    def tag(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, _clip(v, 5000)) for k, v in _str(tags).items()])
+
+    def end(self, run_id: str, state: str, reason: str | None = None) -> None:
+        """state: COMPLETE, PRUNED, FAIL or INTERRUPTED; MLflow status follows."""
+        tags = {STATE: state}
+        if reason:
+            tags[REASON] = reason
+        self.tag(run_id, tags)
+        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
+        self.client.set_terminated(run_id, status=status)
+
+    # -- artifacts ----------------------------------------------------------------------------------
+    def log_json(self, run_id: str, obj, path: str) -> None:
+        self.client.log_dict(run_id, obj, path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def log_figure(self, run_id: str, fig, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(run_id, fig, path)
+        plt.close(fig)
+
+    def log_image(self, run_id: str, image, path: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(d) / Path(path).name
+            image.save(local)
+            self.client.log_artifact(run_id, str(local), _artifact_dir(path))
+
+    def log_tensors(self, run_id: str, tensors: dict, path: str, metadata: dict | None = None
+                    ) -> None:
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as d:
+            local = Path(d) / Path(path).name
+            save_file(tensors, str(local), metadata=metadata)
+            self.client.log_artifact(run_id, str(local), _artifact_dir(path))
+
+    def log_file(self, run_id: str, local: str | os.PathLike, artifact_dir: str | None = None
+                 ) -> None:
+        self.client.log_artifact(run_id, str(local), artifact_dir)
+
+    # -- housekeeping -------------------------------------------------------------------------------
+    def close_orphans(self, parent_id: str, still_running: Iterable[str]) -> int:
+        """End RUNNING trial runs whose process is gone (their Optuna trial is no longer running):
+        marked KILLED with state INTERRUPTED, so no run stays RUNNING forever."""
+        alive = set(still_running)
+        closed = 0
+        for run in self.children(parent_id, status="RUNNING"):
+            if run.info.run_id not in alive:
+                self.end(run.info.run_id, "INTERRUPTED",
+                         "the worker running this trial stopped before it finished (killed or "
+                         "crashed); the trial was marked failed and re-queued")
+                closed += 1
+        return closed
+
+
+def _artifact_dir(path: str) -> Optional[str]:
+    parent = str(Path(path).parent)
+    return None if parent in ("", ".") else parent
+
+
+def _str(tags: dict) -> dict:
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items() if v is not None}

@@ -1,0 +1,184 @@
+"""The search end to end on the exact testbed: budget by construction, a whole study with MLflow
+and presets, kill/resume, several workers on sqlite and PostgreSQL, the dashboard's REST API."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from schedsearch import presets, solvers
+from schedsearch.search import Candidate, Space
+from schedsearch.study import RunOptions, StudyConfig, run_study
+
+SMALL = dict(model="gmm", budget=5, n_search=64, n_heldout=64, batch_size=64, trials=5,
+             baselines=["karras", "paper", "ays"], checkpoints=[16, 32])
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "schedsearch", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 5, 8])
+def test_every_candidate_spends_exactly_the_budget(budget):
+    space = Space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=budget))
+    for _ in range(60):
+        trial = study.ask()
+        cand = space.suggest(trial, budget, 3.0, freeu_ok=True)
+        sig = cand.sigmas(__import__("schedsearch").noise.SD)
+        assert solvers.model_calls(cand.solver, sig) == budget
+        plan = cand.plan()
+        assert plan is None or len(plan.steps) == len(sig) - 1
+        assert Candidate.from_params(trial.params, budget, 3.0) == cand
+        study.tell(trial, 0.0)
+
+
+def test_default_config_is_the_shipped_digits_study():
+    shipped = StudyConfig.from_file(Path(__file__).parents[1] / "studies" / "digits-5.yaml")
+    assert shipped == StudyConfig()
+    for name in ("sd15-coco-5.yaml", "sdxl-6.yaml"):
+        StudyConfig.from_file(Path(__file__).parents[1] / "studies" / name)  # valid
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(budget=0), "budget must be an integer >= 1"),
+    (dict(n_search=0), "n_search must be an integer >= 1"),
+    (dict(baselines=["karras", "dpm"]), r"unknown baselines \['dpm'\]"),
+    (dict(objectives=["kid"]), "objectives must be"),
+    (dict(objectives=["fid", "clip"]), "the clip objective needs local CLIP weights"),
+    (dict(space={"p1": [0.0, 3.0]}), "p1 and p2 must stay > 0"),
+    (dict(space={"b2": [0.0, 1.5]}), "FreeU b2 must stay > 0"),
+    (dict(space={"stop": [0.5, 3.0]}), "stop must stay >= 1"),
+    (dict(space={"warp": [1, 2]}), "unknown search-space keys: warp"),
+    (dict(checkpoints=[1000]), "checkpoints must lie in"),
+    (dict(colour="red"), "unknown study config keys: colour"),
+])
+def test_bad_configs_are_refused(data, message):
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    os.environ["SCHEDSEARCH_PRESETS"] = str(out / "user-presets")
+    summary = run_study(StudyConfig.from_dict(SMALL), RunOptions(out=out, progress=False),
+                        echo=lambda *_: None)
+    return out, summary
+
+
+def test_study_compares_winner_and_baselines_on_search_and_heldout(finished):
+    out, summary = finished
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert set(rows) == {"best", "karras", "paper", "ays"}
+    for r in rows.values():
+        assert r["nfe"] == 5 and r["fid"] > 0 and r["fid_heldout"] > 0
+    study = optuna.load_study(study_name="gmm-5nfe", storage=f"sqlite:///{out / 'study.db'}")
+    trials = study.get_trials()
+    base = optuna.load_study(study_name="gmm-5nfe:baselines", storage=f"sqlite:///{out / 'study.db'}")
+    assert sorted(tuple(t.user_attrs["baselines"]) for t in base.get_trials()) == \
+        [("ays",), ("karras",), ("paper",)]
+    assert len(trials) == 5 and sorted(t.number for t in trials) == list(range(5))
+    assert all(t.state.is_finished() for t in trials)
+    best = min((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    assert rows["best"]["fid"] == best.value and summary["best_trial"] == best.number
+    # the first trial is the paper's preset (sd15-5 hyperparameters at this budget)
+    assert trials[0].params["p1"] == 5.0 and trials[0].params["stop"] == pytest.approx(2.0)
+    assert trials[0].params["solver"] == "dpmpp_1s"
+    table = (out / "comparison.md").read_text()
+    assert "karras dpm++2m @5" in table and "FID (held-out)" in table
+
+
+def test_mlflow_holds_every_trial_and_baseline(finished):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gmm-5nfe")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    roles = {}
+    for r in runs:
+        roles.setdefault(r.data.tags["schedsearch.role"], []).append(r)
+        assert r.info.status == "FINISHED"
+    assert len(roles["study"]) == 1 and len(roles["baseline"]) == 3 and len(roles["best"]) == 1
+    assert len(roles["trial"]) + 1 == 5
+    parent = roles["study"][0].info.run_id
+    for r in roles["trial"] + roles["best"] + roles["baseline"]:
+        assert r.data.tags["mlflow.parentRunId"] == parent
+        if r.data.tags["schedsearch.state"] == "COMPLETE":
+            assert {"fid", "kid", "nfe"} <= set(r.data.metrics)
+            names = {a.path for a in client.list_artifacts(r.info.run_id)}
+            assert {"schedule.png", "samples.png", "preset.json", "samples.safetensors"} <= names
+    parent_files = {a.path for a in client.list_artifacts(parent)}
+    assert {"comparison.md", "summary.json", "fid_vs_trial.png", "schedules.png"} <= parent_files
+
+
+def test_exported_preset_reproduces_the_trials_images_exactly(finished, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from safetensors import safe_open
+
+    import schedsearch
+
+    out, summary = finished
+    r = cli("export", "--study", "gmm-5nfe", "--name", "mine", "--out", str(out),
+            "--to", str(tmp_path / "mine.json"))
+    assert r.returncode == 0, r.stderr
+    preset = presets.load(str(tmp_path / "mine.json"))
+    assert preset.provenance["trial"] == summary["best_trial"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gmm-5nfe")
+    run = client.search_runs([exp.experiment_id], "tags.`schedsearch.role` = 'best'")[0]
+    path = client.download_artifacts(run.info.run_id, "samples.safetensors", str(tmp_path))
+    with safe_open(path, "pt") as f:
+        logged = f.get_tensor("images")
+        prompts = json.loads(f.metadata()["prompts"])
+        seeds = json.loads(f.metadata()["seeds"])
+    again = schedsearch.generate("gmm", preset, [int(p) for p in prompts], seeds, output="samples")
+    assert torch.equal(again.images, logged)
+
+
+def test_dashboard_lists_trials_and_baselines_with_fid_over_rest(finished):
+    import urllib.request
+
+    out, _ = finished
+    port = 5600 + os.getpid() % 300
+    proc = subprocess.Popen([sys.executable, "-m", "schedsearch", "ui", "--out", str(out), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post(path, body):
+        req = urllib.request.Request(base + path, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(req, timeout=10))
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "the MLflow UI did not start in 120 s"
+                time.sleep(1)
+        exps = post("/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
+        exp = next(e for e in exps if e["name"] == "gmm-5nfe")
+        runs = post("/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                    "max_results": 100})["runs"]
+        by_role = {}
+        for r in runs:
+            tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+            metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
+            by_role.setdefault(tags["schedsearch.role"], []).append(metrics)
+        assert len(by_role["baseline"]) == 3 and all("fid" in m for m in by_role["baseline"])
+        assert any("fid" in m for m in by_role["trial"] + by_role["best"])
+    finally:
+        proc.terminate()
+        proc.wait(30)

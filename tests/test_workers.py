@@ -1,0 +1,127 @@
+"""Several workers and killed workers: exact trial counts, no duplicates, nothing left RUNNING.
+
+PostgreSQL: set SCHEDSEARCH_TEST_POSTGRES to a server URL (``.ci/run`` starts one and sets it, with
+SCHEDSEARCH_REQUIRE_POSTGRES=1 so a missing server fails instead of skipping).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+
+ARGS = ["--model", "gmm", "--budget", "4", "--n-search", "96", "--n-heldout", "32",
+        "--batch-size", "32", "--baselines", "karras,ays", "--no-progress", "--no-user-preset",
+        "--heartbeat", "1", "--grace", "3"]
+
+
+def worker(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "schedsearch", "run", *ARGS, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def check_exact(storage, name, n):
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))
+    assert not [t for t in trials if not t.state.is_finished()], [t.state for t in trials]
+    done = [t for t in trials if t.state != optuna.trial.TrialState.FAIL or "fail_reason" in t.user_attrs]
+    assert len(done) == n, [(t.number, t.state.name) for t in trials]
+    return trials
+
+
+def postgres_url():
+    url = os.environ.get("SCHEDSEARCH_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("SCHEDSEARCH_REQUIRE_POSTGRES"):
+            pytest.fail("SCHEDSEARCH_REQUIRE_POSTGRES is set but SCHEDSEARCH_TEST_POSTGRES is not")
+        pytest.skip("no PostgreSQL server: set SCHEDSEARCH_TEST_POSTGRES (.ci/run does)")
+    import psycopg
+
+    db = f"ss_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {db}")
+    return url.rsplit("/", 1)[0] + "/" + db
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_finish_exactly_the_requested_trials(tmp_path, backend):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else postgres_url()
+    name = f"two-{backend}"
+    procs = [worker(tmp_path / "out", "--storage", storage, "--study-name", name, "--trials", "8")
+             for _ in range(2)]
+    logs = [finish(p) for p in procs]
+    trials = check_exact(storage, name, 8)
+    assert sorted(t.number for t in trials) == list(range(8))
+    base = optuna.load_study(study_name=f"{name}:baselines", storage=storage)
+    assert sorted(tuple(t.user_attrs["baselines"]) for t in base.get_trials()) == [("ays",), ("karras",)]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in base.get_trials())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=200)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert len([r for r in runs if r.data.tags["schedsearch.role"] == "baseline"]) == 2
+    assert len([r for r in runs if r.data.tags["schedsearch.role"] in ("trial", "best")]) == 8
+    assert any("| karras dpm++2m @4 |" in log for log in logs)
+
+
+def test_killed_study_resumes_with_finished_trials_intact(tmp_path):
+    out = tmp_path / "run"
+    storage = f"sqlite:///{out / 'study.db'}"
+    proc = worker(out, "--trials", "6", "--n-search", "512")
+    victim, kept = None, {}
+    deadline = time.time() + 300
+    while victim is None:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no trial ever ran"
+        time.sleep(0.05)
+        try:
+            study = optuna.load_study(study_name="gmm-4nfe", storage=storage)
+            trials = study.get_trials()
+        except Exception:
+            continue
+        done = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        if len(done) >= 2 and running:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            victim = running[0].number
+            kept = {t.number: (t.state, t.values, t.params) for t in done}
+    # the killed trial is still RUNNING in storage and its MLflow run too, until the study resumes
+    study = optuna.load_study(study_name="gmm-4nfe", storage=storage)
+    assert study.get_trials()[victim].state == optuna.trial.TrialState.RUNNING
+
+    finish(worker(out, "--trials", "6", "--n-search", "512"))
+    trials = check_exact(storage, "gmm-4nfe", 6)
+    by_number = {t.number: t for t in trials}
+    for number, (state, values, params) in kept.items():   # finished trials kept as they were
+        assert by_number[number].state == state and by_number[number].values == values
+        assert by_number[number].params == params
+    dead = by_number[victim]
+    assert dead.state == optuna.trial.TrialState.FAIL and "fail_reason" not in dead.user_attrs
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim]
+    assert len(retry) == 1 and retry[0].state.is_finished()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gmm-4nfe").experiment_id], max_results=200)
+    assert not [r for r in runs if r.info.status == "RUNNING"], "a run was left RUNNING"
+    killed = [r for r in runs if r.data.tags.get("schedsearch.trial") == str(victim)]
+    assert killed and killed[0].info.status == "KILLED"
+    assert killed[0].data.tags["schedsearch.state"] == "INTERRUPTED"
+    parent = [r for r in runs if r.data.tags["schedsearch.role"] == "study"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
