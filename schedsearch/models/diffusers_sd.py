@@ -506,9 +506,36 @@ def load_stable_diffusion(spec: str, device: torch.device, dtype: torch.dtype, *
                                 f"'gmm', a diffusers folder, a .safetensors file or a hub id "
                                 f"like org/name)")
 
+    return _prepare(pipe, name=name, source=source, device=device, dtype=dtype, height=height,
+                    width=width, eval_batch=eval_batch, family=family,
+                    prediction_type=prediction_type, what=spec)
+
+
+def from_pipeline(pipe, *, device=None, dtype: Optional[torch.dtype] = None,
+                  height: Optional[int] = None, width: Optional[int] = None,
+                  eval_batch: Optional[int] = None, family: Optional[str] = None,
+                  prediction_type: Optional[str] = None, name: Optional[str] = None
+                  ) -> "StableDiffusion":
+    """Wrap a diffusers pipeline you already loaded (``StableDiffusionPipeline`` or
+    ``StableDiffusionXLPipeline``) so presets and schedsearch's sampler run on it. The pipeline's
+    own scheduler is only read for its noise table; its step() is never used."""
+    if type(pipe).__name__ not in SUPPORTED:
+        raise ValueError(f"{type(pipe).__name__} is not supported; use one of {', '.join(SUPPORTED)}")
+    device = torch.device(device) if device is not None else pipe.unet.device
+    dtype = dtype or pipe.unet.dtype
+    name = name or getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or "pipeline"
+    return _prepare(pipe, name=os.path.basename(str(name).rstrip("/")) or "pipeline",
+                    source="pipeline", device=device, dtype=dtype, height=height, width=width,
+                    eval_batch=eval_batch, family=family, prediction_type=prediction_type,
+                    what=type(pipe).__name__)
+
+
+def _prepare(pipe, *, name, source, device, dtype, height, width, eval_batch, family,
+             prediction_type, what) -> "StableDiffusion":
+    """Device, eval mode, the fp16 VAE fix and the resolution, for a loaded or handed-in pipeline."""
     if pipe.scheduler.config.get("rescale_betas_zero_snr", False):
         # zero terminal SNR puts σ_max at infinity: no finite σ list starts there
-        raise ValueError(f"{spec}: the scheduler rescales betas to zero terminal SNR "
+        raise ValueError(f"{what}: the scheduler rescales betas to zero terminal SNR "
                          f"(rescale_betas_zero_snr), which σ-space sampling cannot start from; "
                          f"such models are not supported")
     pipe.to(device)

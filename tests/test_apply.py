@@ -1,0 +1,48 @@
+"""Presets applied from Python to a diffusers pipeline object, through our sampler."""
+
+import pytest
+import torch
+
+import schedsearch
+from schedsearch import presets
+from schedsearch.models.diffusers_sd import from_pipeline, load_stable_diffusion
+from schedsearch.sampler import sample
+from tiny import save_pipeline, tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.set_num_threads(1)
+    pipe = tiny_sd_pipeline(seed=3)
+    folder = save_pipeline(pipe, tmp_path_factory.mktemp("sd"))
+    return pipe, folder
+
+
+def test_generate_on_a_pipeline_object_equals_the_loaded_model(saved):
+    pipe, folder = saved
+    preset = presets.load("sd15-5")  # DPM++1S, 5 NFE, original-variant FreeU on every step
+    images = schedsearch.generate(pipe, preset, ["a red cube", "a blue ball"], seeds=[4, 9])
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert len(images) == 2 and images[0].size == (side, side)
+    model = load_stable_diffusion(folder, device=torch.device("cpu"), dtype=torch.float32)
+    ref = sample(model, preset.sigmas, ["a red cube", "a blue ball"], [4, 9], solver=preset.solver,
+                 guidance=preset.guidance, freeu=preset.freeu)
+    again = schedsearch.generate(pipe, preset, ["a red cube", "a blue ball"], seeds=[4, 9],
+                                 output="samples")
+    assert torch.equal(again.latents, ref.latents) and again.nfe == 5
+    # the preset's FreeU plan was applied: without it the result differs
+    plain = sample(model, preset.sigmas, ["a red cube"], [4], solver=preset.solver,
+                   guidance=preset.guidance)
+    assert not torch.equal(plain.latents, ref.latents[:1])
+
+
+def test_generate_takes_names_specs_and_refuses_other_objects(saved):
+    pipe, _ = saved
+    out = schedsearch.generate("gmm", "ays-sd15-5", [0, 1, 2], output="samples")
+    assert out.latents.shape == (3, 16) and out.nfe == 5
+    with pytest.raises(TypeError, match="expected a model spec, a diffusers pipeline"):
+        schedsearch.generate(object(), "sd15-5", ["x"])
+    with pytest.raises(ValueError, match="not supported"):
+        from_pipeline(type("FluxPipeline", (), {})())
+    with pytest.warns(UserWarning, match="made for sdxl models"):
+        schedsearch.generate(pipe, "sdxl-8", ["x"], seeds=[0], output="samples")
