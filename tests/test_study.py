@@ -182,3 +182,7 @@ def test_dashboard_lists_trials_and_baselines_with_fid_over_rest(finished):
     finally:
         proc.terminate()
         proc.wait(30)
+    # the server and its workers went down with `schedsearch ui`
+    time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(base + "/health", timeout=2)

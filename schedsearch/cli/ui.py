@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,10 +39,31 @@ def run(args) -> int:
         uri, artifacts = f"sqlite:///{db.resolve()}", out / "mlartifacts"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}); Ctrl-C to stop", flush=True)
+    return serve(server_command(uri, artifacts, args.host, args.port), env)
+
+
+def serve(cmd: list[str], env: dict) -> int:
+    """Run the server in its own process group and take the whole group down with us: mlflow
+    server starts uvicorn and job workers that would otherwise outlive a terminated parent."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(*_):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
     try:
-        return subprocess.call(server_command(uri, artifacts, args.host, args.port), env=env)
+        return proc.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _newest_run() -> Path:
