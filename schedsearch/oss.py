@@ -29,13 +29,13 @@ Choices the SPEC leaves open:
   the samples where a shorter path would have landed closer. A sample without any M-step path
   (not seen in practice) is left out of the median and counted in ``provenance["no_full_path"]``.
 * Amplitude calibration (off by default) rescales each state affinely before its step so that its
-  5% and 95% quantiles match the teacher's at that grid point. It only shapes the search: the sampler
-  does not calibrate, so a schedule searched with it is scored without it.
+  5% and 95% quantiles match the teacher's at that grid point. It only shapes the search: the
+  sampler does not calibrate, so a schedule searched with it is scored without it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from numbers import Integral
 
 import torch
 
@@ -46,12 +46,12 @@ _CHUNK_ELEMENTS = 1 << 24   # bound on the (rows, N+1, d) landing tensor built a
 
 def _check_budget(budget: int, teacher: Teacher) -> int:
     n = teacher.steps
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+    if isinstance(budget, bool) or not isinstance(budget, Integral) or budget < 1:
         raise ValueError(f"the budget M must be an integer >= 1, got {budget!r}")
     if budget >= n:
-        raise ValueError(f"the budget M = {budget} must be smaller than the teacher's N = {n} steps "
-                         f"(use more --teacher-steps)")
-    return budget
+        raise ValueError(f"the budget M = {budget} must be smaller than the teacher's N = {n} "
+                         f"steps (use more --teacher-steps)")
+    return int(budget)
 
 
 def _calibrate(z: torch.Tensor, q_target: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
     X = teacher.x.to(device).flatten(2)                                   # (S, N+1, d)
     shape = tuple(teacher.x.shape[2:])
     d = X.shape[2]
-    ratio = (T[None, :] / T[:, None].clamp_min(1e-30)).tril(-1)          # q[i, j] = T[j]/T[i], j < i
+    ratio = (T[None, :] / T[:, None].clamp_min(1e-30)).tril(-1)          # [i, j] = T[j]/T[i], j < i
     below = torch.ones(n + 1, n + 1, dtype=torch.bool, device=device).tril(-1)   # [i, j]: j < i
     q_teacher = None
     if calibrate:
@@ -178,7 +178,8 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
                              "total": n + denoise.rows / S},
         "teacher_calls_this_run": teacher.calls,
         "final_error": float(errors.mean()),
-        "final_error_per_sample": [float(e) if bool(o) else None for e, o in zip(final.double(), ok)],
-        "error": "mean squared error to the teacher at the data end of each sample's own M-step path",
+        "final_error_per_sample": [float(e) if bool(o) else None
+                                   for e, o in zip(final.double(), ok)],
+        "error": "mean squared error to the teacher at the data end, each sample's own M-step path",
     }
     return Distilled(sigmas, provenance)

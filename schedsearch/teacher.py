@@ -17,7 +17,8 @@ Choices (the SPEC is silent on them):
 * D at T[0] is never evaluated; ``denoised[:, 0]`` holds x[:, 0] (exact when T[0] = 0).
 
 Trajectories are cached as safetensors under a hash of (model fingerprint, dtype, prompts, seeds,
-guidance, grid, solver), in ``$SCHEDSEARCH_CACHE/teacher`` (default ``~/.cache/schedsearch/teacher``).
+guidance, grid, solver), in ``$SCHEDSEARCH_CACHE/teacher`` (default
+``~/.cache/schedsearch/teacher``).
 The key is also stored in the file's header and checked on load: a file that cannot be read, holds
 the wrong shapes or non-finite values, or was written for another model or setting is recomputed
 (with a ``TeacherCacheWarning``), never trusted.
@@ -77,18 +78,21 @@ class TeacherGrid:
 
     def __post_init__(self) -> None:
         if self.kind not in GRID_KINDS:
-            raise ValueError(f"teacher grid must be one of {', '.join(GRID_KINDS)}, got {self.kind!r}")
+            raise ValueError(f"teacher grid must be one of {', '.join(GRID_KINDS)}, "
+                             f"got {self.kind!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
                 or self.steps < 2:
             raise ValueError(f"teacher steps must be an integer >= 2, got {self.steps!r}")
         object.__setattr__(self, "steps", int(self.steps))
         if isinstance(self.end, str):
             if self.end not in ("zero", "sigma_min"):
-                raise ValueError(f"grid end must be 'zero', 'sigma_min' or a σ > 0, got {self.end!r}")
+                raise ValueError(f"grid end must be 'zero', 'sigma_min' or a σ > 0, "
+                                 f"got {self.end!r}")
         else:
             end = float(self.end)
             if not (math.isfinite(end) and end > 0):
-                raise ValueError(f"grid end must be 'zero', 'sigma_min' or a σ > 0, got {self.end!r}")
+                raise ValueError(f"grid end must be 'zero', 'sigma_min' or a σ > 0, "
+                                 f"got {self.end!r}")
             object.__setattr__(self, "end", end)
 
     def sigmas(self, table: NoiseTable) -> torch.Tensor:
@@ -102,7 +106,8 @@ class TeacherGrid:
             t = np.linspace(table.t_max, float(table.sigma_to_t(lo)), points)
             desc = np.asarray(table.t_to_sigma(t), dtype=np.float64)
         elif self.kind == "karras":
-            desc = schedules.karras(points, lo, table.sigma_max, self.rho, append_zero=False).numpy()
+            desc = schedules.karras(points, lo, table.sigma_max, self.rho,
+                                    append_zero=False).numpy()
         else:
             desc = np.exp(np.linspace(math.log(table.sigma_max), math.log(lo), points))
         desc[0], desc[-1] = table.sigma_max, lo  # exact end points, free of interpolation round-off
@@ -120,7 +125,8 @@ class Teacher:
 
     sigmas: torch.Tensor          # (N+1,) float64, ascending, sigmas[0] = data end
     x: torch.Tensor               # (S, N+1, *latent) float32: the state at each grid point
-    denoised: torch.Tensor        # (S, N+1, *latent) float32: D(x[:, j], sigmas[j]); [:, 0] = x[:, 0]
+    denoised: torch.Tensor        # (S, N+1, *latent) float32: D(x[:, j], sigmas[j]);
+                                  # [:, 0] = x[:, 0]
     prompts: list
     seeds: list
     guidance: float
@@ -174,7 +180,8 @@ def _pairs(prompts: Sequence, seeds: Sequence[int]) -> tuple[list, list[int]]:
     if not seeds:
         raise ValueError("the seed list is empty: give at least one seed")
     if len(prompts) != len(seeds):
-        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and "
+                         f"{len(seeds)} seeds")
     return prompts, seeds
 
 
@@ -301,7 +308,8 @@ def trajectories(model, prompts: Sequence, seeds: Sequence[int], *, guidance: fl
     prompts, seeds = _pairs(prompts, seeds)
     solver = solvers.canonical(solver)
     if solver not in TEACHER_SOLVERS:
-        raise ValueError(f"the teacher runs first-order steps; solver must be dpmpp_1s, got {solver!r}")
+        raise ValueError(f"the teacher runs first-order steps; solver must be dpmpp_1s, "
+                         f"got {solver!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sigmas = grid.sigmas(model.table)

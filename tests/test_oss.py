@@ -27,7 +27,8 @@ def teacher(request, gmm):
 
 
 def all_paths(start=N):
-    return [(start, *sorted(c, reverse=True), 0) for c in itertools.combinations(range(1, start), M - 1)]
+    return [(start, *sorted(c, reverse=True), 0)
+            for c in itertools.combinations(range(1, start), M - 1)]
 
 
 def brute_force_errors(model, tea, paths):
@@ -49,7 +50,8 @@ def test_oss_near_brute_force_optimum_and_consistent(gmm, teacher):
     paths = all_paths()
     err = brute_force_errors(gmm, teacher, paths)                   # (55, S)
     reported = torch.tensor(res.provenance["final_error_per_sample"], dtype=torch.float64)
-    own = torch.stack([err[paths.index(tuple(p)), s] for s, p in enumerate(res.provenance["paths"])])
+    own = torch.stack([err[paths.index(tuple(p)), s]
+                       for s, p in enumerate(res.provenance["paths"])])
     # each reported error is what its own path really gives: the backtrack is the producing path
     torch.testing.assert_close(reported, own, rtol=1e-4, atol=1e-7)
     best = err.min(0).values
@@ -104,7 +106,8 @@ def test_free_start_may_start_below_sigma_max(gmm, teacher):
     paths = all_paths() + [p for start in range(M, N) for p in all_paths(start)]
     err = brute_force_errors(gmm, teacher, paths)
     reported = torch.tensor(res.provenance["final_error_per_sample"], dtype=torch.float64)
-    own = torch.stack([err[paths.index(tuple(p)), s] for s, p in enumerate(res.provenance["paths"])])
+    own = torch.stack([err[paths.index(tuple(p)), s]
+                       for s, p in enumerate(res.provenance["paths"])])
     torch.testing.assert_close(reported, own, rtol=1e-4, atol=1e-7)
     # the free start widens the search and the greedy gap (measured mean ratio 1.08-1.28)
     assert float((reported / err.min(0).values).mean()) < 1.5

@@ -54,7 +54,8 @@ def test_grid_variants():
     torch.testing.assert_close(k.flip(0), schedules.karras(10, SD.sigma_min, SD.sigma_max))
     ls = TeacherGrid("logsnr", 10, "sigma_min").sigmas(SD)
     assert ls.shape == (11,) and float(ls[0]) == pytest.approx(SD.sigma_min)
-    np.testing.assert_allclose(np.diff(np.log(ls.numpy())), np.log(SD.sigma_max / SD.sigma_min) / 10)
+    np.testing.assert_allclose(np.diff(np.log(ls.numpy())),
+                               np.log(SD.sigma_max / SD.sigma_min) / 10)
     stop = TeacherGrid(steps=20, end=0.132).sigmas(SD)
     assert stop.shape == (21,) and float(stop[0]) == 0.132
     with pytest.raises(ValueError, match="teacher steps must be an integer >= 2"):

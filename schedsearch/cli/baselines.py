@@ -14,7 +14,8 @@ FAMILY_PROMPTS = {"digits": "classes:10", "gmm": "classes:4"}
 
 def _common(p) -> None:
     p.add_argument("--model", default="digits",
-                   help="digits (default), gmm, a hub id, a diffusers folder or a .safetensors file")
+                   help="digits (default), gmm, a hub id, a diffusers folder or a .safetensors "
+                        "file")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", metavar="SOURCE",
                      help="a prompt file (text, COCO captions JSON, CSV) or classes:K "
@@ -65,8 +66,9 @@ def register(sub) -> None:
 
     o = sub.add_parser(
         "oss", help="OSS: optimal stepsizes by dynamic programming against a teacher",
-        description="Optimal Stepsize Search (SPEC §5.1): per sample, a DP over the teacher grid on "
-                    "the student's own states; one schedule per model by the per-position median.",
+        description="Optimal Stepsize Search (SPEC §5.1): per sample, a DP over the teacher grid "
+                    "on the student's own states; one schedule per model by the per-position "
+                    "median.",
         epilog="Example:  schedsearch oss --budget 5 --model gmm")
     _common(o)
     _distill_args(o)
@@ -121,7 +123,8 @@ def _grid(args):
         try:
             end = float(end)
         except ValueError:
-            raise ValueError(f"--teacher-end must be zero, sigma_min or a number, got {end!r}") from None
+            raise ValueError(f"--teacher-end must be zero, sigma_min or a number, "
+                             f"got {end!r}") from None
     return TeacherGrid(args.teacher_grid, args.teacher_steps, end)
 
 
