@@ -10,7 +10,10 @@ the same feature extraction, with no scoring around them. The overhead is
 i.e. the solver arithmetic, conditioning and initial noise, decoding, statistics (FID at every
 checkpoint, KID) and bookkeeping. Target: under 10 %.
 
-    python benchmarks/scoring_overhead.py [--model digits] [--n 256] [--repeats 3]
+    python benchmarks/scoring_overhead.py [--model digits] [--n 256] [--repeats 3] [--threads 1]
+
+One torch thread by default: on a shared two-core machine two threads made each digits UNet call
+~12x slower (spinning OpenMP threads), which would hide the overhead behind inflated model time.
 
 Writes benchmarks/results/scoring_overhead-<model>.json.
 """
@@ -63,7 +66,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", default="5,10,20")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:

@@ -144,7 +144,7 @@ class CleanFID(Extractor):
 def inception_missing_message(looked: Sequence[str]) -> str:
     return (
         f"clean-fid's Inception weights ({INCEPTION_FILE}, ~92 MB) were not found; looked at: "
-        f"{', '.join(looked)}. This machine cannot download them. On a machine with internet run\n"
+        f"{', '.join(looked)}. schedsearch never downloads them itself. On a machine with internet run\n"
         f"    curl -L -o {INCEPTION_FILE} {INCEPTION_URL}\n"
         f"(or run clean-fid once there: it saves the file to {CLEANFID_DEFAULT}), copy the file "
         f"here, and either put it at {CLEANFID_DEFAULT}, set {INCEPTION_ENV}=/path/to/{INCEPTION_FILE}, "

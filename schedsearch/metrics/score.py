@@ -21,7 +21,7 @@ import torch
 
 from .. import schedules, solvers
 from ..sampler import sample
-from .fid import frechet_distance, frechet_distance_lowrank, kid, statistics
+from .fid import KernelDistance, frechet_distance, frechet_distance_lowrank, kid, statistics
 
 STAGES = ("sampling", "model", "solver", "decode", "features", "statistics", "total")
 # "clip" joins the stages when a CLIP score is computed (a separate metric, never part of FID).
@@ -91,6 +91,11 @@ class Scorer:
         self.clip = clip
         self._ref_trace = ref.trace
         import cleanfid.fid  # noqa: F401  (imports torchvision, ~3 s once: not a scoring cost)
+        # the candidate-independent half of KID (subset draws, reference sums), done once
+        self._kid = None
+        if ref.features is not None and self.kid_subsets > 0:
+            self._kid = KernelDistance(ref.features, self.n, seed=self.kid_seed,
+                                       num_subsets=self.kid_subsets)
 
     # -- statistics -----------------------------------------------------------------------------
     def fid_of(self, features: np.ndarray) -> float:
@@ -101,9 +106,11 @@ class Scorer:
         return frechet_distance(mu, sigma, self.ref.mu, self.ref.sigma)
 
     def kid_of(self, features: np.ndarray) -> Optional[float]:
+        """clean-fid's KID against the reference (its argument order for a generator)."""
         if self.ref.features is None or self.kid_subsets < 1:
             return None
-        # clean-fid's argument order for a generator against reference features
+        if self._kid is not None and features.shape[0] == self.n:
+            return self._kid(features)
         return kid(self.ref.features, features, seed=self.kid_seed, num_subsets=self.kid_subsets)
 
     # -- the objective --------------------------------------------------------------------------
