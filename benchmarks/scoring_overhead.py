@@ -108,7 +108,8 @@ def main() -> int:
               f"{row['scorer_seconds_median']['model']:.3f}s, features "
               f"{row['scorer_seconds_median']['features']:.3f}s, statistics "
               f"{row['scorer_seconds_median']['statistics']:.3f}s -> outside model+features "
-              f"{100 * row['overhead_share_median']:.1f}% (max {100 * row['overhead_share_max']:.1f}%); "
+              f"{100 * row['overhead_share_median']:.1f}% "
+              f"(max {100 * row['overhead_share_max']:.1f}%); "
               f"scorer/bare wall {row['total_vs_bare']:.3f}")
     result = {
         "benchmark": "scoring_overhead", "model": model.name, "fingerprint": model.fingerprint(),

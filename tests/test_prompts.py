@@ -113,7 +113,8 @@ def test_csv_uses_the_caption_column_and_names_the_columns_when_it_is_missing(tm
     path.write_text('id,text\n1,"a cat, sitting"\n2,\n3, a dog \n', encoding="utf-8")
     s = prompts.load(str(path), caption_column="text")
     assert s.prompts == ("a cat, sitting", "a dog")
-    with pytest.raises(ValueError, match=r"no column 'caption' \(columns: \['id', 'text'\]\).*--caption-column"):
+    msg = r"no column 'caption' \(columns: \['id', 'text'\]\).*--caption-column"
+    with pytest.raises(ValueError, match=msg):
         prompts.load(str(path))
 
 

@@ -20,7 +20,8 @@ def register(sub) -> None:
                "  schedsearch refstats --testbed gmm --n 20000 --out gmm-ref.safetensors",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", metavar="DIR", help="a folder of real images (searched recursively)")
+    src.add_argument("--images", metavar="DIR",
+                     help="a folder of real images (searched recursively)")
     src.add_argument("--testbed", choices=["digits", "gmm"],
                      help="a built-in testbed's reference data (digits: the held-out split; gmm: "
                           "exact samples)")

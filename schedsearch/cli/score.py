@@ -28,9 +28,11 @@ def register(sub) -> None:
                "      --prompts captions_val2014.json --n 1000 --ref-stats coco-val.safetensors",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits",
-                   help="digits (default), gmm, a hub id, a diffusers folder or a .safetensors file")
+                   help="digits (default), gmm, a hub id, a diffusers folder or a .safetensors "
+                        "file")
     p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=NAMES, metavar="NAME",
-                   help=f"schedule family or preset: {', '.join(NAMES)} (default {DEFAULT_SCHEDULE})")
+                   help=f"schedule family or preset: {', '.join(NAMES)} "
+                        f"(default {DEFAULT_SCHEDULE})")
     add_schedule_args(p, steps_help=f"number of steps (default {DEFAULT_STEPS} for families "
                                     "that need it)")
     p.add_argument("--solver", default="dpmpp_2m",
@@ -44,7 +46,8 @@ def register(sub) -> None:
                    help="FreeU implementation (default diffusers; 'original' is the paper's)")
     p.add_argument("--prompts", help="prompt source: a text file, a COCO captions JSON, a CSV, or "
                                      "classes:K (default: the testbed's classes)")
-    p.add_argument("--caption-column", default="caption", help="CSV caption column (default caption)")
+    p.add_argument("--caption-column", default="caption",
+                   help="CSV caption column (default caption)")
     p.add_argument("--n", type=int, default=256, help="number of images (default 256)")
     p.add_argument("--prompt-seed", type=int, default=0,
                    help="prompt-set seed; image i gets seed prompt_seed·10⁶ + i (default 0)")
@@ -53,12 +56,14 @@ def register(sub) -> None:
     p.add_argument("--ref-stats", metavar="FILE",
                    help="reference statistics (schedsearch refstats); the testbeds have their own")
     p.add_argument("--extractor", choices=["inception", "digits", "identity"],
-                   help="feature space (default: digits / identity for the testbeds, else inception)")
+                   help="feature space (default: digits / identity for the testbeds, else "
+                        "inception)")
     p.add_argument("--inception", metavar="PATH",
                    help="clean-fid's inception-2015-12-05.pt (default: $SCHEDSEARCH_INCEPTION, "
                         "then /tmp/inception-2015-12-05.pt)")
     p.add_argument("--clip", metavar="DIR", help="a local CLIP folder: also report the CLIP score")
-    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100; 0: no KID)")
+    p.add_argument("--kid-subsets", type=int, default=100,
+                   help="KID subsets (default 100; 0: no KID)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"],
@@ -78,7 +83,8 @@ def _freeu_plan(args, steps: int):
     except ValueError:
         values = []
     if len(values) != 4:
-        raise ValueError(f"--freeu takes four comma-separated numbers b1,b2,s1,s2, got {args.freeu!r}")
+        raise ValueError(f"--freeu takes four comma-separated numbers b1,b2,s1,s2, "
+                         f"got {args.freeu!r}")
     return FreeUPlan.from_start(steps, args.freeu_from, FreeU(*values), args.freeu_variant)
 
 

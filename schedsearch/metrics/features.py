@@ -75,7 +75,7 @@ class Extractor:
 
 
 class Identity(Extractor):
-    """The samples themselves as features (the Gaussian-mixture testbed, whose samples are vectors)."""
+    """The samples themselves as features (the Gaussian-mixture testbed's samples are vectors)."""
 
     name = "identity"
     resize = "none"
@@ -96,8 +96,8 @@ class CleanFID(Extractor):
     """A network fed exactly as clean-fid feeds its own: uint8 image → clean-fid's "clean" resize
     (PIL bicubic per channel in float32, no re-quantisation) → (B, 3, S, S) float in [0, 255].
 
-    Grayscale images are repeated to three channels, which is what PIL's ``convert('RGB')`` does when
-    clean-fid reads a grayscale file.
+    Grayscale images are repeated to three channels, which is what PIL's ``convert('RGB')`` does
+    when clean-fid reads a grayscale file.
     """
 
     resize = "clean"
@@ -134,8 +134,8 @@ class CleanFID(Extractor):
             if a.shape[-1] == 1:
                 a = np.repeat(a, 3, axis=-1)
             resized.append(self.fn_resize(a))
-        # contiguous NCHW like clean-fid's ToTensor: a channels-last view makes conv kernels pick other
-        # algorithms, which moves features in the last float bits
+        # contiguous NCHW like clean-fid's ToTensor: a channels-last view makes conv kernels pick
+        # other algorithms, which moves features in the last float bits
         batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous().to(self.device)
         return self.net(batch).detach().cpu().numpy().astype(np.float64)
 
@@ -144,10 +144,12 @@ class CleanFID(Extractor):
 def inception_missing_message(looked: Sequence[str]) -> str:
     return (
         f"clean-fid's Inception weights ({INCEPTION_FILE}, ~92 MB) were not found; looked at: "
-        f"{', '.join(looked)}. schedsearch never downloads them itself. On a machine with internet run\n"
+        f"{', '.join(looked)}. schedsearch never downloads them itself. On a machine with "
+        "internet run\n"
         f"    curl -L -o {INCEPTION_FILE} {INCEPTION_URL}\n"
         f"(or run clean-fid once there: it saves the file to {CLEANFID_DEFAULT}), copy the file "
-        f"here, and either put it at {CLEANFID_DEFAULT}, set {INCEPTION_ENV}=/path/to/{INCEPTION_FILE}, "
+        f"here, and either put it at {CLEANFID_DEFAULT}, set "
+        f"{INCEPTION_ENV}=/path/to/{INCEPTION_FILE}, "
         "or pass --inception /path/to/the/file. For the built-in testbeds no download is needed: "
         "use --extractor digits or identity.")
 
@@ -207,7 +209,8 @@ class ClassifierFeatures(Extractor):
     def __init__(self, classifier, name: str, device="cpu", batch_size: int = 512,
                  channels: Optional[int] = 1):
         self.classifier, self.name = classifier, name
-        self.device, self.batch_size, self.channels = torch.device(device), int(batch_size), channels
+        self.device, self.batch_size = torch.device(device), int(batch_size)
+        self.channels = channels
 
     @torch.no_grad()
     def _batch(self, images):
@@ -234,8 +237,8 @@ def default_kind(model) -> str:
     return {"gmm": "identity", "digits": "digits"}.get(family, "inception")
 
 
-def build(kind: Optional[str] = None, *, model=None, device=None, inception_path: Optional[str] = None,
-          batch_size: Optional[int] = None) -> Extractor:
+def build(kind: Optional[str] = None, *, model=None, device=None,
+          inception_path: Optional[str] = None, batch_size: Optional[int] = None) -> Extractor:
     """An extractor by kind; None picks the model's natural one (gmm → identity, digits → the
     digits classifier, anything else → clean-fid Inception)."""
     if kind is None:
@@ -256,8 +259,9 @@ def build(kind: Optional[str] = None, *, model=None, device=None, inception_path
 
 # -- CLIP score (a separate metric) ---------------------------------------------------------------
 class ClipScore:
-    """CLIP score, 100·max(cos(image, text), 0) per image (the torchmetrics convention), from a local
-    ``transformers`` CLIP folder (e.g. a saved ``openai/clip-vit-base-patch32``). Not part of FID."""
+    """CLIP score, 100·max(cos(image, text), 0) per image (the torchmetrics convention), from a
+    local ``transformers`` CLIP folder (e.g. a saved ``openai/clip-vit-base-patch32``). Not part of
+    FID."""
 
     name = "clip-score"
 
@@ -266,7 +270,8 @@ class ClipScore:
             raise FileNotFoundError(
                 f"CLIP weights folder {path!r} does not exist. On a machine with internet save one "
                 "with  python -c \"from transformers import CLIPModel, CLIPProcessor as P; "
-                "n='openai/clip-vit-base-patch32'; CLIPModel.from_pretrained(n).save_pretrained('clip'); "
+                "n='openai/clip-vit-base-patch32'; "
+                "CLIPModel.from_pretrained(n).save_pretrained('clip'); "
                 "P.from_pretrained(n).save_pretrained('clip')\"  and copy the folder here")
         from transformers import CLIPModel, CLIPProcessor
 

@@ -1,9 +1,9 @@
 """FID and KID on features, and FID between two image folders (SPEC §6).
 
-The distances are clean-fid's own functions; this module adds what clean-fid leaves to the caller:
-float64 statistics, a seeded KID that leaves numpy's global RNG as it found it, quiet output (clean-fid
-prints to stdout, which would corrupt our JSON), and a low-rank route to the same Fréchet distance for
-small samples in high dimension.
+The distances are clean-fid's own functions; this module adds what clean-fid leaves to the
+caller: float64 statistics, a seeded KID that leaves numpy's global RNG as it found it, quiet output
+(clean-fid prints to stdout, which would corrupt our JSON), and a low-rank route to the same Fréchet
+distance for small samples in high dimension.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"the two statistics live in different feature spaces: "
-                         f"{mu1.shape[-1] if mu1.ndim else '?'}-d and {mu2.shape[-1] if mu2.ndim else '?'}-d")
+                         f"{mu1.shape} and {mu2.shape} means")
     with _quiet(), _blas_threads(float(mu1.shape[-1]) ** 3):
         return float(cf(mu1, sigma1, mu2, sigma2))
 
@@ -81,10 +81,10 @@ def frechet_distance_lowrank(features: np.ndarray, mu2, sigma2, trace2: Optional
     """The same Fréchet distance as ``frechet_distance(statistics(features), mu2, sigma2)``,
     computed through an N×N eigenproblem instead of a D×D matrix square root.
 
-    With A the centred features, Σ1 = AᵀA/(N−1), and the non-zero eigenvalues of Σ1Σ2 are those of the
-    symmetric PSD matrix AΣ2Aᵀ/(N−1), so tr√(Σ1Σ2) = Σ√λ. For N = 256 Inception features this takes
-    0.1 s where sqrtm of the 2048×2048 product takes ~30 s on two CPU cores; the two agree to ~1e-7
-    relative (the tests check it).
+    With A the centred features, Σ1 = AᵀA/(N−1), and the non-zero eigenvalues of Σ1Σ2 are those of
+    the symmetric PSD matrix AΣ2Aᵀ/(N−1), so tr√(Σ1Σ2) = Σ√λ. For N = 256 Inception features this
+    takes 0.1 s where sqrtm of the 2048×2048 product takes ~30 s on two CPU cores; the two agree to
+    ~1e-7 relative (the tests check it).
     """
     f = _features(features, "features")
     n = f.shape[0]

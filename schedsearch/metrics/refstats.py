@@ -1,11 +1,12 @@
 """Reference statistics: the real-data side of FID and KID, with their provenance.
 
-A file holds ``mu`` and ``sigma`` (float64) and the raw ``features`` (for KID) as safetensors tensors,
-and its provenance as string metadata: extractor, resize mode, n, dim, source, created, schedsearch
-version. No pickle anywhere: loading a file runs no code.
+A file holds ``mu`` and ``sigma`` (float64) and the raw ``features`` (for KID) as safetensors
+tensors, and its provenance as string metadata: extractor, resize mode, n, dim, source, created,
+schedsearch version. No pickle anywhere: loading a file runs no code.
 
-Features are kept at float32 precision (what the networks produce) and the moments are computed from
-exactly those values, so a statistics object scores the same before and after a save/load round trip.
+Features are kept at float32 precision (what the networks produce) and the moments are computed
+from exactly those values, so a statistics object scores the same before and after a save/load
+round trip.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class RefStats:
     sigma: np.ndarray
     features: Optional[np.ndarray]
     meta: dict = field(default_factory=dict)
-    path: Optional[str] = field(default=None, compare=False)   # the file it was loaded from / saved to
+    path: Optional[str] = field(default=None, compare=False)   # file it was loaded from/saved to
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -100,10 +101,10 @@ class RefStats:
         name = extractor if isinstance(extractor, str) else extractor.name
         if name != self.extractor:
             raise ExtractorMismatch(
-                f"the reference statistics were computed with the {self.extractor!r} extractor, but "
-                f"scoring uses {name!r}; FIDs across feature spaces mean nothing. Rebuild them with "
-                f"`schedsearch refstats ... --extractor {_kind(name)}`, or score with the extractor "
-                f"the statistics were made with")
+                f"the reference statistics were computed with the {self.extractor!r} extractor, "
+                f"but scoring uses {name!r}; FIDs across feature spaces mean nothing. Rebuild them "
+                f"with `schedsearch refstats ... --extractor {_kind(name)}`, or score with the "
+                f"extractor the statistics were made with")
         resize = getattr(extractor, "resize", None)
         if resize is not None and resize != self.meta.get("resize"):
             raise ExtractorMismatch(
@@ -197,9 +198,9 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
 
     family = getattr(model, "family", None)
     if family not in ("digits", "gmm"):
-        raise ValueError(f"no built-in reference data for {getattr(model, 'name', model)!r}; make "
-                         "statistics from real images with `schedsearch refstats --images DIR --out "
-                         "FILE` and pass them with --ref-stats FILE")
+        raise ValueError(f"no built-in reference data for {getattr(model, 'name', model)!r}; "
+                         "make statistics from real images with `schedsearch refstats --images DIR "
+                         "--out FILE` and pass them with --ref-stats FILE")
     if extractor is None:
         extractor = _features.build(model=model, device=device)
     if family == "gmm":
@@ -212,7 +213,8 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
     if not rebuild and os.path.isfile(path):
         try:
             ref = RefStats.load(path)
-            if ref.extractor == extractor.name and ref.meta.get("model_fingerprint") == model.fingerprint():
+            same_model = ref.meta.get("model_fingerprint") == model.fingerprint()
+            if ref.extractor == extractor.name and same_model:
                 return ref
         except ValueError:
             pass  # a stale or damaged cache entry: rebuild it below
@@ -239,8 +241,8 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
 
 
 def _digits_images(data):
-    """``digits_data(split)`` gives (images in [-1, 1], labels); the model's decoder maps its samples
-    to [0, 1] with ``to_unit``, so the reference goes through the same map."""
+    """``digits_data(split)`` gives (images in [-1, 1], labels); the model's decoder maps its
+    samples to [0, 1] with ``to_unit``, so the reference goes through the same map."""
     from ..models.digits import to_unit
 
     images = data[0] if isinstance(data, (tuple, list)) else data

@@ -1,9 +1,10 @@
 """The objective of the search: FID (and KID) of a schedule on a fixed prompt subset.
 
 Generation, feature extraction and statistics run batch by batch in memory. The prompt set is read
-in order, so its prefixes are the growing subsets: FID is reported at each checkpoint size, and a
-caller's ``on_checkpoint(n, fid)`` may raise to stop a poor candidate early. Batches never straddle a
-checkpoint, so the features of the first n images do not depend on how many more are scored.
+in order, so its prefixes are the growing subsets: FID is reported at each checkpoint size, and
+a caller's ``on_checkpoint(n, fid)`` may raise to stop a poor candidate early. Batches never
+straddle a checkpoint, so the features of the first n images do not depend on how many more are
+scored.
 
 Candidates are only comparable at the same n with the same prompts and seeds (common random
 numbers); at n below the feature dimension FID is biased upward, which is why KID (unbiased) is
@@ -245,8 +246,9 @@ def scoring_setup(model, config) -> tuple:
 def build_scorer(model, *, prompts: Optional[str] = None, n: int = 256, prompt_seed: int = 0,
                  ref_stats: Optional[str] = None, extractor: Optional[str] = None,
                  inception: Optional[str] = None, device=None, **kwargs) -> Scorer:
-    """A Scorer with the defaults of the built-in testbeds: ``classes:K`` prompts, the model's natural
-    extractor, and the cached default reference statistics (``ref_stats`` names a file otherwise)."""
+    """A Scorer with the defaults of the built-in testbeds: ``classes:K`` prompts, the model's
+    natural extractor, and the cached default reference statistics (``ref_stats`` names a file
+    otherwise)."""
     from types import SimpleNamespace
 
     from .. import prompts as _prompts
