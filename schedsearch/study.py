@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -170,6 +171,10 @@ class Context:
             caption_column=config.caption_column)
         self.freeu_ok = getattr(self.model, "unet", None) is not None
         self.extractor, self.ref = scoring_setup(self.model, config)
+        self.clip = None
+        if config.clip:
+            from .metrics.features import ClipScore
+            self.clip = ClipScore(config.clip, device=self.model.device)
         self._scorers: dict = {}
 
     def scorer(self, which: str, guidance: float):
@@ -181,7 +186,7 @@ class Context:
             cps = self.config.resolved_checkpoints() if which == "search" else (len(pset),)
             self._scorers[key] = Scorer(self.model, self.extractor, self.ref, pset,
                                         guidance=guidance, batch_size=self.config.batch_size,
-                                        checkpoints=tuple(cps))
+                                        checkpoints=tuple(cps), clip=self.clip)
         return self._scorers[key]
 
     def score(self, entry: Entry, which: str = "search", on_checkpoint=None, keep_images: int = 0):
@@ -648,8 +653,10 @@ def importances(study) -> dict:
         if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < 4:
             return {}
         target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(
-            study, target=target).items()}
+        with warnings.catch_warnings():  # "few trials in a regime": the plot says as much
+            warnings.simplefilter("ignore")
+            return {k: float(v) for k, v in optuna.importance.get_param_importances(
+                study, target=target).items()}
     except (RuntimeError, ValueError):
         return {}
 

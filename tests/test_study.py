@@ -186,3 +186,58 @@ def test_dashboard_lists_trials_and_baselines_with_fid_over_rest(finished):
     time.sleep(1)
     with pytest.raises(OSError):
         urllib.request.urlopen(base + "/health", timeout=2)
+
+
+def test_fid_and_nfe_objectives_give_a_pareto_front(tmp_path):
+    cfg = StudyConfig.from_dict({**SMALL, "objectives": ["fid", "nfe"], "trials": 8, "baselines": ["karras"]})
+    summary = run_study(cfg, RunOptions(out=tmp_path, progress=False, export_user_preset=False),
+                        echo=lambda *_: None)
+    front = summary["pareto_front"]
+    assert front and all(1 <= p["params"]["nfe"] <= 5 for p in front)
+    study = optuna.load_study(study_name="gmm-5nfe", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert t.values[1] == t.params["nfe"] == t.user_attrs["candidate"]["nfe"]
+    # nobody on the front is beaten on both objectives by another complete trial
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    for p in front:
+        assert not any(t.values[0] < p["values"][0] and t.values[1] < p["values"][1] for t in done)
+
+
+def test_a_study_on_a_text_to_image_pipeline_with_a_clip_objective(tmp_path, monkeypatch):
+    """The real-model path offline: a tiny SD pipeline from disk, text prompts, reference stats
+    from an image folder through the Inception extractor (a stand-in file in clean-fid's format),
+    FreeU in the space, and CLIP score as a second objective."""
+    from test_metrics import _Base, _tiny_clip, _write_folder
+    from tiny import save_pipeline, tiny_sd_pipeline
+
+    from schedsearch.cli import main
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_Base()).save(str(weights))
+    real = _write_folder(tmp_path / "real", 12, 0, 0.0, sizes=((64, 64),))
+    ref = tmp_path / "ref.safetensors"
+    assert main(["refstats", "--images", real, "--out", str(ref), "--device", "cpu",
+                 "--inception", str(weights)]) == 0
+    _tiny_clip(str(tmp_path / "clip"))
+    model_dir = save_pipeline(tiny_sd_pipeline(), tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na cat on a mat\na bowl of fruit\na lighthouse\n" * 4)
+    cfg = StudyConfig.from_dict(dict(
+        model=model_dir, budget=4, prompts=str(prompts), n_search=6, n_heldout=4, batch_size=6,
+        trials=4, ref_stats=str(ref), inception=str(weights), clip=str(tmp_path / "clip"),
+        objectives=["fid", "clip"], baselines=["karras", "paper"], guidance=5.5))
+    summary = run_study(cfg, RunOptions(out=tmp_path / "run", progress=False, export_user_preset=False),
+                        echo=lambda *_: None)
+    assert summary["pareto_front"] and {r["key"] for r in summary["rows"]} == {"best", "karras", "paper"}
+    study = optuna.load_study(study_name="sd-4nfe", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert study.directions[1] == optuna.study.StudyDirection.MAXIMIZE
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert done and all(0 <= t.values[1] <= 100 for t in done)
+    assert any("t_aug" in t.params for t in study.get_trials())  # FreeU is searched on a UNet model
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sd-4nfe").experiment_id])
+    assert any("clip" in r.data.metrics for r in runs if r.data.tags["schedsearch.role"] != "study")
