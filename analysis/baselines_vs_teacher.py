@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from schedsearch import gits, models, oss, prompts, schedules  # noqa: E402
-from schedsearch.cli.baselines import FAMILY_GUIDANCE, FAMILY_PROMPTS  # noqa: E402
+from schedsearch.models import default_guidance, default_prompts  # noqa: E402
 from schedsearch.teacher import TeacherGrid, error_vs_teacher, trajectories  # noqa: E402
 
 
@@ -43,10 +43,10 @@ def paired_ratio_ci(err: np.ndarray, ref: np.ndarray, draws: int, seed: int = 0)
 def run_testbed(name: str, args, log) -> dict:
     model = models.load(name, device=args.device)
     family = getattr(model, "family", name)
-    guidance = FAMILY_GUIDANCE[family]
+    guidance = default_guidance(family)
     table = model.table
     n_distil, n_held = args.sizes.get(name, (args.n_distill, args.n_heldout))
-    distil, held = prompts.split(FAMILY_PROMPTS[family], n_distil, n_held, seed=0)
+    distil, held = prompts.split(default_prompts(family), n_distil, n_held, seed=0)
     grid = TeacherGrid(steps=args.teacher_steps)
     kw = dict(guidance=guidance, grid=grid, cache=args.cache_dir, batch_size=args.batch_size)
     t0 = time.time()

@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from schedsearch import __version__, prompts, schedules  # noqa: E402
 from schedsearch.metrics.features import build as build_extractor  # noqa: E402
 from schedsearch.metrics.refstats import default_refstats  # noqa: E402
-from schedsearch.metrics.score import Scorer, default_guidance, default_prompts  # noqa: E402
+from schedsearch.metrics.score import Scorer  # noqa: E402
+from schedsearch.models import default_guidance, default_prompts  # noqa: E402
 from schedsearch.models import load  # noqa: E402
 from schedsearch.sampler import sample  # noqa: E402
 

@@ -1,20 +1,27 @@
 """Figures people would rather look at than read: schedule curves, FID vs trial, parameter
-importance, and a scatter for vector-valued testbeds. Each returns a matplotlib Figure."""
+importance, and a scatter for vector-valued testbeds. Each returns a matplotlib Figure.
+
+Figures are built with matplotlib's object API, not pyplot: no GUI backend is involved (headless
+machines, worker threads), nothing accumulates in pyplot's figure registry over a long study, and
+notebooks still display them inline.
+"""
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: figures go to files and MLflow, never to a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _axes(figsize):
+    fig = Figure(figsize=figsize)
+    return fig, fig.add_subplot()
 
 
 def schedules(curves: Mapping[str, Sequence[float]], title: str = "schedules", highlight: str | None = None):
     """σ against step for several schedules (log scale; a final σ = 0 is drawn at the axis floor)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _axes((6.4, 4.2))
     positive = [s for c in curves.values() for s in c if s > 0]
     floor = min(positive) / 3 if positive else 1e-2
     for name, sig in curves.items():
@@ -35,7 +42,7 @@ def schedules(curves: Mapping[str, Sequence[float]], title: str = "schedules", h
 def fid_vs_trial(trials: Sequence[tuple[int, float]], baselines: Mapping[str, float] | None = None,
                  title: str = "FID proxy by trial"):
     """Each finished trial's FID, the best so far, and baselines as horizontal lines."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _axes((6.4, 4.2))
     if trials:
         num, val = zip(*sorted(trials))
         ax.scatter(num, val, s=14, color="tab:blue", alpha=0.7, label="trial")
@@ -53,7 +60,7 @@ def fid_vs_trial(trials: Sequence[tuple[int, float]], baselines: Mapping[str, fl
 
 
 def importance(values: Mapping[str, float], title: str = "parameter importance (fANOVA)"):
-    fig, ax = plt.subplots(figsize=(5.6, 0.35 * max(3, len(values)) + 1.2))
+    fig, ax = _axes((5.6, 0.35 * max(3, len(values)) + 1.2))
     names = list(values)[::-1]
     ax.barh(names, [values[n] for n in names], color="tab:green")
     ax.set_xlabel("importance")
@@ -63,7 +70,7 @@ def importance(values: Mapping[str, float], title: str = "parameter importance (
 
 
 def scatter(vectors: np.ndarray, title: str = "samples (first two dimensions)"):
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig, ax = _axes((4.2, 4.2))
     v = np.asarray(vectors)
     ax.scatter(v[:, 0], v[:, 1], s=6, alpha=0.6)
     ax.set_title(title)

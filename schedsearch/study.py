@@ -21,7 +21,6 @@ from . import __version__, presets, search, solvers
 from .freeu import FreeUPlan
 from .search import Candidate, Space
 
-FAMILY_PROMPTS = {"digits": "classes:10", "gmm": "classes:4"}
 ALL_BASELINES = ("karras", "karras20", "paper", "ays", "gits", "oss")
 
 
@@ -153,7 +152,6 @@ class Context:
     def __init__(self, config: StudyConfig, echo: Callable[[str], None] = print):
         from . import models, prompts as prompt_sets
         from .metrics import scoring_setup
-        from .metrics.score import default_guidance
 
         self.config = config
         kwargs = {k: getattr(config, k) for k in ("height", "width") if getattr(config, k)}
@@ -161,11 +159,8 @@ class Context:
         self.model = models.load(config.model, device=config.device, dtype=config.dtype, **kwargs)
         self.family = getattr(self.model, "family", "any")
         self.guidance = (config.guidance if config.guidance is not None
-                         else default_guidance(self.model))
-        source = self.prompt_source = config.prompts or FAMILY_PROMPTS.get(self.family)
-        if source is None:
-            raise ValueError(f"model {config.model} needs prompts: pass --prompts FILE (a text file "
-                             f"with one prompt per line, a COCO captions JSON, or a CSV)")
+                         else models.default_guidance(self.model))
+        source = self.prompt_source = config.prompts or models.default_prompts(self.model)
         self.search_set, self.heldout_set = prompt_sets.split(
             source, config.n_search, config.n_heldout, config.prompt_seed,
             caption_column=config.caption_column)

@@ -140,10 +140,7 @@ class Tracker:
         self.client.log_text(run_id, text, path)
 
     def log_figure(self, run_id: str, fig, path: str) -> None:
-        import matplotlib.pyplot as plt
-
         self.client.log_figure(run_id, fig, path)
-        plt.close(fig)
 
     def log_image(self, run_id: str, image, path: str) -> None:
         with tempfile.TemporaryDirectory() as d:

@@ -8,8 +8,6 @@ import json
 import sys
 
 # The usual CFG scale and prompt source of the built-in testbeds (as the study defaults use them).
-FAMILY_GUIDANCE = {"digits": 2.0, "gmm": 3.0, "sd15": 5.5, "sd2": 5.5, "sdxl": 7.5}
-FAMILY_PROMPTS = {"digits": "classes:10", "gmm": "classes:4"}
 
 
 def _common(p) -> None:
@@ -148,9 +146,7 @@ def _setup(args):
     model = models.load(args.model, device=args.device, dtype=args.dtype)
     family = getattr(model, "family", "any")
     source = (f"classes:{args.classes}" if args.classes is not None
-              else args.prompts or FAMILY_PROMPTS.get(family))
-    if source is None:
-        raise ValueError(f"model {args.model} needs prompts: pass --prompts FILE")
+              else args.prompts or models.default_prompts(model))
     n = args.n if args.n is not None else (len(seeds) if seeds is not None else 64)
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"--seeds gives {len(seeds)} seeds for --n {n} pairs; give one per pair")
@@ -163,7 +159,7 @@ def _setup(args):
         main, rest = prompt_sets.load(source, n, args.seed), None
     pairs = (list(main.prompts), seeds if seeds is not None else list(main.seeds))
     held = (list(rest.prompts), list(rest.seeds)) if rest is not None else None
-    guidance = args.guidance if args.guidance is not None else FAMILY_GUIDANCE.get(family, 5.5)
+    guidance = args.guidance if args.guidance is not None else models.default_guidance(family)
     return model, main.source, pairs, held, guidance, grid
 
 

@@ -12,7 +12,6 @@ import time
 
 # Usual CFG scales per model family (the paper's 5.5 for SD1.x/2.x, 7.5 for SDXL); the testbeds are
 # sharp at low guidance.
-FAMILY_GUIDANCE = {"digits": 2.0, "gmm": 3.0, "sd15": 5.5, "sd2": 5.5, "sdxl": 7.5}
 DEFAULT_STEPS = 20
 DEFAULT_SEEDS = "0-3"
 SD_ONLY = ("height", "width", "vae", "model_config", "eval_batch")
@@ -259,8 +258,7 @@ def run(args) -> int:
     steps = len(sigmas) - 1
     plan = (FreeUPlan.from_start(steps, args.t_aug, setting, args.freeu_variant) if setting
             else FreeUPlan.off(steps))
-    guidance = args.guidance if args.guidance is not None else \
-        FAMILY_GUIDANCE.get(model.family, 5.5)
+    guidance = args.guidance if args.guidance is not None else models.default_guidance(model)
 
     prompts, seeds, columns, source = _jobs(args, model)
     os.makedirs(args.out, exist_ok=True)

@@ -98,7 +98,8 @@ def _checkpoints(text: str) -> tuple[int, ...]:
 def run(args) -> int:
     from .. import __version__, models, prompts, schedules, solvers
     from ..metrics import features
-    from ..metrics.score import Scorer, default_prompts, scoring_setup
+    from ..metrics.score import Scorer, scoring_setup
+    from ..models import default_prompts
     from .schedule import spec_from_args, table_from_args
 
     if args.n < 2:

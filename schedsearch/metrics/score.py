@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import schedules, solvers
+from ..models import default_guidance, default_prompts
 from ..sampler import sample
 from .fid import KernelDistance, frechet_distance, frechet_distance_lowrank, kid, statistics
 
@@ -51,14 +52,6 @@ class ScoreResult:
         if self.clip is not None:
             out["clip"] = self.clip
         return out
-
-
-# The usual CFG scale per model family (the same table as ``schedsearch run``).
-FAMILY_GUIDANCE = {"digits": 2.0, "gmm": 3.0, "sd15": 5.5, "sd2": 5.5, "sdxl": 7.5}
-
-
-def default_guidance(model) -> float:
-    return FAMILY_GUIDANCE.get(getattr(model, "family", None), 5.5)
 
 
 class Scorer:
@@ -214,17 +207,6 @@ class Scorer:
                 "kid": {"subsets": self.kid_subsets, "seed": self.kid_seed},
                 "clip": getattr(self.clip, "path", None),
                 "schedsearch_version": __version__}
-
-
-def default_prompts(model) -> str:
-    """``classes:K`` for the class-conditional testbeds; text models need a prompt file."""
-    k = getattr(model, "num_classes", None)
-    if k is None and getattr(model, "family", None) == "digits":
-        from ..models.digits import NUM_CLASSES as k
-    if k is None:
-        raise ValueError(f"{getattr(model, 'name', model)} needs prompts: pass --prompts FILE (a "
-                         "text file with one prompt per line, a CSV, or a COCO captions JSON)")
-    return f"classes:{k}"
 
 
 def scoring_setup(model, config) -> tuple:
