@@ -56,7 +56,7 @@ class Candidate:
     stop: float
     solver: str
     final_denoise: bool = False
-    t_aug: Optional[int] = None            # None or >= budget: FreeU off
+    t_aug: Optional[int] = None            # first step with FreeU on (None: off)
     freeu: Optional[FreeU] = None
     freeu_variant: str = "diffusers"
     guidance: float = 5.5
@@ -81,7 +81,7 @@ class Candidate:
     def from_params(cls, params: dict, budget: int, guidance: float) -> "Candidate":
         """From Optuna trial params (the inverse of ``Space.suggest``)."""
         freeu = (FreeU(*(params[k] for k in FREEU_KEYS))
-                 if all(k in params for k in FREEU_KEYS) else None)
+                 if params.get("freeu") and all(k in params for k in FREEU_KEYS) else None)
         return cls(budget=int(params.get("nfe", budget)), p1=params["p1"], p2=params["p2"],
                    stop=params["stop"], solver=params["solver"],
                    final_denoise=bool(params.get("final_denoise", False)),
@@ -134,11 +134,13 @@ class Space:
         stop = trial.suggest_float("stop", *_range(r, "stop"))
         solver = trial.suggest_categorical("solver", [solvers.canonical(s) for s in r["solver"]])
         t_aug, freeu, variant = None, None, "diffusers"
-        if freeu_ok and r["freeu"]:
-            t_aug = trial.suggest_int("t_aug", 0, budget)
-            if t_aug < budget:
-                freeu = FreeU(*(trial.suggest_float(k, *_range(r, k)) for k in FREEU_KEYS))
-                variant = trial.suggest_categorical("freeu_variant", list(r["freeu_variant"]))
+        # An explicit on/off switch rather than "t_aug = budget means off": FreeU is then off in
+        # half the random start-up trials instead of 1/(budget+1), and TPE learns the switch
+        # directly — FreeU values tuned for one UNet can ruin another.
+        if freeu_ok and r["freeu"] and trial.suggest_categorical("freeu", [False, True]):
+            t_aug = trial.suggest_int("t_aug", 0, budget - 1)
+            freeu = FreeU(*(trial.suggest_float(k, *_range(r, k)) for k in FREEU_KEYS))
+            variant = trial.suggest_categorical("freeu_variant", list(r["freeu_variant"]))
         if r["guidance"] is not None:
             guidance = trial.suggest_float("guidance", *_range(r, "guidance"))
         return Candidate(budget, p1, p2, stop, solver, final, t_aug, freeu, variant, guidance)
@@ -168,11 +170,25 @@ def preset_params(name: str, budget: int, freeu_ok: bool, space: Space) -> dict:
     if freeu_ok and space.ranges["freeu"]:
         plan = preset.freeu
         on = [i for i, st in enumerate(plan.steps) if st is not None] if plan else []
-        params["t_aug"] = min(on[0], budget) if on else budget
-        if on and params["t_aug"] < budget:
+        params["freeu"] = bool(on) and on[0] < budget
+        if params["freeu"]:
+            params["t_aug"] = on[0]
             params.update(plan.steps[on[0]].as_dict())
             params["freeu_variant"] = plan.variant
     return _clamp_to_space(params, space)
+
+
+def seed_trials(family: str, budget: int, freeu_ok: bool, space: Space) -> list[dict]:
+    """The trials a study starts from: the paper's preset nearest the budget as published, and its
+    schedule alone (DPM++2M, no FreeU) — two informed points before TPE's random start-up."""
+    name = nearest_paper_preset(family, budget)
+    first = preset_params(name, budget, freeu_ok, space)
+    plain = {**{k: v for k, v in first.items() if k not in (*FREEU_KEYS, "t_aug", "freeu_variant")},
+             "solver": "dpmpp_2m"}
+    if "freeu" in plain:
+        plain["freeu"] = False
+    seeds = [first] + ([plain] if plain != first else [])
+    return [s for s in seeds if s["solver"] in [solvers.canonical(x) for x in space.ranges["solver"]]]
 
 
 def _clamp_to_space(params: dict, space: Space) -> dict:

@@ -38,7 +38,7 @@ class StudyConfig:
     n_heldout: int = 200
     checkpoints: Optional[list] = None      # growing subset sizes for pruning; None: n/4, n/2, n
     batch_size: int = 200
-    trials: int = 24
+    trials: int = 32
     sampler: str = "tpe"
     seed: int = 0
     pruner: str = "median"
@@ -324,7 +324,8 @@ def baseline_groups(keys) -> list[list[str]]:
 
 
 def ensure_slots(studies: Studies, ctx: "Context", created: bool) -> None:
-    """The creator enqueues all trial slots, the first holding the paper's preset; a re-run that
+    """The creator enqueues all trial slots, the first two holding the paper's preset and its
+    schedule alone (see ``search.seed_trials``); a re-run that
     asks for more trials adds the difference (extend a study from one worker at a time). Baseline
     slots are added for every requested baseline that has none yet."""
     config, study = ctx.config, studies.trials
@@ -340,12 +341,13 @@ def ensure_slots(studies: Studies, ctx: "Context", created: bool) -> None:
                                  f"not created by schedsearch run")
             created = True  # the creator died before enqueuing: take over
     if created:
-        first = {}
+        seeds = []
         if "nfe" not in config.objectives:
-            first = search.preset_params(search.nearest_paper_preset(ctx.family, config.budget),
-                                         config.budget, ctx.freeu_ok, Space(dict(config.space)))
-        study.enqueue_trial(first, user_attrs={"seeded_from": "paper preset"} if first else None)
-        for _ in range(config.trials - 1):
+            seeds = search.seed_trials(ctx.family, config.budget, ctx.freeu_ok,
+                                       Space(dict(config.space)))[:config.trials]
+        for why, params in zip(("paper preset", "paper schedule, DPM++2M, no FreeU"), seeds):
+            study.enqueue_trial(params, user_attrs={"seeded_from": why})
+        for _ in range(config.trials - len(seeds)):
             study.enqueue_trial({})
         study.set_user_attr("slots", config.trials)
     have = {tuple(t.user_attrs.get("baselines", ())) for t in studies.baselines.get_trials(deepcopy=False)}

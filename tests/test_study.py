@@ -235,7 +235,7 @@ def test_a_study_on_a_text_to_image_pipeline_with_a_clip_objective(tmp_path, mon
     assert study.directions[1] == optuna.study.StudyDirection.MAXIMIZE
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert done and all(0 <= t.values[1] <= 100 for t in done)
-    assert any("t_aug" in t.params for t in study.get_trials())  # FreeU is searched on a UNet model
+    assert all("freeu" in t.params for t in study.get_trials() if t.params)  # FreeU is searched on a UNet model
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")

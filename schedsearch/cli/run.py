@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--prompts", help="prompt source: a text file, COCO captions JSON, CSV, or classes:K")
     p.add_argument("--n-search", type=int, help="images per candidate (the search subset)")
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
-    p.add_argument("--trials", type=int, help="number of trials in the study (default 24)")
+    p.add_argument("--trials", type=int, help="number of trials in the study (default 32)")
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
     p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, help="sampler seed (default 0)")
