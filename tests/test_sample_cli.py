@@ -169,3 +169,22 @@ def test_defaults_sample_the_ten_digit_classes(tmp_path):
     assert len([f for f in os.listdir(out) if f.endswith(".png")]) == 41
     # 8×8 digits are upscaled ×16 in the grid so they can be read
     assert Image.open(os.path.join(out, "grid.png")).size == ((4 * 9 + 1) * 16, (10 * 9 + 1) * 16)
+
+
+def test_a_preset_sets_schedule_solver_freeu_and_guidance(sd_dir, tmp_path):
+    import schedsearch
+    from schedsearch import presets
+
+    out = tmp_path / "p"
+    assert main(["sample", "--model", sd_dir, "--preset", "sd15-5", "--prompt", "a red cube",
+                 "--seeds", "3,4", "--out", str(out), "--no-progress"]) == 0
+    rec = read(out)
+    preset = presets.load("sd15-5")
+    assert rec["solver"] == "dpmpp_1s" and rec["nfe"] == 5 and rec["guidance"] == 5.5
+    assert rec["freeu"] == preset.freeu.to_json() and rec["preset"]["name"] == "sd15-5"
+    assert rec["schedule"]["sigmas"] == preset.sigmas.tolist()
+    ref = schedsearch.generate(sd_dir, preset, ["a red cube"] * 2, [3, 4])
+    for i, img in enumerate(ref):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / rec["images"][i]["file"])),
+                                      np.asarray(img))
+    assert main(["sample", "--preset", "sd15-5", "--schedule", "karras", "--out", str(tmp_path / "x")]) == 2

@@ -49,10 +49,13 @@ def register(sub) -> None:
     for action in p._actions:
         if action.dest == "family":
             action.help = "model family, picks the AYS table (default: the model's own)"
-    p.add_argument("--solver", default="dpmpp_2m",
+    p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                   help="a preset (schedsearch presets list, or a .json file): its σ list, solver, "
+                        "FreeU plan and guidance; --guidance still overrides the guidance")
+    p.add_argument("--solver", default=None,
                    help="dpmpp_2m (default), dpmpp_1s, euler or heun (DPM++2M / DPM++1S accepted)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale (default per family: digits 2, gmm 3, SD1.x/2.x 5.5, SDXL 7.5)")
+                   help="CFG scale (default per family: digits 4, gmm 3, SD1.x/2.x 5.5, SDXL 7.5)")
     p.add_argument("--freeu", default=None, metavar="B1,B2,S1,S2",
                    help="FreeU values, e.g. 1.1,1.1,0.9,0.2, or a named default: "
                         "sd14, sd15, sd21, sdxl, paper (default: off)")
@@ -231,7 +234,16 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    solver = solvers.canonical(args.solver)
+    preset = None
+    if args.preset:
+        from ..presets import load as load_preset
+
+        clash = [f for f, v in (("--schedule", args.schedule), ("--solver", args.solver),
+                                ("--freeu", args.freeu)) if v]
+        if clash:
+            raise UserError(f"--preset sets the schedule, solver and FreeU plan; drop {', '.join(clash)}")
+        preset = load_preset(args.preset)
+    solver = solvers.canonical(preset.solver if preset else (args.solver or "dpmpp_2m"))
     setting = parse_freeu(args.freeu) if args.freeu else None
     if args.t_aug < 0:
         raise UserError(f"--t-aug must be >= 0, got {args.t_aug}")
@@ -245,20 +257,32 @@ def run(args) -> int:
     model = models.load(args.model, device=args.device, dtype=args.dtype, **kwargs)
     t_loaded = time.perf_counter()
 
-    name = args.schedule or "karras"
-    if name not in schedules.NAMES:
-        raise UserError(f"unknown schedule {name!r}; choose from {', '.join(schedules.NAMES)}")
-    if args.schedule is None and args.steps is None:
-        args.steps = DEFAULT_STEPS
-    if args.family is None:
-        args.family = "sdxl" if model.family == "sdxl" else "sd15"
-    spec = spec_from_args(args, name)
-    table = table_from_args(args) or model.table
-    sigmas = schedules.build(spec, table)
-    steps = len(sigmas) - 1
-    plan = (FreeUPlan.from_start(steps, args.t_aug, setting, args.freeu_variant) if setting
-            else FreeUPlan.off(steps))
-    guidance = args.guidance if args.guidance is not None else models.default_guidance(model)
+    if preset is not None:
+        spec = preset.schedule or {"name": "explicit", "sigmas": preset.sigmas.tolist()}
+        sigmas, table, steps = preset.sigmas, model.table, len(preset.sigmas) - 1
+        name = f"preset {preset.name}"
+        plan = preset.freeu if preset.freeu is not None else FreeUPlan.off(steps)
+        if plan.active and getattr(model, "unet", None) is None:
+            print(f"note: {model.name} has no UNet; the preset's FreeU plan is skipped",
+                  file=sys.stderr)
+            plan = FreeUPlan.off(steps)
+        default_g = preset.guidance if preset.guidance is not None else models.default_guidance(model)
+    else:
+        name = args.schedule or "karras"
+        if name not in schedules.NAMES:
+            raise UserError(f"unknown schedule {name!r}; choose from {', '.join(schedules.NAMES)}")
+        if args.schedule is None and args.steps is None:
+            args.steps = DEFAULT_STEPS
+        if args.family is None:
+            args.family = "sdxl" if model.family == "sdxl" else "sd15"
+        spec = spec_from_args(args, name)
+        table = table_from_args(args) or model.table
+        sigmas = schedules.build(spec, table)
+        steps = len(sigmas) - 1
+        plan = (FreeUPlan.from_start(steps, args.t_aug, setting, args.freeu_variant) if setting
+                else FreeUPlan.off(steps))
+        default_g = models.default_guidance(model)
+    guidance = args.guidance if args.guidance is not None else default_g
 
     prompts, seeds, columns, source = _jobs(args, model)
     os.makedirs(args.out, exist_ok=True)
@@ -303,6 +327,7 @@ def run(args) -> int:
         "schedule": {"spec": spec, "sigmas": [float(s) for s in sigmas],
                      "timesteps": [float(t) for t in schedules.timesteps(sigmas, table)],
                      "steps": steps, "ends_at_zero": float(sigmas[-1]) == 0.0},
+        "preset": preset.to_json() if preset is not None else None,
         "solver": solver,
         "guidance": guidance,
         "freeu": plan.to_json(),
