@@ -241,3 +241,29 @@ def test_a_study_on_a_text_to_image_pipeline_with_a_clip_objective(tmp_path, mon
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sd-4nfe").experiment_id])
     assert any("clip" in r.data.metrics for r in runs if r.data.tags["schedsearch.role"] != "study")
+
+
+def test_a_diverging_candidate_fails_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+    """FreeU backbone scales of 1e30 overflow the digits UNet (a real divergence, no mock): the
+    paper-preset seed trial (FreeU on, clamped into this space) fails, the FreeU-off seed trial
+    completes, and the study still compares and exports."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = StudyConfig.from_dict(dict(model="digits", budget=3, trials=3, n_search=16, n_heldout=16,
+                                     batch_size=16, baselines=["karras"], checkpoints=[8],
+                                     space={"b1": [1e30, 1e31], "b2": [1e30, 1e31]}))
+    summary = run_study(cfg, RunOptions(out=tmp_path / "run", progress=False, export_user_preset=False),
+                        echo=lambda *_: None)
+    study = optuna.load_study(study_name="digits-3nfe", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    trials = study.get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].params["freeu"] is True
+    reason = trials[0].user_attrs["fail_reason"]
+    assert "non-finite" in reason and "step" in reason and "sigma" in reason
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].params["freeu"] is False
+    assert len(trials) == 3 and summary["rows"][0]["key"] == "best"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits-3nfe").experiment_id],
+                              "tags.`schedsearch.trial` = '0'")
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["schedsearch.state"] == "FAIL"
+    assert runs[0].data.tags["schedsearch.reason"] == reason
