@@ -12,7 +12,6 @@ from tiny import save_pipeline, tiny_sd_pipeline
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    torch.set_num_threads(1)
     pipe = tiny_sd_pipeline(seed=3)
     folder = save_pipeline(pipe, tmp_path_factory.mktemp("sd"))
     return pipe, folder

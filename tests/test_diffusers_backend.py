@@ -24,15 +24,6 @@ from tiny import (save_pipeline, save_single_file, tiny_sd_pipeline, tiny_sdxl_p
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on shared cores OpenMP spinning makes a 10 ms
-    # UNet call take seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def sd_pipe():

@@ -16,16 +16,6 @@ from schedsearch.metrics.score import STAGES, Scorer, ScoreError
 from schedsearch.models import load
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run hundreds of small model calls. On a shared two-core machine, two torch
-    threads made each digits UNet call ~12x slower than one (OpenMP threads spin while the other
-    core is busy), so this module pins one thread and restores the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def gmm():

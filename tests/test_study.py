@@ -212,7 +212,6 @@ def test_a_study_on_a_text_to_image_pipeline_with_a_clip_objective(tmp_path, mon
 
     from schedsearch.cli import main
 
-    torch.set_num_threads(1)
     monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "inception-2015-12-05.pt"
     torch.jit.script(_Base()).save(str(weights))

@@ -64,7 +64,7 @@ def register(sub) -> None:
 
     o = sub.add_parser(
         "oss", help="OSS: optimal stepsizes by dynamic programming against a teacher",
-        description="Optimal Stepsize Search (SPEC §5.1): per sample, a DP over the teacher grid "
+        description="Optimal Stepsize Search (Pei, Hu, Gu: \"Optimal Stepsize for Diffusion Sampling\"): per sample, a DP over the teacher grid "
                     "on the student's own states; one schedule per model by the per-position "
                     "median.",
         epilog="Example:  schedsearch oss --budget 5 --model gmm")
@@ -78,7 +78,7 @@ def register(sub) -> None:
 
     g = sub.add_parser(
         "gits", help="GITS: K-step shortest path on the teacher's one-jump cost matrix",
-        description="Geometry-inspired time scheduling (SPEC §5.2): no model calls beyond the "
+        description="Geometry-inspired time scheduling (Chen et al., ICML 2024): no model calls beyond the "
                     "teacher.",
         epilog="Example:  schedsearch gits --budget 5 --coeff 1.2 --model gmm")
     _common(g)
