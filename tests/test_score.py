@@ -290,3 +290,13 @@ def test_refstats_and_score_on_a_tiny_stable_diffusion_with_an_inception_file(tm
     # FreeU changes the images, hence the score
     assert main(argv[:7] + argv[9:]) == 0
     assert json.loads(capsys.readouterr().out)["fid"] != got["fid"]
+
+
+def test_score_a_preset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path))
+    assert main(["score", "--model", "gmm", "--preset", "sd15-8", "--n", "32", "--checkpoints", ""]) == 0
+    got = json.loads(capsys.readouterr().out)
+    from schedsearch import presets
+    p = presets.load("sd15-8")
+    assert got["nfe"] == 8 and got["provenance"]["solver"] == "dpmpp_2m"
+    assert got["provenance"]["sigmas"] == p.sigmas.tolist() and got["provenance"]["guidance"] == 5.5

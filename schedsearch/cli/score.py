@@ -35,6 +35,9 @@ def register(sub) -> None:
                         f"(default {DEFAULT_SCHEDULE})")
     add_schedule_args(p, steps_help=f"number of steps (default {DEFAULT_STEPS} for families "
                                     "that need it)")
+    p.add_argument("--preset", metavar="NAME|FILE",
+                   help="score a preset (its σ list, solver, FreeU plan and guidance) instead of "
+                        "--schedule/--solver/--freeu")
     p.add_argument("--solver", default="dpmpp_2m",
                    help="dpmpp_2m (default), dpmpp_1s, euler, heun (or DPM++2M, DPM++1S, DDIM)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: per model family)")
@@ -111,11 +114,21 @@ def run(args) -> int:
     if (args.grid or args.save_images) and len(model.latent_shape) != 3:
         raise ValueError(f"{args.model} makes vectors, not images: --grid and --save-images need "
                          "an image model")
-    table = table_from_args(args) or model.table
-    spec = spec_from_args(args, args.schedule)
-    sigmas = schedules.build(spec, table)
-    solver = solvers.canonical(args.solver)
-    plan = _freeu_plan(args, len(sigmas) - 1)
+    if args.preset:
+        from ..presets import load as load_preset
+
+        preset = load_preset(args.preset)
+        spec = preset.schedule or {"name": "explicit", "sigmas": preset.sigmas.tolist()}
+        sigmas, solver = preset.sigmas, preset.solver
+        plan = preset.freeu if getattr(model, "unet", None) is not None else None
+        if args.guidance is None:
+            args.guidance = preset.guidance
+    else:
+        table = table_from_args(args) or model.table
+        spec = spec_from_args(args, args.schedule)
+        sigmas = schedules.build(spec, table)
+        solver = solvers.canonical(args.solver)
+        plan = _freeu_plan(args, len(sigmas) - 1)
     extractor, ref = scoring_setup(model, args)
     pset = prompts.load(args.prompts or default_prompts(model), args.n, args.prompt_seed,
                         caption_column=args.caption_column)
@@ -146,6 +159,7 @@ def run(args) -> int:
         "prompts": prov["prompts"], "extractor": prov["extractor"], "reference": prov["reference"],
         "checkpoints": prov["checkpoints"], "frechet": prov["frechet"], "kid": prov["kid"],
         "device": str(model.device), "schedsearch_version": __version__,
+        "preset": args.preset,
     }
     json.dump(out, sys.stdout, indent=2)
     print()
