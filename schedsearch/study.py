@@ -598,12 +598,23 @@ def finalize(studies: Studies, ctx: Context, tracker, parent, opts: RunOptions, 
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
                                    for t in study.best_trials]
 
+    # The recommendation: the searched winner, unless a baseline spending the same NFE scored
+    # better on the search subset. Chosen on the search subset, never on held-out, so the held-out
+    # column stays an honest check; the user never gets a preset that loses to a known schedule.
+    same_nfe = [r for r in rows if r["key"] == "best" or r["nfe"] == best_entry.nfe]
+    pick = min(same_nfe, key=lambda r: r["fid"])
+    pick["recommended"] = True
+    summary["recommended"] = pick["key"]
+    entry = best_entry if pick["key"] == "best" else _entry_from_json(baselines[pick["key"]])
+
     # the preset: written next to the study and, by name, to the user preset folder
-    scores = {"fid_search": best.values[0], "fid_heldout": heldout["best"]["fid"],
-              "kid_heldout": heldout["best"]["kid"]}
-    prov = {**ctx.provenance(), "study": name, "trial": best.number, "scores": scores,
-            "params": best.params}
-    preset = best_entry.preset(name, ctx.family, prov)
+    scores = {"fid_search": pick["fid"], "fid_heldout": pick["fid_heldout"],
+              "kid_heldout": pick["kid_heldout"]}
+    origin = ({"trial": best.number, "params": best.params} if pick["key"] == "best" else
+              {"baseline": pick["key"], "best_trial": best.number,
+               "note": "a baseline beat every searched schedule at this NFE on the search subset"})
+    prov = {**ctx.provenance(), "study": name, **origin, "scores": scores}
+    preset = entry.preset(name, ctx.family, prov)
     preset_path = preset.save(Path(opts.out) / f"{name}.preset.json")
     summary["preset"] = str(preset_path)
     if opts.export_user_preset:
@@ -623,6 +634,9 @@ def finalize(studies: Studies, ctx: Context, tracker, parent, opts: RunOptions, 
             tracker.tag(run.info.run_id, {ROLE: "trial", "schedsearch.best": "false"})
     if best_run:
         tracker.tag(best_run, {ROLE: "best", "schedsearch.best": "true"})
+    rec_run = best_run if pick["key"] == "best" else tracker.find_child(parent, "baseline", pick["name"])
+    if rec_run:
+        tracker.tag(rec_run, {"schedsearch.recommended": "true"})
     if opts.artifacts:
         trials = [(t.number, t.values[0]) for t in complete]
         tracker.log_figure(parent, plots.fid_vs_trial(
@@ -671,7 +685,7 @@ def comparison_markdown(rows: list[dict]) -> str:
         head += " held-out vs Karras@budget |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['name']} | {r['nfe']} | {r['solver']} | {r['fid']:.3f} | "
+        line = (f"| {'★ ' if r.get('recommended') else ''}{r['name']} | {r['nfe']} | {r['solver']} | {r['fid']:.3f} | "
                 f"{r['fid_heldout']:.3f} | {r['kid_heldout']:.4f} |")
         if ref:
             line += f" {r['fid_heldout'] / ref['fid_heldout']:.2f}× |"

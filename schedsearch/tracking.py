@@ -114,9 +114,15 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items)
 
     def log_series(self, run_id: str, key: str, values: dict) -> None:
-        """A metric over steps, e.g. FID at growing subset sizes."""
-        for step, v in sorted(values.items()):
-            self.log_metrics(run_id, {key: v}, step=int(step))
+        """A metric over steps, e.g. FID at growing subset sizes, in one call."""
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(key, float(v), ts, int(step)) for step, v in sorted(values.items())
+                 if v is not None and v == v]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
 
     def tag(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag

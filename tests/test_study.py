@@ -266,3 +266,23 @@ def test_a_diverging_candidate_fails_with_its_reason_and_the_study_goes_on(tmp_p
                               "tags.`schedsearch.trial` = '0'")
     assert runs[0].info.status == "FAILED" and runs[0].data.tags["schedsearch.state"] == "FAIL"
     assert runs[0].data.tags["schedsearch.reason"] == reason
+
+
+def test_the_recommendation_is_a_baseline_when_one_beats_every_trial(tmp_path):
+    """A space confined to a poor corner (tiny p2: steps bunched at high noise): Karras at the same
+    NFE wins on the search subset, so it is what the study recommends and exports."""
+    from schedsearch import schedules
+
+    cfg = StudyConfig.from_dict({**SMALL, "trials": 3, "baselines": ["karras", "karras20"],
+                                 "space": {"p2": [0.6, 0.61], "p1": [2.0, 2.1], "stop": [7.9, 8.0],
+                                           "final_denoise": [False]}})
+    summary = run_study(cfg, RunOptions(out=tmp_path, progress=False, export_user_preset=False),
+                        echo=lambda *_: None)
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert rows["karras"]["fid"] < rows["best"]["fid"]
+    assert summary["recommended"] == "karras" and rows["karras"].get("recommended")
+    preset = presets.read(summary["preset"])
+    assert preset.sigmas.tolist() == schedules.karras(5).tolist() and preset.solver == "dpmpp_2m"
+    assert preset.provenance["baseline"] == "karras" and "best_trial" in preset.provenance
+    assert "★ karras dpm++2m @5" in (tmp_path / "comparison.md").read_text()
+    assert "karras20" not in [r["key"] for r in summary["rows"] if r.get("recommended")]

@@ -50,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between trial heartbeats")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds without heartbeat before a trial counts as abandoned")
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="log metrics and params only: no per-run plots, grids or preset files "
+                        "(for very cheap models, where they cost more than sampling)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=run)
 
@@ -80,6 +83,7 @@ def run(args) -> int:
     out = Path(args.out or Path("schedsearch-runs") / name)
     opts = RunOptions(out=out, storage=args.storage, study_name=name, timeout=args.timeout,
                       heartbeat=args.heartbeat, grace=args.grace, progress=not args.no_progress,
+                      artifacts=not args.no_artifacts,
                       export_user_preset=not args.no_user_preset)
     summary = run_study(config, opts)
     if args.json:
@@ -89,7 +93,14 @@ def run(args) -> int:
         print()
         print(comparison_markdown(summary["rows"]))
         print()
-        print(f"winner: trial {summary['best_trial']}  {json.dumps(summary['best_params'])}")
+        print(f"best trial: {summary['best_trial']}  {json.dumps(summary['best_params'])}")
+        rec = next(r for r in summary["rows"] if r.get("recommended"))
+        if summary["recommended"] == "best":
+            print(f"★ recommended: the best trial (FID {rec['fid']:.3f}, held-out {rec['fid_heldout']:.3f})")
+        else:
+            print(f"★ recommended: {rec['name']} — a baseline beat every searched schedule at "
+                  f"{rec['nfe']} NFE on the search subset (FID {rec['fid']:.3f}, held-out "
+                  f"{rec['fid_heldout']:.3f})")
         print(f"preset: {summary['preset']}")
         if summary.get("user_preset"):
             print(f"        also saved as '{name}' (schedsearch presets show {name})")
