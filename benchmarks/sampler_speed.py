@@ -44,7 +44,7 @@ def build(device, dtype):
     text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=256, num_hidden_layers=1,
                                         num_attention_heads=4, vocab_size=1000, max_position_embeddings=77,
                                         projection_dim=768))
-    sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+    sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, steps_offset=1,
                                         beta_end=0.012, use_karras_sigmas=True, algorithm_type="dpmsolver++",
                                         solver_order=2, final_sigmas_type="zero")
     pipe = StableDiffusionPipeline(unet=unet, vae=tiny_vae(), text_encoder=text, tokenizer=tiny_tokenizer(),
