@@ -80,7 +80,7 @@ def run_budget(testbed: str, budget: int, args, work: Path) -> dict:
                         RunOptions(out=out, progress=False, export_user_preset=False),
                         echo=lambda m: print(f"  [{testbed} {budget}] {m}", flush=True))
     summary["wall_seconds"] = time.perf_counter() - t0
-    summary["study_cost"] = study_cost(out, f"{Path(cfg['model']).name}-{budget}nfe")
+    summary["study_cost"] = study_cost(out, summary["study"])
     return summary
 
 
@@ -149,7 +149,7 @@ def nfe_curve(testbed: str, args, budgets_summaries: dict) -> list[dict]:
     ctx = Context(cfg, echo=lambda m: None)
     t = ctx.model.table
     rows = []
-    for n in CURVE_NFE:
+    for n in args.curve_nfe:
         e = Entry(f"karras {n}", schedules.karras(n, t.sigma_min, t.sigma_max), "dpmpp_2m", None,
                   ctx.guidance)
         s, h = ctx.score(e), ctx.score(e, which="heldout")
@@ -159,6 +159,7 @@ def nfe_curve(testbed: str, args, budgets_summaries: dict) -> list[dict]:
 
 
 def plot_curve(testbed: str, curve: list[dict], summaries: dict, path: Path) -> None:
+    nfes = [r["nfe"] for r in curve]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,8 +180,8 @@ def plot_curve(testbed: str, curve: list[dict], summaries: dict, path: Path) -> 
                         label=None if r["key"] in seen else label)
                 seen.add(r["key"])
     ax.set_xscale("log")
-    ax.set_xticks(CURVE_NFE)
-    ax.set_xticklabels([str(n) for n in CURVE_NFE])
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(n) for n in nfes])
     ax.set_xlabel("model calls per image (NFE)")
     ax.set_ylabel("FID proxy, held-out prompts/seeds (lower is better)")
     ax.set_title(f"{testbed}: FID vs NFE")
@@ -199,9 +200,12 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---|---|---|---|")
         for budget, summ in sorted(data["budgets"].items(), key=lambda kv: int(kv[0])):
             for r in summ["rows"]:
-                lines.append(f"| {budget} | {r['name']} | {r['nfe']} | {r['fid']:.3f} | "
+                star = "★ " if r.get("recommended") else ""
+                lines.append(f"| {budget} | {star}{r['name']} | {r['nfe']} | {r['fid']:.3f} | "
                              f"{r['fid_heldout']:.3f} | {r['kid_heldout']:.4f} |")
         lines.append("")
+        lines.append("★ marks what `schedsearch run` recommends: the best of the found schedule and "
+                     "every baseline at the same NFE, by FID on the search subset (held-out is the check).\n")
         lines.append("| budget | found / Karras@20 (held-out) | found / Karras@budget (held-out) | "
                      "found / best baseline at budget (held-out) |")
         lines.append("|---|---|---|---|")
@@ -255,6 +259,8 @@ def main() -> int:
     ap.add_argument("--teacher-steps", type=int, default=100)
     ap.add_argument("--distill-samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--curve-nfe", nargs="+", type=int, default=list(CURVE_NFE),
+                    help="step counts of the Karras DPM++2M reference curve")
     ap.add_argument("--quick", action="store_true", help="8 trials, 64 images: a smoke run")
     ap.add_argument("--model", help="sd testbed: a checkpoint (hub id, folder, .safetensors)")
     ap.add_argument("--prompts"), ap.add_argument("--ref-stats"), ap.add_argument("--inception")
