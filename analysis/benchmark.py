@@ -164,6 +164,7 @@ def plot_curve(testbed: str, curve: list[dict], summaries: dict, path: Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
     ax.plot([r["nfe"] for r in curve], [r["fid_heldout"] for r in curve], "o-", color="0.3",
@@ -182,6 +183,7 @@ def plot_curve(testbed: str, curve: list[dict], summaries: dict, path: Path) -> 
     ax.set_xscale("log")
     ax.set_xticks(nfes)
     ax.set_xticklabels([str(n) for n in nfes])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("model calls per image (NFE)")
     ax.set_ylabel("FID proxy, held-out prompts/seeds (lower is better)")
     ax.set_title(f"{testbed}: FID vs NFE")
