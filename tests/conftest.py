@@ -17,3 +17,27 @@ torch.set_num_threads(1)
 def sd_table():
     from schedsearch.noise import SD
     return SD
+
+
+@pytest.fixture
+def offline_sd(tmp_path):
+    """The real-model path offline: a tiny SD pipeline saved to disk, a prompt file, and reference
+    statistics of an image folder through the Inception extractor (a stand-in network in clean-fid's
+    TorchScript format: the real weights cannot be downloaded here)."""
+    from types import SimpleNamespace
+
+    from test_metrics import _Base, _write_folder
+    from tiny import save_pipeline, tiny_sd_pipeline
+
+    from schedsearch.cli import main
+
+    weights = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(_Base()).save(str(weights))
+    real = _write_folder(tmp_path / "real", 12, 0, 0.0, sizes=((64, 64),))
+    ref = tmp_path / "ref.safetensors"
+    assert main(["refstats", "--images", real, "--out", str(ref), "--device", "cpu",
+                 "--inception", str(weights)]) == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na cat on a mat\na bowl of fruit\na lighthouse\n" * 4)
+    return SimpleNamespace(model=save_pipeline(tiny_sd_pipeline(), tmp_path / "sd"), prompts=prompts,
+                           ref=ref, inception=weights)

@@ -8,26 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme_block(tmp_path):
-    from test_metrics import _Base, _write_folder
-    from tiny import save_pipeline, tiny_sd_pipeline
-
-    from schedsearch.cli import main
-
-    weights = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.script(_Base()).save(str(weights))
-    real = _write_folder(tmp_path / "real", 12, 0, 0.0, sizes=((64, 64),))
-    ref = tmp_path / "ref.safetensors"
-    assert main(["refstats", "--images", real, "--out", str(ref), "--device", "cpu",
-                 "--inception", str(weights)]) == 0
-    model_dir = save_pipeline(tiny_sd_pipeline(), tmp_path / "sd")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red car\na cat on a mat\na bowl of fruit\na lighthouse\n" * 4)
+def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme_block(tmp_path, offline_sd):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:begin -->\nstale\n<!-- results:end -->\n\nafter\n")
     out = tmp_path / "results"
@@ -35,9 +19,9 @@ def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme
                SCHEDSEARCH_PRESETS=str(tmp_path / "presets"))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "analysis" / "benchmark.py"), "--testbeds", "sd", "--budgets", "3",
-         "--model", model_dir, "--prompts", str(prompts), "--ref-stats", str(ref),
-         "--inception", str(weights), "--guidance", "5.5", "--trials", "3", "--n-search", "4",
-         "--n-heldout", "4", "--batch-size", "4", "--teacher-steps", "8", "--distill-samples", "2",
+         "--model", offline_sd.model, "--prompts", str(offline_sd.prompts),
+         "--ref-stats", str(offline_sd.ref), "--inception", str(offline_sd.inception),
+         "--guidance", "5.5", "--trials", "3", "--n-search", "4", "--n-heldout", "4", "--batch-size", "4", "--teacher-steps", "8", "--distill-samples", "2",
          "--curve-nfe", "3", "6", "--out", str(out), "--readme", str(readme)],
         capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -203,29 +203,18 @@ def test_fid_and_nfe_objectives_give_a_pareto_front(tmp_path):
         assert not any(t.values[0] < p["values"][0] and t.values[1] < p["values"][1] for t in done)
 
 
-def test_a_study_on_a_text_to_image_pipeline_with_a_clip_objective(tmp_path, monkeypatch):
+def test_a_study_on_a_text_to_image_pipeline_with_a_clip_objective(tmp_path, monkeypatch, offline_sd):
     """The real-model path offline: a tiny SD pipeline from disk, text prompts, reference stats
     from an image folder through the Inception extractor (a stand-in file in clean-fid's format),
     FreeU in the space, and CLIP score as a second objective."""
-    from test_metrics import _Base, _tiny_clip, _write_folder
-    from tiny import save_pipeline, tiny_sd_pipeline
-
-    from schedsearch.cli import main
+    from test_metrics import _tiny_clip
 
     monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
-    weights = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.script(_Base()).save(str(weights))
-    real = _write_folder(tmp_path / "real", 12, 0, 0.0, sizes=((64, 64),))
-    ref = tmp_path / "ref.safetensors"
-    assert main(["refstats", "--images", real, "--out", str(ref), "--device", "cpu",
-                 "--inception", str(weights)]) == 0
     _tiny_clip(str(tmp_path / "clip"))
-    model_dir = save_pipeline(tiny_sd_pipeline(), tmp_path / "sd")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red car\na cat on a mat\na bowl of fruit\na lighthouse\n" * 4)
     cfg = StudyConfig.from_dict(dict(
-        model=model_dir, budget=4, prompts=str(prompts), n_search=6, n_heldout=4, batch_size=6,
-        trials=4, ref_stats=str(ref), inception=str(weights), clip=str(tmp_path / "clip"),
+        model=offline_sd.model, budget=4, prompts=str(offline_sd.prompts), n_search=6, n_heldout=4,
+        batch_size=6, trials=4, ref_stats=str(offline_sd.ref), inception=str(offline_sd.inception),
+        clip=str(tmp_path / "clip"),
         objectives=["fid", "clip"], baselines=["karras", "paper"], guidance=5.5))
     summary = run_study(cfg, RunOptions(out=tmp_path / "run", progress=False, export_user_preset=False),
                         echo=lambda *_: None)
