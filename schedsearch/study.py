@@ -256,6 +256,7 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     echo(f"  storage {_redact(storage_url)}; MLflow {tracker.uri}")
     deadline = None if not opts.timeout else time.time() + opts.timeout
     work(studies, ctx, tracker, parent, opts, deadline, echo)
+    recover(studies, tracker, parent)   # runs of workers that died while this one waited
     summary = finalize(studies, ctx, tracker, parent, opts, name, echo)
     summary["seconds"] = round(search.elapsed(t_start), 1)
     return summary
@@ -371,6 +372,15 @@ def recover(studies: Studies, tracker, parent: str) -> None:
         running += [t.user_attrs.get("mlflow_run_id") for t in
                     st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     tracker.close_orphans(parent, [r for r in running if r])
+    # A worker killed between claiming a trial and creating its MLflow run leaves no run to close:
+    # log one, so the dashboard shows every interrupted trial, as Optuna does.
+    logged = {r.data.tags.get("schedsearch.trial") for r in tracker.children(parent)}
+    for t in studies.trials.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if "fail_reason" not in t.user_attrs and str(t.number) not in logged:
+            run = tracker.child(parent, f"trial {t.number}", "trial", dict(t.params),
+                                {"schedsearch.trial": t.number})
+            tracker.end(run, "INTERRUPTED", "the worker stopped (killed, crashed or interrupted) "
+                        "before this trial had an MLflow run; the trial was marked failed")
 
 
 def work(studies: Studies, ctx: Context, tracker, parent, opts: RunOptions,

@@ -175,11 +175,13 @@ class Tracker:
         closed = 0
         for run in self.children(parent_id, status="RUNNING"):
             if run.info.run_id not in alive:
-                self.end(run.info.run_id, "INTERRUPTED",
-                         "the worker running this trial stopped before it finished (killed or "
-                         "crashed); the trial was marked failed and re-queued")
+                self.end(run.info.run_id, "INTERRUPTED", INTERRUPTED)
                 closed += 1
         return closed
+
+
+INTERRUPTED = ("the worker running this trial stopped before it finished (killed or crashed); the "
+               "trial was marked failed and re-queued")
 
 
 def _artifact_dir(path: str) -> Optional[str]:

@@ -275,3 +275,38 @@ def test_the_recommendation_is_a_baseline_when_one_beats_every_trial(tmp_path):
     assert preset.provenance["baseline"] == "karras" and "best_trial" in preset.provenance
     assert "★ karras dpm++2m @5" in (tmp_path / "comparison.md").read_text()
     assert "karras20" not in [r["key"] for r in summary["rows"] if r.get("recommended")]
+
+
+def test_a_trial_claimed_by_a_worker_that_died_before_logging_it_still_shows_in_mlflow(tmp_path):
+    """The window between claiming a slot and creating its MLflow run: a worker that dies there
+    leaves a RUNNING trial and no run. The next worker fails and re-queues the trial and logs it as
+    an interrupted (KILLED) run, so the dashboard and Optuna tell the same story."""
+    from mlflow.tracking import MlflowClient
+
+    from schedsearch import search
+    from schedsearch.study import Context, default_study_name, open_studies
+
+    cfg = StudyConfig.from_dict({**SMALL, "trials": 3, "baselines": ["karras"]})
+    url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
+    storage = search.make_storage(url, heartbeat=1, grace=2)
+    studies = open_studies(storage, name, Context(cfg, echo=lambda *_: None))
+    dead = search.claim(studies.trials, storage)    # ... and the worker dies here
+    assert dead is not None and dead.number == 0
+    time.sleep(2.5)                                  # its heartbeat goes stale (grace 2 s)
+
+    opts = RunOptions(out=tmp_path, storage=url, heartbeat=1, grace=2, progress=False,
+                      export_user_preset=False)
+    run_study(cfg, opts, echo=lambda *_: None)
+    study = optuna.load_study(study_name=name, storage=url)
+    by_number = {t.number: t for t in study.get_trials()}
+    assert by_number[0].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in by_number.values() if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in by_number.values()) == 3
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([exp], "tags.`schedsearch.trial` = '0'")
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["schedsearch.state"] == "INTERRUPTED"
+    assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
