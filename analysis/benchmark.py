@@ -105,8 +105,6 @@ def study_cost(out: Path, name: str) -> dict:
 
 def distill_cost(testbed: str, budget: int, args) -> dict:
     """Teacher, GITS and OSS measured on their own, with a timer around every model call."""
-    import torch
-
     from schedsearch import gits, models, oss, prompts, teacher
     from schedsearch.models import default_guidance
 
@@ -130,7 +128,6 @@ def distill_cost(testbed: str, budget: int, args) -> dict:
         out[name] = {"wall_seconds": wall, "model_seconds": model.seconds,
                      "image_model_calls": model.rows,
                      "share_outside_model": (1 - model.seconds / wall) if model.rows else None}
-    del torch
     return out
 
 

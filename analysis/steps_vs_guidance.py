@@ -50,7 +50,7 @@ def main() -> int:
 
     lo, hi = min(args.steps), max(args.steps)
     second = sorted(args.steps)[1] if len(args.steps) > 1 else lo
-    lines = [f"| guidance | " + " | ".join(f"{s} steps" for s in args.steps)
+    lines = ["| guidance | " + " | ".join(f"{s} steps" for s in args.steps)
              + f" | {second} − {hi} steps, same seeds |",
              "|---|" + "---|" * (len(args.steps) + 1)]
     for r in rows:

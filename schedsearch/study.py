@@ -10,7 +10,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -170,6 +170,7 @@ class Context:
         if config.clip:
             from .metrics.features import ClipScore
             self.clip = ClipScore(config.clip, device=self.model.device)
+        self.artifacts = True       # plots, sample grids and preset JSON per run (--no-artifacts)
         self._scorers: dict = {}
 
     def scorer(self, which: str, guidance: float):
@@ -473,7 +474,7 @@ def _log_result(tracker, run, entry: Entry, res, ctx: Context, preset_name: str 
     metrics.update({f"seconds_{k}": v for k, v in res.seconds.items()})
     tracker.log_metrics(run, metrics)
     tracker.log_series(run, "fid_partial", res.fid_at)
-    if not getattr(ctx, "artifacts", True):
+    if not ctx.artifacts:
         return
     tracker.log_figure(run, plots.schedules({entry.name: [float(s) for s in entry.sigmas]},
                                             title=f"{entry.name}: σ schedule"), "schedule.png")
@@ -721,16 +722,11 @@ def preset_from_study(storage_url: str, study_name: str, name: str, trial_number
         if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
             raise ValueError(f"trial {trial_number} of {study_name!r} did not complete")
         trial = matches[0]
-    d = trial.user_attrs["candidate"]
     cfg = study.user_attrs.get("config", {})
     heldout = study.user_attrs.get(f"heldout:trial{trial.number}")
     scores = {"fid_search": trial.values[0], **({"fid_heldout": heldout["fid"],
                                                  "kid_heldout": heldout["kid"]} if heldout else {})}
-    return presets.Preset(
-        name=name, family=_family_of(cfg.get("model", "any")) if cfg.get("model") else "any",
-        sigmas=d["sigmas"], solver=d["solver"],
-        freeu=FreeUPlan.from_json(d["freeu"]) if d.get("freeu") else None,
-        guidance=d["guidance"], schedule=d.get("schedule"),
-        provenance=presets.provenance(study=study_name, trial=trial.number, scores=scores,
-                                      params=trial.params, model=cfg.get("model"),
-                                      config=cfg))
+    return _entry_from_json(trial.user_attrs["candidate"]).preset(
+        name, _family_of(cfg["model"]) if cfg.get("model") else "any",
+        presets.provenance(study=study_name, trial=trial.number, scores=scores, params=trial.params,
+                           model=cfg.get("model"), config=cfg))

@@ -16,7 +16,6 @@ from schedsearch import schedules
 from schedsearch.models import load
 from schedsearch.models.diffusers_sd import load_stable_diffusion
 from schedsearch.models.unet import Conditioning
-from schedsearch.noise import SD
 from schedsearch.sampler import initial_noise, sample
 from tiny import (save_pipeline, save_single_file, tiny_sd_pipeline, tiny_sdxl_pipeline,
                   tiny_vae)

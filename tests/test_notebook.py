@@ -1,6 +1,5 @@
 """The walkthrough notebook runs top to bottom (small settings)."""
 
-import os
 from pathlib import Path
 
 import pytest

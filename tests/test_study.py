@@ -3,7 +3,6 @@ and presets, kill/resume, several workers on sqlite and PostgreSQL, the dashboar
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -83,5 +84,5 @@ def export(args) -> int:
     preset = preset_from_study(storage, args.study, args.name, args.trial)
     path = preset.save(Path(args.to) if args.to else user_dir() / f"{args.name}.json")
     print_preset(preset, args.format)
-    print(f"wrote {path}", file=__import__("sys").stderr)
+    print(f"wrote {path}", file=sys.stderr)
     return 0

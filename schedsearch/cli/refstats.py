@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
                "  schedsearch refstats --images coco-val-512/ --out coco-val-512.safetensors\n"
                "  schedsearch refstats --testbed digits\n"
                "  schedsearch refstats --testbed gmm --n 20000 --out gmm-ref.safetensors",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR",
                      help="a folder of real images (searched recursively)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def register(sub) -> None:
                "  schedsearch run --config studies/sd15-coco-5.yaml --model sd-legacy/stable-diffusion-v1-5 \\\n"
                "      --prompts captions_val2014.json --ref-stats coco-val-512.safetensors\n"
                "  schedsearch run --storage postgresql://u:p@host/db --study-name s1   # on N machines",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, help="model calls (NFE) per image (default 5)")
     p.add_argument("--config", metavar="YAML", help="a study config (see studies/); flags override it")
     p.add_argument("--model", help="digits (default), gmm, a hub id, a diffusers folder or a "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -26,7 +27,7 @@ def register(sub) -> None:
                "  schedsearch score --model gmm --schedule ays --steps 10 --n 512\n"
                "  schedsearch score --model sd-legacy/stable-diffusion-v1-5 --schedule sd15-8 \\\n"
                "      --prompts captions_val2014.json --n 1000 --ref-stats coco-val.safetensors",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits",
                    help="digits (default), gmm, a hub id, a diffusers folder or a .safetensors "
                         "file")
