@@ -18,7 +18,6 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Sequence
 
 SEED_STRIDE = 1_000_000
 
@@ -53,12 +52,12 @@ class PromptSet:
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip()]
 
 
 def _read_csv(path: str, column: str) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or column not in reader.fieldnames:
             raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames}); "
@@ -68,8 +67,13 @@ def _read_csv(path: str, column: str) -> list[str]:
 
 def _read_coco(path: str, seed: int) -> list[str]:
     """One caption per image (the lowest annotation id), images shuffled by id with ``seed``."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                             f"{exc.colno}); a .json prompt file must be a COCO captions "
+                             "annotation file") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{path}: not a COCO captions file (no 'annotations' list)")
     first: dict = {}
@@ -83,6 +87,42 @@ def _read_coco(path: str, seed: int) -> list[str]:
     ids = sorted(first)
     random.Random(seed).shuffle(ids)
     return [first[i][1] for i in ids]
+
+
+def _read_file(path: str, seed: int, caption_column: str) -> list:
+    """The prompts of a file, with every way of not being a prompt file said in one line."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder, not a prompt file; give a text file with one "
+                         "prompt per line, a CSV with a caption column, a COCO captions .json, "
+                         "or classes:K for a class-conditional testbed")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    low = path.lower()
+    try:
+        if low.endswith(".json"):
+            return _read_coco(path, seed)
+        if low.endswith(".csv"):
+            return _read_csv(path, caption_column)
+        return _read_lines(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text ({_first_bad_byte(path)}); save the prompt "
+                         "file as UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read prompt file {path!r}: {exc.strerror or exc}") from None
+
+
+def _first_bad_byte(path: str) -> str:
+    # The decoder's own offset is relative to the chunk it was reading, so find it in the file.
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte 0x{data[exc.start]:02x} on line {line}"
+    return "it changed while being read"
 
 
 def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: str = "caption"
@@ -100,15 +140,7 @@ def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: st
         count = k if n is None else n
         prompts = [i % k for i in range(count)]
     else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"prompt file {source!r} does not exist")
-        low = source.lower()
-        if low.endswith(".json"):
-            prompts = _read_coco(source, seed)
-        elif low.endswith(".csv"):
-            prompts = _read_csv(source, caption_column)
-        else:
-            prompts = _read_lines(source)
+        prompts = _read_file(source, seed, caption_column)
         if not prompts:
             raise ValueError(f"prompt file {source!r} holds no prompts; put one prompt per line")
         if n is not None:
@@ -125,9 +157,3 @@ def split(source: str, n_search: int, n_heldout: int, seed: int = 0, **kwargs
     """The search subset (the first n_search) and a held-out set (the next n_heldout)."""
     full = load(source, n_search + n_heldout, seed, **kwargs)
     return full.take(0, n_search), full.take(n_search, n_search + n_heldout)
-
-
-def from_list(prompts: Sequence, seeds: Sequence[int] | None = None, source: str = "list"
-              ) -> PromptSet:
-    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-    return PromptSet(tuple(prompts), tuple(int(s) for s in seeds), source)

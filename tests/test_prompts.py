@@ -138,3 +138,36 @@ def test_take_refuses_to_run_past_the_end(text_file):
     assert s.take(2, 5).prompts == s.prompts[2:5]
     with pytest.raises(ValueError, match="too few prompts"):
         s.take(5, 11)
+
+
+def test_a_folder_is_not_a_prompt_file(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder.*one prompt per line.*classes:K") as info:
+        prompts.load(str(tmp_path))
+    assert str(tmp_path) in str(info.value) and "does not exist" not in str(info.value)
+
+
+def test_broken_json_names_the_file_and_the_place(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text('{"annotations": [{"image_id": 1, "caption": "a cat"},\n ]}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"captions\.json.*not valid JSON.*line 2") as info:
+        prompts.load(str(path))
+    assert type(info.value) is ValueError   # not a bare JSONDecodeError
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p.csv", "p.json"])
+def test_a_file_that_is_not_utf8_names_the_file_and_the_encoding(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes("caption\nun café au lait\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{name}.*not UTF-8 text.*byte 0xe9") as info:
+        prompts.load(str(path))
+    assert type(info.value) is ValueError   # not a bare UnicodeDecodeError
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("a cat\na dog\n", encoding="utf-8-sig")
+    assert prompts.load(str(text)).prompts == ("a cat", "a dog")
+    table = tmp_path / "p.csv"
+    table.write_text("caption,id\na cat,1\n", encoding="utf-8-sig")
+    assert prompts.load(str(table)).prompts == ("a cat",)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from . import UserError
 
 
 def register(sub) -> None:
@@ -37,14 +42,47 @@ def run(args) -> int:
             raise FileNotFoundError(f"no mlflow.db in {out}; run `schedsearch run` first or pass "
                                     f"--tracking-uri")
         uri, artifacts = f"sqlite:///{db.resolve()}", out / "mlartifacts"
+    check_port(args.host, args.port)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}); Ctrl-C to stop", flush=True)
-    return serve(server_command(uri, artifacts, args.host, args.port), env)
+    print(f"starting the MLflow server (store {uri}) ...", flush=True)
+    return serve(server_command(uri, artifacts, args.host, args.port), env, args.host, args.port)
 
 
-def serve(cmd: list[str], env: dict) -> int:
+def check_port(host: str, port: int) -> None:
+    """Refuse a port the server cannot have: mlflow server does not fail when it cannot bind, it
+    exits 0 and the URL shows whatever else listens there."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port; pass --port N with N in 1..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host!r} does not resolve ({exc.strerror}); pass an address "
+                        "such as 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as s:
+        # The same option uvicorn sets, so a port that only lingers in TIME_WAIT is not refused.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise UserError(_bind_problem(host, port, exc)) from None
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another MLflow UI or another server?); "
+                f"pass --port N with a free port, or stop the program that holds {port}")
+    if exc.errno == errno.EACCES:
+        return f"port {port} needs privileges to listen on; pass --port N with N >= 1024"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this machine; pass --host 127.0.0.1"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host"
+
+
+def serve(cmd: list[str], env: dict, host: str, port: int) -> int:
     """Run the server in its own process group and take the whole group down with us: mlflow
-    server starts uvicorn and job workers that would otherwise outlive a terminated parent."""
+    server starts uvicorn and job workers that would otherwise outlive a terminated parent. The
+    URL is printed once the server answers, so a server that never came up shows no URL."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(*_):
@@ -58,12 +96,29 @@ def serve(cmd: list[str], env: dict) -> int:
 
     previous = signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
     try:
+        if not _wait_until_reachable(proc, host, port):
+            raise UserError(f"the MLflow server exited with status {proc.returncode} before it "
+                            f"served on {host}:{port}; its messages above say why")
+        print(f"MLflow UI on http://{host}:{port}  Ctrl-C to stop", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
     finally:
         stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_until_reachable(proc: subprocess.Popen, host: str, port: int) -> bool:
+    """True once something accepts connections on the port while the server runs; False when the
+    server exits first. Our own bind check just before makes "something" the server."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    while proc.poll() is None:
+        try:
+            socket.create_connection((target, port), timeout=1).close()
+            return proc.poll() is None
+        except OSError:
+            time.sleep(0.2)
+    return False
 
 
 def _newest_run() -> Path:

@@ -1,0 +1,184 @@
+"""Bad input is refused up front as one line that says what to do: damaged reference statistics,
+a busy port for the MLflow UI, and prompt sources that are not prompt files. Everything runs for
+real: safetensors files on disk, bound sockets, and the CLI in a subprocess."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from schedsearch.metrics.refstats import FORMAT, RefStats, default_refstats
+
+
+def _cli(*args, env=None, timeout=120):
+    """Run ``schedsearch ARGS`` in a subprocess; on a hang send SIGTERM (the ui command takes its
+    server's process group down with it) rather than leave a server behind."""
+    full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    full_env.pop("SCHEDSEARCH_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "schedsearch", *args], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"schedsearch {args[0]} still running after {timeout} s:\n{out}\n{err}")
+    return proc.returncode, out, err
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"schedsearch {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- reference statistics -------------------------------------------------------------------------
+def _write_refstats(path, mu, sigma, features=None, **meta):
+    from safetensors.numpy import save_file
+
+    n = features.shape[0] if features is not None else 100
+    info = {"format": FORMAT, "extractor": "identity", "resize": "none", "n": str(n),
+            "dim": str(mu.shape[0]), "source": "test", "created": "2024-01-01T00:00:00+00:00",
+            "schedsearch_version": "0", **meta}
+    tensors = {"mu": mu, "sigma": sigma}
+    if features is not None:
+        tensors["features"] = features
+    save_file(tensors, str(path), metadata=info)
+    return str(path)
+
+
+def _good_moments(dim=16, n=100, seed=0):
+    f = np.random.default_rng(seed).normal(size=(n, dim))
+    return f.mean(0), np.cov(f, rowvar=False), f.astype(np.float32)
+
+
+def test_refstats_with_nan_are_refused_naming_the_file(tmp_path):
+    mu, sigma, _ = _good_moments()
+    mu[3] = np.nan
+    path = _write_refstats(tmp_path / "nan-mu.safetensors", mu, sigma)
+    with pytest.raises(ValueError, match="nan-mu.safetensors.*schedsearch refstats --images"):
+        RefStats.load(path)
+    mu, sigma, _ = _good_moments()
+    sigma[2, 5] = sigma[5, 2] = np.inf
+    with pytest.raises(ValueError, match="sigma.*not finite"):
+        RefStats.load(_write_refstats(tmp_path / "inf-sigma.safetensors", mu, sigma))
+
+
+def test_refstats_with_an_asymmetric_sigma_or_bad_features_are_refused(tmp_path):
+    mu, sigma, feats = _good_moments()
+    skew = sigma.copy()
+    skew[0, 1] += 0.1 * np.abs(sigma).max()
+    with pytest.raises(ValueError, match="asym.safetensors.*not symmetric"):
+        RefStats.load(_write_refstats(tmp_path / "asym.safetensors", mu, skew))
+    # rounding-level asymmetry is what np.cov itself can produce: accepted
+    tiny = sigma.copy()
+    tiny[0, 1] *= 1 + 1e-13
+    assert RefStats.load(_write_refstats(tmp_path / "ok.safetensors", mu, tiny)).dim == 16
+    feats[7, 2] = np.nan
+    with pytest.raises(ValueError, match="features.*not finite"):
+        RefStats.load(_write_refstats(tmp_path / "nan-f.safetensors", mu, sigma, feats))
+    with pytest.raises(ValueError, match="bad-n.safetensors.*'n'"):
+        RefStats.load(_write_refstats(tmp_path / "bad-n.safetensors", mu, sigma, n="many"))
+
+
+def test_a_testbed_file_names_the_testbed_rebuild(tmp_path):
+    mu, sigma, _ = _good_moments()
+    sigma[:] = np.nan
+    path = _write_refstats(tmp_path / "t.safetensors", mu, sigma, model="gmm-d16-k12",
+                           model_fingerprint="gmm-d16-k12-0123")
+    with pytest.raises(ValueError, match="schedsearch refstats --testbed gmm --rebuild"):
+        RefStats.load(path)
+
+
+def test_score_with_nan_reference_statistics_exits_2_with_one_line(tmp_path):
+    mu, sigma, _ = _good_moments()
+    sigma[0, 0] = np.nan
+    bad = _write_refstats(tmp_path / "bad.safetensors", mu, sigma)
+    start = time.monotonic()
+    code, out, err = _cli("score", "--model", "gmm", "--device", "cpu", "--n", "16",
+                          "--checkpoints", "", "--kid-subsets", "0", "--ref-stats", bad)
+    assert code == 2, (out, err)
+    line = _one_error_line(err, "score")
+    assert bad in line and "schedsearch refstats" in line
+    assert out == "" and time.monotonic() - start < 60
+
+
+def test_a_damaged_cached_testbed_entry_is_rebuilt(tmp_path):
+    from safetensors.numpy import save_file
+
+    from schedsearch.models import load
+
+    model = load("gmm", device="cpu")
+    cache = str(tmp_path / "cache")
+    ref = default_refstats(model, n=200, cache=cache)
+    # the same file with NaN moments: right provenance, wrong numbers
+    mu = ref.mu.copy()
+    mu[0] = np.nan
+    save_file({"mu": mu, "sigma": ref.sigma, "features": ref.features.astype(np.float32)},
+              ref.path, metadata=ref.meta)
+    again = default_refstats(model, n=200, cache=cache)
+    assert again.path == ref.path
+    assert np.isfinite(again.mu).all() and np.array_equal(again.mu, ref.mu)
+    assert np.isfinite(RefStats.load(ref.path).mu).all()
+
+
+# -- schedsearch ui -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path_factory.mktemp("run")
+    MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").create_experiment("x")
+    return out
+
+
+def test_ui_on_a_busy_port_exits_2_without_starting_a_server(run_folder):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        code, out, err = _cli("ui", "--out", str(run_folder), "--port", str(port), timeout=90)
+        elapsed = time.monotonic() - start
+    assert code == 2, (out, err)
+    line = _one_error_line(err, "ui")
+    assert f"port {port}" in line and "--port" in line
+    assert "http://" not in out
+    assert elapsed < 30
+
+
+def test_ui_reports_a_server_that_dies_before_serving(capsys):
+    from schedsearch.cli import UserError, ui
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dying = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    with pytest.raises(UserError, match="exited with status 3 before it served"):
+        ui.serve(dying, dict(os.environ), "127.0.0.1", port)
+    assert "http://" not in capsys.readouterr().out
+
+
+def test_ui_refuses_a_port_out_of_range(run_folder):
+    code, out, err = _cli("ui", "--out", str(run_folder), "--port", "70000", timeout=60)
+    assert code == 2, (out, err)
+    assert "70000" in _one_error_line(err, "ui")
+
+
+# -- prompt files ---------------------------------------------------------------------------------
+def test_score_with_a_prompt_folder_exits_2_with_one_line(tmp_path):
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    code, out, err = _cli("score", "--model", "gmm", "--device", "cpu", "--n", "16",
+                          "--prompts", str(folder),
+                          env={"SCHEDSEARCH_CACHE": str(tmp_path / "cache")})
+    assert code == 2, (out, err)
+    line = _one_error_line(err, "score")
+    assert "is a folder" in line and "prompt file" in line and "does not exist" not in line
