@@ -42,11 +42,10 @@ def paired_ratio_ci(err: np.ndarray, ref: np.ndarray, draws: int, seed: int = 0)
 
 def run_testbed(name: str, args, log) -> dict:
     model = models.load(name, device=args.device)
-    family = getattr(model, "family", name)
-    guidance = default_guidance(family)
+    guidance = default_guidance(model.family)
     table = model.table
     n_distil, n_held = args.sizes.get(name, (args.n_distill, args.n_heldout))
-    distil, held = prompts.split(default_prompts(family), n_distil, n_held, seed=0)
+    distil, held = prompts.split(default_prompts(model), n_distil, n_held, seed=0)
     grid = TeacherGrid(steps=args.teacher_steps)
     kw = dict(guidance=guidance, grid=grid, cache=args.cache_dir, batch_size=args.batch_size)
     t0 = time.time()

@@ -63,7 +63,8 @@ def sizes(testbed: str, args) -> tuple[int, int]:
 
 
 def run_budget(testbed: str, budget: int, args, work: Path) -> dict:
-    from schedsearch.study import RunOptions, StudyConfig, run_study
+    from schedsearch.config import StudyConfig
+    from schedsearch.study import RunOptions, run_study
 
     n_search, n_heldout = sizes(testbed, args)
     cfg = dict(model=args.model if testbed == "sd" else testbed, budget=budget, trials=args.trials,
@@ -111,7 +112,7 @@ def distill_cost(testbed: str, budget: int, args) -> dict:
     model = TimedModel(models.load(args.model if testbed == "sd" else testbed))
     src = args.prompts if testbed == "sd" else ("classes:10" if testbed == "digits" else "classes:4")
     pset = prompts.load(src, args.distill_samples, 1)
-    g = default_guidance(model) if args.guidance is None or testbed != "sd" else args.guidance
+    g = default_guidance(model.family) if args.guidance is None or testbed != "sd" else args.guidance
     grid = teacher.TeacherGrid(steps=args.teacher_steps)
     out = {}
     t0 = time.perf_counter()
@@ -134,7 +135,9 @@ def distill_cost(testbed: str, budget: int, args) -> dict:
 def nfe_curve(testbed: str, args, budgets_summaries: dict) -> list[dict]:
     """Karras DPM++2M from 4 to 50 steps, scored on the same search and held-out sets."""
     from schedsearch import schedules
-    from schedsearch.study import Context, Entry, StudyConfig
+    from schedsearch.config import StudyConfig
+    from schedsearch.context import Context
+    from schedsearch.presets import Preset
 
     n_search, n_heldout = sizes(testbed, args)
     cfg = StudyConfig.from_dict(dict(model=args.model if testbed == "sd" else testbed,
@@ -147,8 +150,9 @@ def nfe_curve(testbed: str, args, budgets_summaries: dict) -> list[dict]:
     t = ctx.model.table
     rows = []
     for n in args.curve_nfe:
-        e = Entry(f"karras {n}", schedules.karras(n, t.sigma_min, t.sigma_max), "dpmpp_2m", None,
-                  ctx.guidance)
+        e = Preset(name=f"karras {n}", family=ctx.family,
+                   sigmas=schedules.karras(n, t.sigma_min, t.sigma_max), solver="dpmpp_2m",
+                   guidance=ctx.guidance)
         s, h = ctx.score(e), ctx.score(e, which="heldout")
         rows.append({"nfe": n, "fid": s.fid, "fid_heldout": h.fid})
         print(f"  [{testbed}] karras dpm++2m {n:>2} NFE: FID {s.fid:.3f} / held-out {h.fid:.3f}", flush=True)

@@ -77,7 +77,7 @@ def main() -> int:
     extractor = build_extractor(model=model, device="cpu")
     ref = default_refstats(model, extractor)
     pset = prompts.load(default_prompts(model), args.n, 0)
-    guidance = default_guidance(model)
+    guidance = default_guidance(model.family)
     checkpoints = (args.n // 4, args.n // 2)
     scorer = Scorer(model, extractor, ref, pset, guidance=guidance, batch_size=args.batch_size,
                     checkpoints=checkpoints)

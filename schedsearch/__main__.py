@@ -1,3 +1,5 @@
+"""``python -m schedsearch``: the command line."""
+
 import sys
 
 from .cli import main

@@ -13,19 +13,21 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
-from .presets import Preset, load as load_preset
-from .sampler import Samples, sample
+from PIL import Image
+
+from .models import Model, load
+from .models.diffusers_sd import SUPPORTED, from_pipeline
+from .presets import Preset, fit, load as load_preset
+from .sampler import Samples, sample, to_uint8
 
 
-def as_model(model_or_pipe, **kwargs):
+def as_model(model_or_pipe, **kwargs) -> Model:
     """A schedsearch model from a spec string, a diffusers pipeline, or a model (unchanged)."""
     if isinstance(model_or_pipe, str):
-        from .models import load
         return load(model_or_pipe, **kwargs)
-    if hasattr(model_or_pipe, "denoise") and hasattr(model_or_pipe, "condition"):
+    if isinstance(model_or_pipe, Model):
         return model_or_pipe
-    if hasattr(model_or_pipe, "unet") and hasattr(model_or_pipe, "vae"):
-        from .models.diffusers_sd import from_pipeline
+    if type(model_or_pipe).__name__ in SUPPORTED:
         return from_pipeline(model_or_pipe, **kwargs)
     raise TypeError(f"expected a model spec, a diffusers pipeline or a schedsearch model, got "
                     f"{type(model_or_pipe).__name__}")
@@ -40,17 +42,12 @@ def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Opti
     model = as_model(model_or_pipe)
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if preset.family not in ("any", getattr(model, "family", "any")):
-        warnings.warn(f"preset {preset.name} was made for {preset.family} models; applying it to "
-                      f"a {model.family} model", stacklevel=2)
-    plan = preset.freeu if preset.freeu is not None and getattr(model, "unet", None) is not None else None
-    if preset.freeu is not None and plan is None:
-        warnings.warn(f"{model.name} has no UNet: the preset's FreeU plan is skipped", stacklevel=2)
-    g = guidance if guidance is not None else preset.guidance
-    if g is None:
-        raise ValueError(f"preset {preset.name} has no guidance; pass guidance=")
-    out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver, guidance=g,
-                 freeu=plan, batch_size=batch_size, progress=progress)
+    preset, notes = fit(preset, model, guidance)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver,
+                 guidance=preset.guidance, freeu=preset.freeu, batch_size=batch_size,
+                 progress=progress)
     if output == "samples":
         return out
     if output != "pil":
@@ -59,10 +56,6 @@ def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Opti
 
 
 def to_pil(samples: Samples) -> list:
-    from PIL import Image
-
-    from .sampler import to_uint8
-
     if samples.images is None or samples.images.ndim != 4:
         raise ValueError("these samples are not images (the gmm testbed samples vectors)")
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(samples.images)]

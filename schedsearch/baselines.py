@@ -1,57 +1,57 @@
 """The baselines every study is compared against, on the same prompts and seeds as its trials:
 Karras DPM++2M at the budget and at 20 steps, the paper's preset nearest the budget, AYS
-interpolated to the budget, and the teacher-distilled GITS and OSS schedules at the budget."""
+interpolated to the budget, and the teacher-distilled GITS and OSS schedules at the budget. Each is
+a ``Preset``, like a trial's candidate."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from . import schedules
-from .presets import paper_preset
-from .search import nearest_paper_preset
+from tqdm.auto import tqdm
+
+from . import gits, oss, presets, prompts, schedules, teacher
+from .models import schedule_family
+from .presets import Preset
 
 
-def build_baselines(ctx, keys, echo: Callable[[str], None] = print) -> dict:
-    """key → study.Entry for the requested baseline keys."""
-    from .study import Entry
-
+def build(ctx, keys, echo: Callable[[str], None] = print) -> dict[str, Preset]:
+    """key → preset for the requested baseline keys. ``ctx``: the study's ``Context``."""
     budget, table, g = ctx.config.budget, ctx.model.table, ctx.guidance
+
+    def make(name, sigmas, solver, spec, freeu=None, **provenance):
+        return Preset(name=name, family=ctx.family, sigmas=sigmas, solver=solver, freeu=freeu,
+                      guidance=g, schedule=spec, provenance=provenance)
+
     out = {}
     if "karras" in keys:
-        out["karras"] = Entry(f"karras dpm++2m @{budget}", schedules.karras(
-            budget, table.sigma_min, table.sigma_max), "dpmpp_2m", None, g,
+        out["karras"] = make(f"karras dpm++2m @{budget}", schedules.karras(
+            budget, table.sigma_min, table.sigma_max), "dpmpp_2m",
             {"name": "karras", "steps": budget, "rho": 7.0})
     if "karras20" in keys:
-        out["karras20"] = Entry("karras dpm++2m @20", schedules.karras(
-            20, table.sigma_min, table.sigma_max), "dpmpp_2m", None, g,
+        out["karras20"] = make("karras dpm++2m @20", schedules.karras(
+            20, table.sigma_min, table.sigma_max), "dpmpp_2m",
             {"name": "karras", "steps": 20, "rho": 7.0})
     if "paper" in keys:
-        name = nearest_paper_preset(ctx.family, budget)
-        p = paper_preset(name)
-        plan = p.freeu if ctx.freeu_ok else None
-        out["paper"] = Entry(f"paper {name}" + ("" if ctx.freeu_ok or p.freeu is None else
-                                                " (no FreeU: model has no UNet)"),
-                             schedules.paper_preset(name, table=table), p.solver, plan, g,
-                             {"name": name})
+        name = presets.nearest_paper_preset(ctx.family, budget)
+        p = presets.paper_preset(name)
+        label = f"paper {name}" + ("" if ctx.freeu_ok or p.freeu is None else
+                                   " (no FreeU: model has no UNet)")
+        out["paper"] = make(label, schedules.paper_preset(name, table=table), p.solver,
+                            {"name": name}, p.freeu if ctx.freeu_ok else None)
     if "ays" in keys:
-        fam = "sdxl" if ctx.family == "sdxl" else "sd15"
-        out["ays"] = Entry(f"ays ({fam}) @{budget}", schedules.ays(budget, fam), "dpmpp_2m", None,
-                           g, {"name": "ays", "steps": budget, "family": fam})
+        fam = schedule_family(ctx.family)
+        out["ays"] = make(f"ays ({fam}) @{budget}", schedules.ays(budget, fam), "dpmpp_2m",
+                          {"name": "ays", "steps": budget, "family": fam})
     distilled = [k for k in ("gits", "oss") if k in keys]
     if distilled:
-        out.update(distilled_baselines(ctx, distilled, echo))
+        out.update(distilled_baselines(ctx, distilled, make, echo))
     return out
 
 
-def distilled_baselines(ctx, keys, echo) -> dict:
+def distilled_baselines(ctx, keys, make, echo) -> dict[str, Preset]:
     """GITS and OSS at the budget, distilled from one set of teacher trajectories on their own
     prompts and seeds (seed block ``prompt_seed + 1``: disjoint from the search and held-out seeds,
     so the distilled schedules are not fitted to the images they are scored on)."""
-    from tqdm.auto import tqdm
-
-    from . import gits, oss, prompts, teacher
-    from .study import Entry
-
     cfg, budget, g = ctx.config, ctx.config.budget, ctx.guidance
     pset = prompts.load(ctx.prompt_source, cfg.distill_samples, cfg.prompt_seed + 1,
                         caption_column=cfg.caption_column)
@@ -68,13 +68,13 @@ def distilled_baselines(ctx, keys, echo) -> dict:
     out = {}
     if "gits" in keys:
         d = gits.search(tea, budget)
-        out["gits"] = Entry(f"gits @{budget}", d.sigmas, "dpmpp_1s", None, g,
-                            {"name": "explicit", "sigmas": d.sigmas.tolist()},
-                            {"distilled": "gits", "grid_indices": d.provenance["grid_indices"]})
+        out["gits"] = make(f"gits @{budget}", d.sigmas, "dpmpp_1s",
+                           {"name": "explicit", "sigmas": d.sigmas.tolist()},
+                           distilled="gits", grid_indices=d.provenance["grid_indices"])
     if "oss" in keys:
         with tqdm(desc="oss", unit="state·call", leave=False, disable=None) as bar:
             d = oss.search(ctx.model, tea, budget, batch_size=max(cfg.batch_size, 256), progress=bar)
-        out["oss"] = Entry(f"oss @{budget}", d.sigmas, "dpmpp_1s", None, g,
-                           {"name": "explicit", "sigmas": d.sigmas.tolist()},
-                           {"distilled": "oss", "grid_indices": d.provenance.get("grid_indices")})
+        out["oss"] = make(f"oss @{budget}", d.sigmas, "dpmpp_1s",
+                          {"name": "explicit", "sigmas": d.sigmas.tolist()},
+                          distilled="oss", grid_indices=d.provenance.get("grid_indices"))
     return out

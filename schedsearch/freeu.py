@@ -1,4 +1,4 @@
-"""FreeU as a per-step plan over a diffusers ``UNet2DConditionModel`` (SPEC §4).
+"""FreeU as a per-step plan over a diffusers ``UNet2DConditionModel`` (see docs/freeu.md).
 
 A plan says, for each solver step, whether FreeU is on and with which (b1, b2, s1, s2). Two
 variants act on the UNet:

@@ -1,4 +1,4 @@
-"""GITS — geometry-inspired time scheduling (Chen et al., ICML 2024; SPEC §5.2).
+"""GITS — geometry-inspired time scheduling (Chen et al., ICML 2024; see docs/baselines.md).
 
 From the teacher's own states and derivatives, the cost of one jump from grid point i to a lower
 point j is ``C[i][j] = ‖x_tea[i] + (t_j − t_i)·d_i − x_tea[j]‖`` (the L2 norm over the whole

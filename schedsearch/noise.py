@@ -1,4 +1,4 @@
-"""The discrete noise table of a DDPM-trained model, seen through VE σ (SPEC §1).
+"""The discrete noise table of a DDPM-trained model, seen through VE σ (see docs/conventions.md).
 
 Every schedule in schedsearch is a list of σ; models are conditioned on the fractional DDPM
 timestep t. This module is the one place where the two meet.

@@ -1,4 +1,5 @@
-"""OSS — Optimal Stepsize Search by dynamic programming on the student's own states (SPEC §5.1).
+"""OSS — Optimal Stepsize Search by dynamic programming on the student's own states
+(Pei, Hu, Gu, "Optimal Stepsize for Diffusion Sampling"; see docs/baselines.md).
 
 For each sample, level k of the DP keeps one student state per grid point j: the one with the
 lowest squared error to the teacher at j among the states reachable in at most k+1 steps
@@ -7,7 +8,7 @@ state — all of them, of all samples, in batched calls with per-image σ — an
 (DPM++1S) jump from it to every lower grid point. After M levels the best state at the data end
 gives the sample's schedule; the per-position median over samples gives the model's.
 
-Choices the SPEC leaves open:
+Choices made here, where the paper is silent or its reference code differs:
 
 * Paths are tracked per state (each state carries the grid indices it came through), so a
   backtracked path is always the one that produced its state. The reference's trace table can mix
@@ -23,11 +24,12 @@ Choices the SPEC leaves open:
   actual grid index and σ is exactly a teacher grid value; per-position order statistics of
   strictly decreasing paths are strictly decreasing, so the result is a valid schedule.
 * With the carry, the best state at the data end may come from a path of fewer than M steps. The
-  schedule must spend exactly the budget (SPEC §1), so the backtrack starts from the best landing
-  on T[0] at the last level among states that are exactly M−1 steps from the start (same states,
-  same model calls; only the final pick is restricted). ``provenance["shorter_better"]`` counts
-  the samples where a shorter path would have landed closer. A sample without any M-step path
-  (not seen in practice) is left out of the median and counted in ``provenance["no_full_path"]``.
+  schedule must spend exactly the budget (docs/conventions.md), so the backtrack starts from the
+  best landing on T[0] at the last level among states that are exactly M−1 steps from the start
+  (same states, same model calls; only the final pick is restricted).
+  ``provenance["shorter_better"]`` counts the samples where a shorter path would have landed
+  closer. A sample without any M-step path (not seen in practice) is left out of the median and
+  counted in ``provenance["no_full_path"]``.
 * Amplitude calibration (off by default) rescales each state affinely before its step so that its
   5% and 95% quantiles match the teacher's at that grid point. It only shapes the search: the
   sampler does not calibrate, so a schedule searched with it is scored without it.
@@ -39,7 +41,8 @@ from numbers import Integral
 
 import torch
 
-from .teacher import CountingDenoiser, Distilled, Teacher
+from .sampler import ModelCalls
+from .teacher import Distilled, Teacher
 
 _CHUNK_ELEMENTS = 1 << 24   # bound on the (rows, N+1, d) landing tensor built at once
 
@@ -66,6 +69,86 @@ def lower_median(paths: torch.Tensor) -> torch.Tensor:
     return paths.sort(dim=0).values[(paths.shape[0] - 1) // 2]
 
 
+class _Levels:
+    """The DP's state over the grid, per sample: one student state per grid point, its error to
+    the teacher there, the path that produced it, and whether it still takes a step."""
+
+    def __init__(self, X: torch.Tensor, T: torch.Tensor, m: int, free_start: bool):
+        S, n1, _ = X.shape
+        n, device = n1 - 1, X.device
+        self.Z = torch.zeros_like(X)
+        self.live = torch.zeros(S, n1, dtype=torch.bool, device=device)
+        if free_start:
+            eps = X[:, n] / T[n]
+            self.Z[:, 1:] = eps[:, None] * T[None, 1:, None]
+            self.live[:, 1:] = True
+        else:
+            self.Z[:, n] = X[:, n]
+            self.live[:, n] = True
+        self.dp = torch.full((S, n1), torch.inf, device=device)
+        self.paths = torch.full((S, n1, m + 1), -1, dtype=torch.long, device=device)
+        self.paths[:, :, 0] = torch.arange(n1, device=device)
+        self.lengths = self.live.long()                                  # points on the path
+
+    def advance(self, cost: torch.Tensor, z: torch.Tensor, den: torch.Tensor, s_idx, i_idx,
+                T: torch.Tensor) -> None:
+        """Keep, per (sample, grid point), the better of the carried state and the best jump
+        into it (ties to the highest predecessor, as the reference resolves them)."""
+        S, n1 = self.dp.shape
+        n, device = n1 - 1, self.dp.device
+        best, flipped = cost.flip(1).min(dim=1)
+        best_i = n - flipped                                             # (S, N+1)
+        better = best < self.dp
+        better[:, n] = False
+        if not bool(better.any()):
+            return
+        row_of = torch.full((S, n1), -1, dtype=torch.long, device=device)
+        row_of[s_idx, i_idx] = torch.arange(len(z), device=device)
+        s_new, j_new = better.nonzero(as_tuple=True)
+        i_new = best_i[s_new, j_new]
+        r = row_of[s_new, i_new]
+        Z_next = self.Z.clone()
+        Z_next[s_new, j_new] = torch.lerp(den[r], z[r], (T[j_new] / T[i_new])[:, None])
+        new_paths = self.paths[s_new, i_new].clone()
+        k = self.lengths[s_new, i_new]
+        new_paths[torch.arange(len(k), device=device), k] = j_new
+        self.paths[s_new, j_new] = new_paths
+        self.lengths[s_new, j_new] = k + 1
+        self.dp = torch.where(better, best, self.dp)
+        self.live[s_new, j_new] = j_new > 0      # a state at the data end takes no further step
+        self.Z = Z_next
+
+
+def _denoise_live(levels: _Levels, denoise, model, teacher: Teacher, T, q_teacher,
+                  batch_size: int):
+    """One model call per live state, packed across samples: (sample, grid index, state, D)."""
+    shape = tuple(teacher.x.shape[2:])
+    s_idx, i_idx = levels.live.nonzero(as_tuple=True)                  # rows, sample-major
+    z = levels.Z[s_idx, i_idx]
+    if q_teacher is not None:
+        z = _calibrate(z, q_teacher[s_idx, i_idx])
+    den = torch.empty_like(z)
+    for a in range(0, len(z), batch_size):
+        b = min(len(z), a + batch_size)
+        cond = model.condition([teacher.prompts[s] for s in s_idx[a:b].tolist()])
+        den[a:b] = denoise(z[a:b].view(b - a, *shape), T[i_idx[a:b]], cond).flatten(1).float()
+    return s_idx, i_idx, z, den
+
+
+def _jump_costs(X, z, den, s_idx, i_idx, ratio, below) -> torch.Tensor:
+    """cost[s, i, j]: error at T[j] of the first-order jump from the state at T[i]."""
+    S, n1, d = X.shape
+    cost = torch.full((S, n1, n1), torch.inf, device=X.device)
+    rows = max(1, _CHUNK_ELEMENTS // (n1 * d))
+    for a in range(0, len(z), rows):
+        b = min(len(z), a + rows)
+        q = ratio[i_idx[a:b]][:, :, None]                                # (r, N+1, 1)
+        land = torch.lerp(den[a:b, None], z[a:b, None], q)              # (r, N+1, d)
+        c = (land - X[s_idx[a:b]]).square().mean(2)
+        cost[s_idx[a:b], i_idx[a:b]] = c.masked_fill(~below[i_idx[a:b]], torch.inf)
+    return cost
+
+
 @torch.no_grad()
 def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
            calibrate: bool = False, batch_size: int = 256, progress=None) -> Distilled:
@@ -79,107 +162,57 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
     S, n = len(teacher.seeds), teacher.steps
     T = teacher.sigmas.to(device, torch.float32)
     X = teacher.x.to(device).flatten(2)                                   # (S, N+1, d)
-    shape = tuple(teacher.x.shape[2:])
-    d = X.shape[2]
     ratio = (T[None, :] / T[:, None].clamp_min(1e-30)).tril(-1)          # [i, j] = T[j]/T[i], j < i
     below = torch.ones(n + 1, n + 1, dtype=torch.bool, device=device).tril(-1)   # [i, j]: j < i
     q_teacher = None
     if calibrate:
-        q_teacher = torch.quantile(X.reshape(-1, d), torch.tensor([0.05, 0.95], device=device),
+        q_teacher = torch.quantile(X.reshape(-1, X.shape[2]),
+                                   torch.tensor([0.05, 0.95], device=device),
                                    dim=1).T.reshape(S, n + 1, 2)
-
-    Z = torch.zeros_like(X)
-    live = torch.zeros(S, n + 1, dtype=torch.bool, device=device)
-    if free_start:
-        eps = X[:, n] / T[n]
-        Z[:, 1:] = eps[:, None] * T[None, 1:, None]
-        live[:, 1:] = True
-    else:
-        Z[:, n] = X[:, n]
-        live[:, n] = True
-    dp = torch.full((S, n + 1), torch.inf, device=device)
-    paths = torch.full((S, n + 1, m + 1), -1, dtype=torch.long, device=device)
-    paths[:, :, 0] = torch.arange(n + 1, device=device)
-    lengths = live.long()                                                # points on the path
-    denoise = CountingDenoiser(model, teacher.guidance, progress)
-    s_all = torch.arange(S, device=device)
-
+    levels = _Levels(X, T, m, free_start)
+    denoise = ModelCalls(lambda x, s, cond: model.denoise(x, s, cond, teacher.guidance),
+                         model.device, progress)
     for level in range(m):
-        s_idx, i_idx = live.nonzero(as_tuple=True)                      # rows, sample-major
-        z = Z[s_idx, i_idx]
-        if calibrate:
-            z = _calibrate(z, q_teacher[s_idx, i_idx])
-        den = torch.empty_like(z)
-        for a in range(0, len(z), batch_size):
-            b = min(len(z), a + batch_size)
-            cond = model.condition([teacher.prompts[s] for s in s_idx[a:b].tolist()])
-            den[a:b] = denoise(z[a:b].view(b - a, *shape), T[i_idx[a:b]], cond).flatten(1).float()
-        # cost[s, i, j]: error at T[j] of the jump from the state at T[i]
-        cost = torch.full((S, n + 1, n + 1), torch.inf, device=device)
-        rows = max(1, _CHUNK_ELEMENTS // ((n + 1) * d))
-        for a in range(0, len(z), rows):
-            b = min(len(z), a + rows)
-            q = ratio[i_idx[a:b]][:, :, None]                            # (r, N+1, 1)
-            land = torch.lerp(den[a:b, None], z[a:b, None], q)          # (r, N+1, d)
-            c = (land - X[s_idx[a:b]]).square().mean(2)
-            cost[s_idx[a:b], i_idx[a:b]] = c.masked_fill(~below[i_idx[a:b]], torch.inf)
+        s_idx, i_idx, z, den = _denoise_live(levels, denoise, model, teacher, T, q_teacher,
+                                             batch_size)
+        cost = _jump_costs(X, z, den, s_idx, i_idx, ratio, below)
         if level == m - 1:
-            # the final pick: landings on T[0] from states exactly M−1 steps from the start
-            full = lengths == m
-            final, flipped = cost[:, :, 0].masked_fill(~full, torch.inf).flip(1).min(dim=1)
-            final_i = n - flipped
-            carried = torch.minimum(dp[:, 0], cost[:, :, 0].min(dim=1).values)
             break
-        # best predecessor per (s, j), ties to the highest i
-        best, flipped = cost.flip(1).min(dim=1)
-        best_i = n - flipped                                             # (S, N+1)
-        better = best < dp
-        better[:, n] = False
-        if not bool(better.any()):
-            continue
-        row_of = torch.full((S, n + 1), -1, dtype=torch.long, device=device)
-        row_of[s_idx, i_idx] = torch.arange(len(z), device=device)
-        s_new, j_new = better.nonzero(as_tuple=True)
-        i_new = best_i[s_new, j_new]
-        r = row_of[s_new, i_new]
-        Z_next = Z.clone()
-        Z_next[s_new, j_new] = torch.lerp(den[r], z[r], (T[j_new] / T[i_new])[:, None])
-        new_paths = paths[s_new, i_new].clone()
-        k = lengths[s_new, i_new]
-        new_paths[torch.arange(len(k), device=device), k] = j_new
-        paths[s_new, j_new] = new_paths
-        lengths[s_new, j_new] = k + 1
-        dp = torch.where(better, best, dp)
-        live[s_new, j_new] = j_new > 0      # a state at the data end takes no further step
-        Z = Z_next
+        levels.advance(cost, z, den, s_idx, i_idx, T)
+    # the final pick: landings on T[0] from states exactly M−1 steps from the start
+    full = levels.lengths == m
+    final, flipped = cost[:, :, 0].masked_fill(~full, torch.inf).flip(1).min(dim=1)
+    carried = torch.minimum(levels.dp[:, 0], cost[:, :, 0].min(dim=1).values)
+    return _result(teacher, levels, final, n - flipped, carried, denoise.rows,
+                   dict(budget=m, free_start=bool(free_start), calibrate=bool(calibrate)))
 
+
+def _result(teacher: Teacher, levels: _Levels, final, final_i, carried, rows: int,
+            settings: dict) -> Distilled:
+    """The median schedule over the samples' own M-step paths, with the search's provenance."""
+    S, n, m = len(teacher.seeds), teacher.steps, settings["budget"]
     ok = torch.isfinite(final)
     if not bool(ok.any()):
         raise RuntimeError("OSS found no path of exactly M steps to the data end for any sample")
-    chosen = paths[s_all, final_i].clone()
+    chosen = levels.paths[torch.arange(S, device=final.device), final_i].clone()
     chosen[:, m] = 0
     median = lower_median(chosen[ok])
-    sigmas = teacher.sigmas[median.cpu()]
     errors = final[ok].double()
     provenance = {
-        "method": "oss",
-        "budget": m,
+        "method": "oss", **settings,
         "teacher": teacher.provenance(),
         "solver": "dpmpp_1s",
-        "free_start": bool(free_start),
-        "calibrate": bool(calibrate),
         "grid_indices": median.tolist(),
         "median": "lower (order statistic (S-1)//2 of each position)",
         "paths": [chosen[s].tolist() if bool(ok[s]) else None for s in range(S)],
         "shorter_better": int((carried < final).sum()),
         "no_full_path": int((~ok).sum()),
         "samples": S,
-        "calls_per_sample": {"teacher": n, "search": denoise.rows / S,
-                             "total": n + denoise.rows / S},
+        "calls_per_sample": {"teacher": n, "search": rows / S, "total": n + rows / S},
         "teacher_calls_this_run": teacher.calls,
         "final_error": float(errors.mean()),
         "final_error_per_sample": [float(e) if bool(o) else None
                                    for e, o in zip(final.double(), ok)],
         "error": "mean squared error to the teacher at the data end, each sample's own M-step path",
     }
-    return Distilled(sigmas, provenance)
+    return Distilled(teacher.sigmas[median.cpu()], provenance)

@@ -1,4 +1,6 @@
-"""Presets: a schedule as plain data — explicit σ list, solver, FreeU plan, guidance, provenance.
+"""Presets: the one record of "a schedule to run" — explicit σ list, solver, FreeU plan, guidance,
+how the σ list was built, and provenance. Trials, baselines, the recommended winner and exported
+files are all presets.
 
 A preset is JSON and nothing else: loading one parses and validates numbers and names, never
 executes code. Shipped presets (the paper's settings and AYS) live in ``schedsearch/shipped_presets/``;
@@ -8,7 +10,7 @@ presets exported from studies go to the user preset folder (``$SCHEDSEARCH_PRESE
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,14 +19,18 @@ from typing import Optional
 
 import torch
 
-from . import __version__, schedules, solvers
+from . import files, schedules, solvers
+from .comfy import sigma_string
 from .freeu import FreeU, FreeUPlan
+from .models import FAMILIES as MODEL_FAMILIES, Model, default_guidance, schedule_family
+from .version import __version__
 
 SCHEMA = "schedsearch.preset/1"
 SHIPPED_DIR = Path(__file__).with_name("shipped_presets")
-FAMILIES = ("sd15", "sd2", "sdxl", "digits", "gmm", "any")
+FAMILIES = (*MODEL_FAMILIES, "any")
 
-# The paper's solver and FreeU choices (SPEC §2.2 table, §4). Its code used the original FreeU.
+# The paper's solver and FreeU choices (docs/schedules.md, docs/freeu.md). Its code used the
+# original FreeU.
 _PAPER_FREEU = FreeU(1.1, 1.1, 0.9, 0.2)
 _PAPER_SOLVERS = {"sd15-5": "dpmpp_1s", "sd15-6": "dpmpp_1s", "sd15-8": "dpmpp_2m",
                   "sdxl-6": "dpmpp_1s", "sdxl-8": "dpmpp_2m"}
@@ -114,16 +120,17 @@ class Preset:
         return preset
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a crash never leaves a half-written preset
-        return path
+        """Write the JSON atomically: a crash, or another worker saving the same name, never
+        leaves a half-written preset."""
+        return files.atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    def replace(self, **changes) -> "Preset":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
     def comfy(self) -> str:
         """The σ list for ComfyUI's ManualSigmas (or KJNodes CustomSigmas)."""
-        return ", ".join(f"{s:.6f}" for s in self.sigmas.tolist())
+        return sigma_string(self.sigmas)
 
 
 def user_dir() -> Path:
@@ -196,12 +203,34 @@ def write_shipped(directory: Path = SHIPPED_DIR) -> list[Path]:
     return [p.save(directory / f"{p.name}.json") for p in shipped()]
 
 
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def provenance(**extra) -> dict:
-    return {"date": now(), "schedsearch_version": __version__, **extra}
+    return {"date": files.utc_now(), "schedsearch_version": __version__, **extra}
+
+
+def nearest_paper_preset(family: str, budget: int) -> str:
+    """The paper's preset for this model family whose NFE is nearest the budget (ties: smaller)."""
+    prefix = schedule_family(family)
+    names = [n for n in schedules.PAPER_SETTINGS if n.startswith(prefix)]
+    return min(names, key=lambda n: (abs(schedules.PAPER_SETTINGS[n]["steps"] - budget),
+                                     schedules.PAPER_SETTINGS[n]["steps"]))
+
+
+def fit(preset: Preset, model: Model, guidance: Optional[float] = None
+        ) -> tuple[Preset, list[str]]:
+    """The preset as it runs on ``model``: guidance from ``guidance``, else the preset's, else the
+    model family's usual value; the FreeU plan dropped on a model without a UNet. Returns the
+    fitted preset and notes for the user (the caller prints or warns)."""
+    notes = []
+    if preset.family not in ("any", model.family):
+        notes.append(f"preset {preset.name} was made for {preset.family} models; applying it to "
+                     f"a {model.family} model")
+    plan = preset.freeu
+    if plan is not None and plan.active and model.unet is None:
+        notes.append(f"{model.name} has no UNet: the preset's FreeU plan is skipped")
+        plan = None
+    g = guidance if guidance is not None else preset.guidance
+    g = default_guidance(model.family) if g is None else g
+    return preset.replace(freeu=plan, guidance=g), notes
 
 
 if __name__ == "__main__":

@@ -37,25 +37,29 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int], sigma: float) -> t
     return out.mul_(float(sigma))
 
 
-class _Timed:
-    """Wraps the model's denoiser to count calls and the time spent in them."""
+class ModelCalls:
+    """Wraps a model call ``fn(x, ...)`` to count the calls, the images (rows of x) they covered
+    and the time spent in them (waiting for a CUDA device to finish), and to advance a tqdm-like
+    ``progress`` by the rows of each call. ``rows / images`` is the NFE per image whatever the
+    batching."""
 
-    def __init__(self, fn, sync):
-        self.fn, self.sync, self.calls, self.seconds = fn, sync, 0, 0.0
+    def __init__(self, fn, device=None, progress=None):
+        self.fn, self.progress = fn, progress
+        cuda = device is not None and torch.device(device).type == "cuda"
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.calls = self.rows = 0
+        self.seconds = 0.0
 
-    def __call__(self, x, sigma):
+    def __call__(self, x: torch.Tensor, *args):
         t0 = time.perf_counter()
-        out = self.fn(x, sigma)
+        out = self.fn(x, *args)
         self.sync()
         self.seconds += time.perf_counter() - t0
         self.calls += 1
+        self.rows += int(x.shape[0])
+        if self.progress is not None:
+            self.progress.update(int(x.shape[0]))
         return out
-
-
-def _sync_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.synchronize
-    return lambda: None
 
 
 def _batches(n: int, size: int):
@@ -83,10 +87,9 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     solve = solvers.get(solver)
     plan = freeu if freeu is not None and freeu.active else None
-    if plan is not None and getattr(model, "unet", None) is None:
+    if plan is not None and model.unet is None:
         raise ValueError(f"FreeU needs a UNet model; {model.name} has none")
     device = torch.device(model.device)
-    sync = _sync_for(device)
     latents, images = [], []
     t_model = t_total = t_decode = 0.0
     nfe = None
@@ -95,10 +98,10 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
             t0 = time.perf_counter()
             cond = model.condition(prompts[sl])
             x = initial_noise(model.latent_shape, seeds[sl], float(sigmas[0])).to(device)
-            timed = _Timed(lambda x_, s_: model.denoise(x_, s_, cond, guidance), sync)
+            timed = ModelCalls(lambda x_, s_: model.denoise(x_, s_, cond, guidance), device)
             step_hook = chain(plan.hook(model.unet) if plan is not None else None, check_finite, hook)
             x = solve(timed, x, sigmas, step_hook)
-            sync()
+            timed.sync()
             t_total += time.perf_counter() - t0
             t_model += timed.seconds
             nfe = timed.calls
@@ -108,7 +111,7 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
             if decode:
                 t1 = time.perf_counter()
                 images.append(model.decode(x).float().cpu())
-                sync()
+                timed.sync()
                 t_decode += time.perf_counter() - t1
             if progress is not None:
                 progress.update(sl.stop - sl.start)

@@ -2,7 +2,7 @@
 
 A schedule ending in 0 runs its last step to the clean sample; one ending at σ > 0 (the paper's)
 leaves noise of that scale for the VAE to absorb. Either way the number of model calls of a
-one-call-per-step solver is ``len(sigmas) - 1``. SPEC §2.
+one-call-per-step solver is ``len(sigmas) - 1``. Formulas and sources: docs/schedules.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from .noise import SD, NoiseTable
 
-# Align Your Steps 10-step tables (SPEC §2.3), σ descending.
+# Align Your Steps 10-step tables (Sabour et al., 2024), σ descending.
 AYS_TABLES = {
     "sd15": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
              0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
@@ -23,7 +23,7 @@ AYS_TABLES = {
              0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
 }
 
-# The paper's settings (SPEC §2.2). M, k give the stopping level explicitly; sd15-6 and sdxl-8 do not
+# The paper's settings (docs/schedules.md). M, k give the stopping level explicitly; sd15-6 and sdxl-8 do not
 # follow the closed form stop → (N + stop + 1, N + 1).
 PAPER_SETTINGS = {
     "sd15-5": dict(steps=5, p1=5.0, p2=1.2, M=8, k=6),
@@ -86,7 +86,7 @@ def explicit(sigmas: Sequence[float] | torch.Tensor | np.ndarray) -> torch.Tenso
 
 def karras(steps: int, sigma_min: float = SD.sigma_min, sigma_max: float = SD.sigma_max,
            rho: float = 7.0, append_zero: bool = True) -> torch.Tensor:
-    """Karras et al. (EDM): ``steps`` σ values spaced evenly in σ^(1/ρ), then 0 (SPEC §2.1)."""
+    """Karras et al. (EDM): ``steps`` σ values spaced evenly in σ^(1/ρ), then 0."""
     steps, rho = _steps(steps), _positive("rho", rho)
     sigma_min, sigma_max = _range(sigma_min, sigma_max)
     ramp = np.linspace(0, 1, steps) if steps > 1 else np.zeros(1)
@@ -119,7 +119,7 @@ def stop_sigma(steps: int, p1: float, stop: float | None = None, *, M: int | Non
 
 def paper(steps: int, p1: float, p2: float, stop: float | None = None, *, M: int | None = None,
           k: int | None = None, final_denoise: bool = False, table: NoiseTable = SD) -> torch.Tensor:
-    """The schedule of "Hyperparameters are all you need", as its code computes it (SPEC §2.2).
+    """The schedule of "Hyperparameters are all you need", as its code computes it.
 
     ``steps`` model calls from σ_max down to σ_stop, spaced as a power-``p2`` ramp in the timestep
     t. No 0 is appended: the last latent keeps noise of scale σ_stop. ``final_denoise`` appends 0,

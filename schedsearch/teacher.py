@@ -1,10 +1,11 @@
 """Teacher trajectories: a fine first-order solve on the model's own grid, kept state by state.
 
-The distilled baselines (OSS, GITS; SPEC §5) need, for every (prompt, seed) pair, the teacher's
-state x_tea[j] at every point T[j] of a fine grid and the denoised value D_tea[j] there. Grid
-indices follow SPEC §5.1: T[0] is the data end, T[N] = σ_max, so arrays are *ascending* in σ.
+The distilled baselines (OSS, GITS; see docs/baselines.md) need, for every (prompt, seed) pair,
+the teacher's state x_tea[j] at every point T[j] of a fine grid and the denoised value D_tea[j]
+there. Grid indices follow the OSS convention: T[0] is the data end, T[N] = σ_max, so arrays are
+*ascending* in σ.
 
-Choices (the SPEC is silent on them):
+Choices (the papers are silent on them):
 
 * The default grid is uniform in the DDPM timestep t: N points t = t_max … 0 (σ_max … σ_min, t→σ by
   the ᾱ-linear rule of ``NoiseTable.t_to_sigma``), then σ = 0 appended as T[0]. The data end is
@@ -32,17 +33,18 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from . import schedules, solvers
+from . import files, schedules, solvers
 from .noise import NoiseTable
-from .sampler import initial_noise
+from .sampler import ModelCalls, initial_noise, sample
 
 FORMAT_VERSION = "1"
 GRID_KINDS = ("uniform", "karras", "logsnr")
@@ -55,11 +57,7 @@ class TeacherCacheWarning(UserWarning):
 
 def cache_dir(override: Optional[str] = None) -> str:
     """``override``, else ``$SCHEDSEARCH_CACHE/teacher``, else ``~/.cache/schedsearch/teacher``."""
-    if override:
-        return override
-    root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "schedsearch")
-    return os.path.join(root, "teacher")
+    return override or str(files.cache_dir("teacher"))
 
 
 @dataclass(frozen=True)
@@ -151,26 +149,6 @@ class Teacher:
                 "sigma_end": float(self.sigmas[0]), "sigma_max": float(self.sigmas[-1])}
 
 
-class CountingDenoiser:
-    """D(x, σ) for a fixed guidance that counts model calls and the images (rows) they covered.
-
-    ``rows / samples`` is the model calls per sample, the NFE budget of SPEC §1, whatever the
-    batching.
-    """
-
-    def __init__(self, model, guidance: float, progress=None):
-        self.model, self.guidance, self.progress = model, float(guidance), progress
-        self.calls = self.rows = 0
-
-    def __call__(self, x: torch.Tensor, sigma, cond) -> torch.Tensor:
-        out = self.model.denoise(x, sigma, cond, self.guidance)
-        self.calls += 1
-        self.rows += int(x.shape[0])
-        if self.progress is not None:
-            self.progress.update(int(x.shape[0]))
-        return out
-
-
 def _pairs(prompts: Sequence, seeds: Sequence[int]) -> tuple[list, list[int]]:
     prompts = list(prompts)
     try:
@@ -186,7 +164,7 @@ def _pairs(prompts: Sequence, seeds: Sequence[int]) -> tuple[list, list[int]]:
 
 
 def _dtype_name(model) -> str:
-    return str(getattr(model, "dtype", torch.float32)).replace("torch.", "")
+    return str(model.dtype).replace("torch.", "")
 
 
 def make_key(model, prompts: Sequence, seeds: Sequence[int], guidance: float, grid: TeacherGrid,
@@ -219,8 +197,6 @@ def _cache_path(directory: str, key: dict, key_hash: str) -> str:
 def _load(path: str, key: dict, sigmas: torch.Tensor, shape: tuple) -> Optional[dict]:
     """The cached tensors if the file is sound and was written for exactly ``key``; else None
     with a warning saying why."""
-    from safetensors import safe_open
-
     def reject(why: str):
         warnings.warn(f"teacher cache {path}: {why}; recomputing it", TeacherCacheWarning,
                       stacklevel=3)
@@ -253,21 +229,12 @@ def _load(path: str, key: dict, sigmas: torch.Tensor, shape: tuple) -> Optional[
 
 def _save(path: str, key: dict, sigmas: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor
           ) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # write-then-rename: a concurrent reader sees the old file or the whole new one, never half
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"x": x.contiguous(), "denoised": denoised.contiguous(),
-                   "sigmas": sigmas.contiguous()}, tmp,
-                  metadata={"schedsearch.teacher.key": json.dumps(key, sort_keys=True),
-                            "format_version": FORMAT_VERSION})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tensors = {"x": x.contiguous(), "denoised": denoised.contiguous(),
+               "sigmas": sigmas.contiguous()}
+    meta = {"schedsearch.teacher.key": json.dumps(key, sort_keys=True),
+            "format_version": FORMAT_VERSION}
+    # a concurrent reader sees the old file or the whole new one, never half
+    files.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 @torch.no_grad()
@@ -278,7 +245,8 @@ def _solve(model, sigmas: torch.Tensor, prompts: list, seeds: list[int], guidanc
     x_all = torch.empty((len(seeds), n + 1, *shape), dtype=torch.float32)
     d_all = torch.empty_like(x_all)
     descending = sigmas.flip(0)
-    denoise = CountingDenoiser(model, guidance, progress)
+    denoise = ModelCalls(lambda x, s, cond: model.denoise(x, s, cond, guidance), model.device,
+                         progress)
     solve = solvers.get(solver)
     for start in range(0, len(seeds), batch_size):
         sl = slice(start, min(len(seeds), start + batch_size))
@@ -364,8 +332,6 @@ def error_vs_teacher(model, sigmas, teacher: Teacher, *, solver: str = "dpmpp_1s
     A schedule that stops at σ > 0 is compared with the teacher's data end all the same; pass a
     teacher built with ``TeacherGrid(end=σ)`` to compare at the same σ instead.
     """
-    from .sampler import sample
-
     samples = sample(model, sigmas, teacher.prompts, teacher.seeds, solver=solver,
                      guidance=teacher.guidance, batch_size=batch_size, decode=False,
                      progress=progress)

@@ -1,6 +1,7 @@
 """MLflow logging: one experiment per study, a parent run for the study, one nested run per trial
-and per baseline. Uses ``MlflowClient`` with explicit run ids rather than the fluent API's global
-"active run", so several trials, workers and resumed processes never fight over it.
+and per baseline, and what each run holds (parameters, scores, schedule plot, sample grid, preset).
+Uses ``MlflowClient`` with explicit run ids rather than the fluent API's global "active run", so
+several trials, workers and resumed processes never fight over it.
 
 Tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<out>/mlflow.db``; artifacts go to
 ``<out>/mlartifacts``.
@@ -9,10 +10,18 @@ Tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<out>/mlflow.db`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Optional
+
+from safetensors.torch import save_file
+
+from .images import grid
+from .locks import sqlite_init_lock
+from .presets import Preset
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -34,14 +43,10 @@ def _clip(value, limit: int = 5000) -> str:
 
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | os.PathLike):
-        import logging
-
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # heavy: imported when a study starts
 
         # alembic announces every migration step of a fresh sqlite store at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        from .locks import sqlite_init_lock
-
         self.uri = tracking_uri
         with sqlite_init_lock(tracking_uri):  # first use migrates the schema: one process at a time
             self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -97,15 +102,14 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], flt, max_results=5000)
 
     def log_params(self, run_id: str, params: dict) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow: heavy
 
         items = [Param(k, _clip(v, 6000)) for k, v in params.items() if v is not None]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        from mlflow.entities import Metric
-        import time
+        from mlflow.entities import Metric  # mlflow: heavy
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
@@ -115,8 +119,7 @@ class Tracker:
 
     def log_series(self, run_id: str, key: str, values: dict) -> None:
         """A metric over steps, e.g. FID at growing subset sizes, in one call."""
-        from mlflow.entities import Metric
-        import time
+        from mlflow.entities import Metric  # mlflow: heavy
 
         ts = int(time.time() * 1000)
         items = [Metric(key, float(v), ts, int(step)) for step, v in sorted(values.items())
@@ -125,7 +128,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items)
 
     def tag(self, run_id: str, tags: dict) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # mlflow: heavy
 
         self.client.log_batch(run_id, tags=[RunTag(k, _clip(v, 5000)) for k, v in _str(tags).items()])
 
@@ -156,8 +159,6 @@ class Tracker:
 
     def log_tensors(self, run_id: str, tensors: dict, path: str, metadata: dict | None = None
                     ) -> None:
-        from safetensors.torch import save_file
-
         with tempfile.TemporaryDirectory() as d:
             local = Path(d) / Path(path).name
             save_file(tensors, str(local), metadata=metadata)
@@ -191,3 +192,47 @@ def _artifact_dir(path: str) -> Optional[str]:
 
 def _str(tags: dict) -> dict:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items() if v is not None}
+
+
+# -- what a trial's or a baseline's run holds --------------------------------------------------------
+def run_params(preset: Preset) -> dict:
+    """The MLflow parameters that say what a run sampled."""
+    prov = preset.provenance
+    return {"solver": preset.solver, "nfe": preset.nfe, "guidance": preset.guidance,
+            "sigmas": json.dumps([round(float(s), 6) for s in preset.sigmas]),
+            "freeu": preset.freeu.describe() if preset.freeu is not None else "off",
+            "schedule": json.dumps(preset.schedule) if preset.schedule else None,
+            **{k: prov[k] for k in ("distilled", "grid_indices") if k in prov}}
+
+
+def log_result(tracker: Tracker, run: str, preset: Preset, res, *, artifacts: bool,
+               shown: Optional[tuple] = None) -> None:
+    """Scores, time per stage and FID at each subset size; with ``artifacts`` also the schedule
+    plot, a sample grid (a scatter for vector testbeds), the preset, and the first images as
+    safetensors with their prompts and seeds (``shown``), so anyone can check that the preset
+    reproduces them bit for bit."""
+    from . import plots  # matplotlib: only when artifacts are drawn
+
+    metrics = {"fid": res.fid, "kid": res.kid, "nfe": preset.nfe}
+    if res.clip is not None:
+        metrics["clip"] = res.clip
+    metrics.update({f"seconds_{k}": v for k, v in res.seconds.items()})
+    tracker.log_metrics(run, metrics)
+    tracker.log_series(run, "fid_partial", res.fid_at)
+    if not artifacts:
+        return
+    tracker.log_figure(run, plots.schedules({preset.name: [float(s) for s in preset.sigmas]},
+                                            title=f"{preset.name}: σ schedule"), "schedule.png")
+    images = res.images
+    if images is not None and len(images):
+        if images.ndim == 4:
+            scale = max(1, 128 // images.shape[-1])
+            tracker.log_image(run, grid(images, nrow=8, scale=scale), "samples.png")
+        else:
+            tracker.log_figure(run, plots.scatter(images.numpy()), "samples.png")
+    tracker.log_json(run, preset.to_json(), "preset.json")
+    if images is not None and len(images) and shown is not None:
+        prompts, seeds = shown
+        tracker.log_tensors(run, {"images": images.contiguous()}, "samples.safetensors",
+                            {"prompts": json.dumps(list(map(str, prompts[:len(images)]))),
+                             "seeds": json.dumps(list(seeds[:len(images)]))})

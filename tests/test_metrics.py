@@ -91,7 +91,9 @@ def test_kid_equals_clean_fid_and_leaves_the_global_rng_alone(folders, net):
     before = np.random.get_state()[1].copy()
     ours = M.kid_folders(a, b, F.CleanFID(net, "tiny", batch_size=8), seed=3)
     assert np.array_equal(np.random.get_state()[1], before)
-    assert ours == pytest.approx(theirs, abs=1e-9, rel=1e-7)
+    # float32 features summed in float64 by both, but through different BLAS calls: the last bits
+    # of float32 move with the library build (1e-7 relative seen), nothing more
+    assert ours == pytest.approx(theirs, abs=1e-9, rel=1e-6)
     assert ours > 1e-3
     # the seed matters (subsets are random), so it is part of the score's definition
     assert M.kid(fa, fb, seed=4) != M.kid(fa, fb, seed=3)

@@ -42,7 +42,7 @@ def test_t_to_sigma_interpolates_alpha_bar():
     assert SD.t_to_sigma(200.7) == pytest.approx(np.sqrt((1 - a) / a), rel=1e-12)
     assert SD.t_to_sigma(999.0) == pytest.approx(SD.sigma_max, rel=1e-12)
     # the two directions agree to ~0.02 of a step away from the very first steps, where σ
-    # changes by half between t = 0 and t = 1 (SPEC §1)
+    # changes by half between t = 0 and t = 1 (docs/conventions.md)
     t = np.linspace(5, 999, 7777)
     gap = np.abs(SD.sigma_to_t(SD.t_to_sigma(t)) - t)
     assert 0.005 < gap.max() < 0.02

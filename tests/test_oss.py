@@ -86,7 +86,7 @@ def test_model_calls_per_sample(gmm):
     tea = trajectories(counted, PROMPTS, SEEDS, guidance=3.0, grid=TeacherGrid(steps=N),
                        use_cache=False)
     oss.search(counted, tea, M, free_start=True, batch_size=50)
-    assert counted.rows == S * (N + M * N)            # the reference's cost, SPEC §5.1
+    assert counted.rows == S * (N + M * N)            # the reference's cost, docs/baselines.md
     counted.rows = 0
     res = oss.search(counted, tea, M, batch_size=50)
     # default start at σ_max: level 0 has one live state per sample

@@ -33,7 +33,7 @@ def read(out):
 
 def test_gmm_writes_vectors_scatter_and_provenance(tmp_path):
     out = str(tmp_path / "gmm")
-    assert main(["sample", "--model", "gmm", "--class", "0,2", "--seeds", "0-2",
+    assert main(["sample", "--model", "gmm", "--prompt", "0", "--prompt", "2", "--seeds", "0-2",
                  "--no-progress", "--out", out]) == 0
     assert sorted(os.listdir(out)) == ["samples.json", "samples.npy", "scatter.png"]
     rec = read(out)
@@ -46,7 +46,7 @@ def test_gmm_writes_vectors_scatter_and_provenance(tmp_path):
     assert rec["solver"] == "dpmpp_2m" and rec["guidance"] == 3.0 and rec["nfe"] == 20
     assert rec["freeu"] == FreeUPlan.off(20).to_json()
     assert rec["seeds"] == [0, 1, 2, 0, 1, 2]
-    assert [im["prompt"] for im in rec["images"]] == [0, 0, 0, 2, 2, 2]
+    assert [im["prompt"] for im in rec["images"]] == ["0", "0", "0", "2", "2", "2"]
     assert rec["schedsearch_version"] == __version__ and rec["figure"] == "scatter.png"
     assert rec["timings"]["sample_s"] > 0
     ref = sample(model, sigmas, [0, 0, 0, 2, 2, 2], [0, 1, 2, 0, 1, 2], guidance=3.0)
@@ -116,12 +116,12 @@ def test_prompt_file_uses_the_prompt_sets_own_seeds(sd_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gmm", "--seeds", "3-1"], "--seeds: the range '3-1' runs backwards"),
     (["--model", "gmm", "--seeds", "a"], "--seeds must be integers or ranges a-b"),
-    (["--model", "gmm", "--class", "7"], "--class: gmm-d16-k12 has classes 0..3, got 7"),
+    (["--model", "gmm", "--prompt", "7"], "class label must be in 0..3, got 7"),
     (["--model", "gmm", "--height", "64"], "--height: for Stable Diffusion models only"),
     (["--model", "gmm", "--freeu", "1,2"], "--freeu takes four numbers b1,b2,s1,s2"),
     (["--model", "gmm", "--freeu", "1.1,1.1,0.9,0"], "FreeU s2 must be a finite number > 0"),
     (["--model", "gmm", "--solver", "rk4"], "solver must be one of"),
-    (["--model", "gmm", "--schedule", "paper"], "schedule 'paper' needs --steps N"),
+    (["--model", "gmm", "--schedule", "explicit"], "schedule 'explicit' needs --sigmas"),
     (["--model", "gmm", "--schedule", "nope"], "unknown schedule 'nope'"),
     (["--model", "gmm", "--n", "3"], "--n applies to --prompts"),
     (["--model", "gmm", "--batch-size", "0"], "--batch-size must be >= 1"),
@@ -137,7 +137,7 @@ def test_errors_on_a_text_model_and_an_empty_prompt_file(sd_dir, tmp_path, capsy
     empty.write_text("\n  \n", encoding="utf-8")
     cases = [
         ([], "is a text-to-image model: give --prompt TEXT or --prompts FILE"),
-        (["--class", "3"], "is a text-to-image model"),
+        (["--prompts", "classes:3"], "takes text prompts"),
         (["--prompts", str(empty)], "holds no prompts; put one prompt per line"),
         (["--prompts", str(tmp_path / "none.txt")], "prompt file"),
     ]

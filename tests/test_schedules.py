@@ -10,7 +10,8 @@ import torch
 from schedsearch import schedules as S
 from schedsearch.noise import SD
 
-# SPEC §2.2 table: σ_stop, t_stop, and the evaluated UNet timesteps where given.
+# The paper presets' golden values (docs/schedules.md): σ_stop, t_stop, and the evaluated UNet
+# timesteps where given.
 GOLDEN = {
     "sd15-8": dict(steps=8, sigma_stop=0.14713, t_stop=22.68,
                    t=[999, 857.32, 719.44, 585.86, 457.19, 334.35, 218.70, 112.73],

@@ -155,7 +155,7 @@ def test_the_proxy_ranks_schedules_on_the_exact_testbed(gmm, ref):
 # -- commands -------------------------------------------------------------------------------------
 def test_refstats_and_score_commands(tmp_path, capsys, gmm):
     out = tmp_path / "gmm.safetensors"
-    assert main(["refstats", "--testbed", "gmm", "--n", "3000", "--seed", "5",
+    assert main(["refstats", "--testbed", "gmm", "--n", "3000", "--data-seed", "5",
                  "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n"] == 3000 and summary["extractor"] == "identity"

@@ -12,9 +12,11 @@ import optuna
 import pytest
 import torch
 
-from schedsearch import presets, solvers
-from schedsearch.search import Candidate, Space
-from schedsearch.study import RunOptions, StudyConfig, run_study
+from schedsearch import presets, slots, solvers
+from schedsearch.config import StudyConfig
+from schedsearch.noise import SD
+from schedsearch.space import Space, Target
+from schedsearch.study import RunOptions, run_study
 
 SMALL = dict(model="gmm", budget=5, n_search=64, n_heldout=64, batch_size=64, trials=5,
              baselines=["karras", "paper", "ays"], checkpoints=[16, 32])
@@ -28,15 +30,16 @@ def cli(*args, env=None, **kw):
 @pytest.mark.parametrize("budget", [1, 2, 3, 5, 8])
 def test_every_candidate_spends_exactly_the_budget(budget):
     space = Space()
+    target = Target(budget=budget, table=SD, family="sd15", guidance=3.0, freeu_ok=True)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=budget))
     for _ in range(60):
         trial = study.ask()
-        cand = space.suggest(trial, budget, 3.0, freeu_ok=True)
-        sig = cand.sigmas(__import__("schedsearch").noise.SD)
-        assert solvers.model_calls(cand.solver, sig) == budget
-        plan = cand.plan()
-        assert plan is None or len(plan.steps) == len(sig) - 1
-        assert Candidate.from_params(trial.params, budget, 3.0) == cand
+        preset = space.suggest(trial, target)
+        assert solvers.model_calls(preset.solver, preset.sigmas) == preset.nfe == budget
+        assert preset.freeu is None or len(preset.freeu.steps) == len(preset.sigmas) - 1
+        # the stored parameters rebuild the very same preset
+        again = Space.preset(trial.params, target, name=preset.name)
+        assert again.to_json() == preset.to_json()
         study.tell(trial, 0.0)
 
 
@@ -282,14 +285,15 @@ def test_a_trial_claimed_by_a_worker_that_died_before_logging_it_still_shows_in_
     an interrupted (KILLED) run, so the dashboard and Optuna tell the same story."""
     from mlflow.tracking import MlflowClient
 
-    from schedsearch import search
-    from schedsearch.study import Context, default_study_name, open_studies
+    from schedsearch.config import default_study_name
+    from schedsearch.context import Context
+    from schedsearch.study import open_studies
 
     cfg = StudyConfig.from_dict({**SMALL, "trials": 3, "baselines": ["karras"]})
     url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
-    storage = search.make_storage(url, heartbeat=1, grace=2)
+    storage = slots.make_storage(url, heartbeat=1, grace=2)
     studies = open_studies(storage, name, Context(cfg, echo=lambda *_: None))
-    dead = search.claim(studies.trials, storage)    # ... and the worker dies here
+    dead = slots.claim(studies.trials, storage)    # ... and the worker dies here
     assert dead is not None and dead.number == 0
     time.sleep(2.5)                                  # its heartbeat goes stale (grace 2 s)
 

@@ -1,16 +1,17 @@
-"""The ``schedsearch`` command. Each module of this package adds its subcommands through
-``register(subparsers)``; handlers import the heavy libraries lazily so ``--help`` is quick."""
+"""The ``schedsearch`` command: one module per command, each adding its subcommands through
+``register(subparsers)``, and ``main``, which turns bad input into one line and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
-import pkgutil
 import sys
 
-# Command modules in the order their subcommands appear in --help.
-ORDER = ["run", "schedule", "sample", "score", "refstats", "teacher", "baselines", "presets", "ui"]
+from ..version import __version__
+
+# Command modules, in the order their subcommands appear in --help.
+COMMANDS = ["run", "schedule", "sample", "score", "refstats", "distill", "presets", "ui"]
 
 
 class UserError(Exception):
@@ -18,8 +19,6 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="schedsearch",
         description="Find the best few-step sampling schedule (σ list, solver, FreeU plan) for a "
@@ -29,10 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"schedsearch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
-    for name in [n for n in ORDER if n in found] + sorted(found - set(ORDER)):
-        module = importlib.import_module(f"{__name__}.{name}")
-        module.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 

@@ -6,22 +6,43 @@ import json
 import sys
 from pathlib import Path
 
+from .. import comfy
+from ..presets import SHIPPED_DIR, available, load, read, user_dir
+from ..report import preset_from_study
+from . import options
+
 
 def register(sub) -> None:
-    p = sub.add_parser("presets", help="list or show presets (shipped, exported, or a file)",
-                       description="Presets are plain JSON: an explicit σ list, solver, FreeU plan, "
-                                   "guidance and provenance. Shipped: the paper's settings and AYS.")
+    p = options.command(
+        sub, "presets", help="list or show presets (shipped, exported, or a file)",
+        description="Presets are plain JSON: an explicit σ list, solver, FreeU plan, guidance and "
+                    "provenance. Shipped: the paper's settings and AYS.",
+        examples=["schedsearch presets list", "schedsearch presets show sd15-5",
+                  "schedsearch presets show sd15-5 --format comfy",
+                  "schedsearch presets show sd15-5 --format comfy-workflow > sd15-5.workflow.json"])
     psub = p.add_subparsers(dest="action", metavar="ACTION")
     ls = psub.add_parser("list", help="list known presets")
     ls.set_defaults(handler=list_presets)
     show = psub.add_parser("show", help="show one preset")
     show.add_argument("name", help="preset name or path to a .json file")
-    show.add_argument("--format", choices=["table", "json", "comfy"], default="table")
+    show.add_argument("--format", choices=["table", "json", "comfy", "comfy-workflow"],
+                      default="table",
+                      help="table (default), json, comfy (a σ list for ManualSigmas) or "
+                           "comfy-workflow (a ComfyUI API-format workflow on stdout; where ComfyUI "
+                           "cannot run the preset exactly, the reasons go to stderr)")
+    show.add_argument("--checkpoint", default="model.safetensors",
+                      help="comfy-workflow: the checkpoint file name in ComfyUI's models folder")
+    show.add_argument("--prompt", default=None, help="comfy-workflow: the positive prompt")
     show.set_defaults(handler=show_preset)
     p.set_defaults(handler=lambda a: (p.print_help(), 2)[1])
 
-    e = sub.add_parser("export", help="export a study's best (or any) trial as a preset",
-                       description="Rebuild a trial's preset from the study storage alone.")
+    e = options.command(
+        sub, "export", help="export a study's best (or any) trial as a preset",
+        description="Rebuild a trial's preset from the study storage alone (no model needed).",
+        examples=["schedsearch export --study digits-5nfe --name mine "
+                  "--out schedsearch-runs/digits-5nfe",
+                  "schedsearch export --study s1 --storage postgresql://u:p@host/db --name s1 "
+                  "--trial 12 --to s1.json"])
     e.add_argument("--study", required=True, help="study name")
     e.add_argument("--name", required=True, help="name of the preset")
     e.add_argument("--out", help="the study's output folder (its study.db)")
@@ -34,7 +55,6 @@ def register(sub) -> None:
 
 
 def list_presets(args) -> int:
-    from ..presets import SHIPPED_DIR, available, read
 
     print(f"{'name':<28} {'family':<7} {'NFE':>3}  {'solver':<9} {'FreeU':<6} source")
     for name, path in sorted(available().items()):
@@ -49,11 +69,18 @@ def list_presets(args) -> int:
     return 0
 
 
-def print_preset(preset, fmt: str) -> None:
+def print_preset(preset, fmt: str, **extra) -> None:
     if fmt == "json":
         print(json.dumps(preset.to_json(), indent=2))
     elif fmt == "comfy":
         print(preset.comfy())
+    elif fmt == "comfy-workflow":
+
+        kwargs = {k: v for k, v in extra.items() if v is not None}
+        workflow, notes = comfy.export(preset, **kwargs)
+        print(json.dumps(workflow, indent=2))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     else:
         d = preset.to_json()
         print(f"{preset.name}: {preset.family}, {preset.nfe} NFE, {preset.solver}, guidance "
@@ -66,15 +93,12 @@ def print_preset(preset, fmt: str) -> None:
 
 
 def show_preset(args) -> int:
-    from ..presets import load
 
-    print_preset(load(args.name), args.format)
+    print_preset(load(args.name), args.format, checkpoint=args.checkpoint, prompt=args.prompt)
     return 0
 
 
 def export(args) -> int:
-    from ..presets import user_dir
-    from ..study import preset_from_study
 
     if not args.storage and not args.out:
         raise ValueError("give the study's --out folder or its --storage URL")

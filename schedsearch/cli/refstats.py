@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
+
+from .. import models
+from ..metrics import features
+from ..metrics.fid import folder_features, list_images
+from ..metrics.refstats import RefStats, default_refstats
+from . import options
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "refstats", help="make reference statistics (mu, sigma, features) for FID/KID",
+    p = options.command(
+        sub, "refstats", help="make reference statistics (mu, sigma, features) for FID/KID",
         description="Embed real images and store their mean, covariance and raw features (for "
                     "KID) with their provenance in a safetensors file, for `schedsearch score "
                     "--ref-stats` and `schedsearch run --ref-stats`. Images are read and resized "
                     "exactly as clean-fid does. The built-in testbeds build their own statistics "
                     "on first use; --testbed builds (or shows) them explicitly.",
-        epilog="Examples:\n"
-               "  schedsearch refstats --images coco-val-512/ --out coco-val-512.safetensors\n"
-               "  schedsearch refstats --testbed digits\n"
-               "  schedsearch refstats --testbed gmm --n 20000 --out gmm-ref.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        examples=["schedsearch refstats --images coco-val-512/ --out coco-val-512.safetensors",
+                  "schedsearch refstats --testbed digits",
+                  "schedsearch refstats --testbed gmm --n 20000 --out gmm-ref.safetensors"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR",
                      help="a folder of real images (searched recursively)")
@@ -29,30 +33,20 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="FILE",
                    help="output .safetensors file (required with --images; with --testbed the "
                         "statistics also go to the cache)")
-    p.add_argument("--extractor", choices=["inception", "digits", "identity"],
-                   help="feature space (default: inception for --images, the testbed's own "
-                        "otherwise)")
-    p.add_argument("--inception", metavar="PATH",
-                   help="clean-fid's inception-2015-12-05.pt (default: $SCHEDSEARCH_INCEPTION, "
-                        "then /tmp/inception-2015-12-05.pt)")
+    options.extractor(p)
     p.add_argument("--n", type=int, help="use the first N images (files in sorted order) / N "
                                          "exact gmm samples (default: all / 10000)")
-    p.add_argument("--seed", type=int, help="gmm: sampling seed (default 12345)")
+    p.add_argument("--data-seed", type=int,
+                   help="gmm: the seed of the exact reference samples (default 12345)")
     p.add_argument("--rebuild", action="store_true", help="--testbed: ignore the cached copy")
     p.add_argument("--no-features", action="store_true",
                    help="store only mu and sigma (smaller file; KID then unavailable)")
-    p.add_argument("--batch-size", type=int, help="images per feature batch")
+    options.batch_size(p, None)
     p.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    import os
-
-    from .. import models
-    from ..metrics import features
-    from ..metrics.fid import folder_features, list_images
-    from ..metrics.refstats import RefStats, default_refstats
 
     if args.n is not None and args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
@@ -75,7 +69,7 @@ def run(args) -> int:
         model = models.load(args.testbed, device=device)
         ext = features.build(args.extractor, model=model, device=device,
                              inception_path=args.inception, batch_size=args.batch_size)
-        ref = default_refstats(model, ext, n=args.n, seed=args.seed, device=device,
+        ref = default_refstats(model, ext, n=args.n, seed=args.data_seed, device=device,
                                rebuild=args.rebuild)
         paths = [ref.path]
         if args.out:

@@ -2,50 +2,49 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from ..config import StudyConfig, default_study_name
+from ..report import comparison_markdown
+from ..study import RunOptions, run_study
+from . import options
+
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "run", help="search the best schedule for a model at an NFE budget (the main job)",
-        description="Run an Optuna study over the paper's schedule space (p1, p2, stop, final "
-                    "denoise, solver, FreeU start and values) at a fixed number of model calls, "
-                    "score every candidate and baseline with the FID proxy on the same prompts "
-                    "and seeds, re-score the winner on held-out prompts, log everything to MLflow "
-                    "and write the winner as a preset. With no arguments it runs on the built-in "
-                    "'digits' testbed. Re-running the same command continues the study.",
-        epilog="Examples:\n"
-               "  schedsearch run --budget 5\n"
-               "  schedsearch run --config studies/sd15-coco-5.yaml --model sd-legacy/stable-diffusion-v1-5 \\\n"
-               "      --prompts captions_val2014.json --ref-stats coco-val-512.safetensors\n"
-               "  schedsearch run --storage postgresql://u:p@host/db --study-name s1   # on N machines",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = options.command(
+        sub, "run", help="search the best schedule for a model at an NFE budget (the main job)",
+        description="Run an Optuna study over the schedule space (the paper's p1, p2, stop, final "
+                    "denoise; the solver; FreeU start and values) at a fixed number of model "
+                    "calls, score every candidate and baseline with the FID proxy on the same "
+                    "prompts and seeds, re-score the winner on held-out prompts, log everything "
+                    "to MLflow and write the winner as a preset. With no arguments it runs on the "
+                    "built-in 'digits' testbed. Re-running the same command continues the study.",
+        examples=["schedsearch run --budget 5",
+                  "schedsearch run --config studies/sd15-coco-5.yaml --model "
+                  "sd-legacy/stable-diffusion-v1-5 \\\n"
+                  "      --prompts captions_val2014.json --ref-stats coco-val-512.safetensors",
+                  "schedsearch run --storage postgresql://u:p@host/db --study-name s1   "
+                  "# on N machines"])
     p.add_argument("--budget", type=int, help="model calls (NFE) per image (default 5)")
     p.add_argument("--config", metavar="YAML", help="a study config (see studies/); flags override it")
-    p.add_argument("--model", help="digits (default), gmm, a hub id, a diffusers folder or a "
-                                   ".safetensors checkpoint")
-    p.add_argument("--prompts", help="prompt source: a text file, COCO captions JSON, CSV, or classes:K")
+    options.model(p, default=None)
+    options.prompts(p, default_seed=None)
     p.add_argument("--n-search", type=int, help="images per candidate (the search subset)")
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
     p.add_argument("--trials", type=int, help="number of trials in the study (default 32)")
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
     p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
-    p.add_argument("--seed", type=int, help="sampler seed (default 0)")
-    p.add_argument("--guidance", type=float, help="CFG scale, fixed for the study (default: per model family)")
+    p.add_argument("--seed", type=int, help="the search's seed (default 0)")
+    options.guidance(p)
     p.add_argument("--objectives", help="fid (default), fid,nfe or fid,clip (multi-objective, Pareto front)")
     p.add_argument("--baselines", help="comma-separated subset of karras,karras20,paper,ays,gits,oss")
-    p.add_argument("--ref-stats", help="reference statistics file (schedsearch refstats); testbeds have their own")
-    p.add_argument("--inception", help="path to clean-fid's inception-2015-12-05.pt (offline)")
-    p.add_argument("--clip", help="folder of local CLIP weights, for a CLIP score")
-    p.add_argument("--batch-size", type=int, help="images per model call batch")
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
+    options.scoring(p)
+    options.batch_size(p, None)
     p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite in --out)")
     p.add_argument("--study-name", help="study name (default: <model>-<budget>nfe)")
     p.add_argument("--out", help="output folder (default: schedsearch-runs/<study name>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    options.progress(p)
     p.add_argument("--no-user-preset", action="store_true",
                    help="do not copy the winner into the user preset folder")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between trial heartbeats")
@@ -58,27 +57,24 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def config_from_args(args):
-    from ..study import StudyConfig, default_study_name
+# flag → config key, for the flags that override a study config
+OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_search",
+             "n_heldout", "trials", "sampler", "seed", "guidance", "ref_stats", "extractor",
+             "inception", "clip", "batch_size", "device", "dtype")
 
-    overrides = {
-        "budget": args.budget, "model": args.model, "prompts": args.prompts,
-        "n_search": args.n_search, "n_heldout": args.n_heldout, "trials": args.trials,
-        "sampler": args.sampler, "seed": args.seed, "guidance": args.guidance,
-        "objectives": args.objectives.split(",") if args.objectives else None,
-        "baselines": args.baselines.split(",") if args.baselines else None,
-        "ref_stats": args.ref_stats, "inception": args.inception, "clip": args.clip,
-        "batch_size": args.batch_size, "device": args.device, "dtype": args.dtype,
-    }
-    if args.config:
-        config = StudyConfig.from_file(args.config, **overrides)
-    else:
-        config = StudyConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+
+def config_from_args(args):
+
+    overrides = {k: getattr(args, k) for k in OVERRIDES}
+    overrides["objectives"] = args.objectives.split(",") if args.objectives else None
+    overrides["baselines"] = args.baselines.split(",") if args.baselines else None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = (StudyConfig.from_file(args.config, **overrides) if args.config
+              else StudyConfig.from_dict(overrides))
     return config, args.study_name or default_study_name(config)
 
 
 def run(args) -> int:
-    from ..study import RunOptions, comparison_markdown, run_study
 
     config, name = config_from_args(args)
     out = Path(args.out or Path("schedsearch-runs") / name)

@@ -1,5 +1,6 @@
 """The FID proxy: feature extractors, FID/KID, reference statistics, and the scorer the search
-optimises (SPEC §6). ``from schedsearch.metrics.score import Scorer, ScoreResult, ScoreError``."""
+optimises (see docs/scoring.md).
+``from schedsearch.metrics.score import Scorer, ScoreResult, ScoreError``."""
 
 from .fid import fid_folders, fid_from_features, frechet_distance, kid
 from .refstats import RefStats, default_refstats

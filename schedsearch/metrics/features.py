@@ -6,7 +6,7 @@ one feature space), ``resize`` (how images reach the network), and
 vectors for the Gaussian-mixture testbed. Work is done batch by batch so memory stays bounded.
 
 * ``CleanFID`` — any network that takes clean-fid's input; ``inception()`` builds it on clean-fid's
-  TorchScript Inception-V3, so our features are clean-fid's features (SPEC §6).
+  TorchScript Inception-V3, so our features are clean-fid's features (see docs/scoring.md).
 * ``ClassifierFeatures`` — the penultimate features of the digits testbed's classifier.
 * ``Identity`` — the vectors themselves (gmm testbed).
 * ``ClipScore`` — a separate metric (CLIP score), never part of FID.
@@ -20,6 +20,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .. import files
+from ..models.digits import load_classifier
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -105,7 +108,7 @@ class CleanFID(Extractor):
 
     def __init__(self, net, name: str, device="cpu", batch_size: int = 32,
                  size: tuple[int, int] = (299, 299)):
-        from cleanfid.resize import make_resizer
+        from cleanfid.resize import make_resizer  # cleanfid: imports torchvision, seconds
 
         self.net, self.name, self.batch_size = net, name, int(batch_size)
         self.device = torch.device(device)
@@ -175,10 +178,8 @@ def _inception_dir(weights: str) -> str:
     cache so users may keep the file under any name."""
     if os.path.basename(weights) == INCEPTION_FILE:
         return os.path.dirname(weights)
-    from .refstats import cache_dir
-
     key = hashlib.sha256(os.path.abspath(weights).encode()).hexdigest()[:12]
-    folder = os.path.join(cache_dir(), "inception", key)
+    folder = str(files.cache_dir("inception", key))
     os.makedirs(folder, exist_ok=True)
     link = os.path.join(folder, INCEPTION_FILE)
     if not os.path.lexists(link):
@@ -188,7 +189,7 @@ def _inception_dir(weights: str) -> str:
 
 def inception(path: Optional[str] = None, device="cpu", batch_size: int = 32) -> CleanFID:
     """clean-fid's Inception-V3 (2048-d pool features, "clean" resize) on a local weights file."""
-    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.inception_torchscript import InceptionV3W  # cleanfid: heavy
 
     weights = find_inception(path)
     try:
@@ -221,11 +222,9 @@ class ClassifierFeatures(Extractor):
 def digits(device="cpu", batch_size: int = 512) -> ClassifierFeatures:
     """The digits testbed's classifier; its name carries the weights' hash, so statistics made
     with retrained weights are refused."""
-    from ..models.digits import load_classifier
 
     clf = load_classifier(device=device)
-    name = clf.fingerprint() if hasattr(clf, "fingerprint") else "digits-classifier"
-    return ClassifierFeatures(clf, name, device=device, batch_size=batch_size)
+    return ClassifierFeatures(clf, clf.fingerprint(), device=device, batch_size=batch_size)
 
 
 # -- choosing one ---------------------------------------------------------------------------------
@@ -233,8 +232,7 @@ KINDS = ("inception", "digits", "identity")
 
 
 def default_kind(model) -> str:
-    family = getattr(model, "family", None)
-    return {"gmm": "identity", "digits": "digits"}.get(family, "inception")
+    return {"gmm": "identity", "digits": "digits"}.get(model.family, "inception")
 
 
 def build(kind: Optional[str] = None, *, model=None, device=None,
@@ -246,7 +244,7 @@ def build(kind: Optional[str] = None, *, model=None, device=None,
             raise ValueError("name an extractor (inception, digits, identity) or pass a model")
         kind = default_kind(model)
     if device is None:
-        device = getattr(model, "device", "cpu") if model is not None else "cpu"
+        device = model.device if model is not None else "cpu"
     kw = {} if batch_size is None else {"batch_size": batch_size}
     if kind == "identity":
         return Identity()
@@ -273,7 +271,7 @@ class ClipScore:
                 "n='openai/clip-vit-base-patch32'; "
                 "CLIPModel.from_pretrained(n).save_pretrained('clip'); "
                 "P.from_pretrained(n).save_pretrained('clip')\"  and copy the folder here")
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel, CLIPProcessor  # transformers: heavy, optional
 
         self.device, self.batch_size = torch.device(device), int(batch_size)
         self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval()

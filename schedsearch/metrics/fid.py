@@ -1,4 +1,4 @@
-"""FID and KID on features, and FID between two image folders (SPEC §6).
+"""FID and KID on features, and FID between two image folders (see docs/scoring.md).
 
 The distances are clean-fid's own functions; this module adds what clean-fid leaves to the
 caller: float64 statistics, a seeded KID that leaves numpy's global RNG as it found it, quiet output
@@ -17,6 +17,7 @@ import warnings
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +58,7 @@ def _blas_threads(work: float):
     if work >= _SMALL_WORK:
         return contextlib.nullcontext()
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # optional: comes with scikit-learn
     except ImportError:  # threadpoolctl comes with scikit-learn; without it, keep the default
         return contextlib.nullcontext()
     return threadpool_limits(1, user_api="blas")
@@ -65,7 +66,7 @@ def _blas_threads(work: float):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """clean-fid's Fréchet distance, as a Python float."""
-    from cleanfid.fid import frechet_distance as cf
+    from cleanfid.fid import frechet_distance as cf  # cleanfid: imports torchvision
 
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -119,7 +120,7 @@ def kid(features1: np.ndarray, features2: np.ndarray, seed: int = 0, num_subsets
     clean-fid draws the subsets from numpy's *global* RNG; we seed it for reproducible scores and
     restore its previous state so callers' random streams are untouched.
     """
-    from cleanfid.fid import kernel_distance
+    from cleanfid.fid import kernel_distance  # cleanfid: imports torchvision
 
     f1, f2 = _features(features1, "features1"), _features(features2, "features2")
     if f1.shape[1] != f2.shape[1]:
@@ -200,7 +201,7 @@ def _offdiag_sum(a: np.ndarray) -> float:
 # -- image folders --------------------------------------------------------------------------------
 def list_images(folder: str) -> list[str]:
     """The image files of a folder, found and ordered exactly as clean-fid finds them."""
-    from cleanfid.utils import EXTENSIONS
+    from cleanfid.utils import EXTENSIONS  # cleanfid: imports torchvision
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
@@ -213,8 +214,6 @@ def list_images(folder: str) -> list[str]:
 
 def read_image(path: str, channels: Optional[int] = None) -> np.ndarray:
     """(H, W, C) uint8, read as clean-fid reads it (PIL → RGB), or grayscale when channels == 1."""
-    from PIL import Image
-
     if path.endswith(".npy"):
         arr = np.load(path, allow_pickle=False)
         return arr if arr.ndim == 3 else arr[..., None]

@@ -11,27 +11,23 @@ round trip.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
+from .. import files
+from ..models.digits import digits_data, to_unit
+from ..version import __version__
+from . import features as _features
 from .fid import statistics
 
 FORMAT = "schedsearch-refstats/1"
 REQUIRED = ("format", "extractor", "resize", "n", "dim", "source", "created", "schedsearch_version")
-
-
-def cache_dir() -> str:
-    """$SCHEDSEARCH_CACHE, else ~/.cache/schedsearch."""
-    root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                               "schedsearch")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 class ExtractorMismatch(ValueError):
@@ -51,8 +47,6 @@ class RefStats:
     def from_features(cls, features: np.ndarray, *, extractor, source: str,
                       keep_features: bool = True, **extra) -> "RefStats":
         """``extractor``: the Extractor used (its name and resize mode are recorded)."""
-        from .. import __version__
-
         f = np.asarray(features)
         if f.ndim != 2 or f.shape[0] < 2:
             raise ValueError(f"reference features must be (N >= 2, D), got shape {f.shape}")
@@ -67,7 +61,7 @@ class RefStats:
             "n": str(f.shape[0]),
             "dim": str(f.shape[1]),
             "source": str(source),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": files.utc_now(),
             "schedsearch_version": __version__,
         }
         meta.update({k: str(v) for k, v in extra.items() if v is not None})
@@ -114,29 +108,17 @@ class RefStats:
     # -- files ----------------------------------------------------------------------------------
     def save(self, path: str) -> str:
         """Write atomically (several workers may build the same cache entry at once)."""
-        from safetensors.numpy import save_file
-
         tensors = {"mu": np.ascontiguousarray(self.mu, np.float64),
                    "sigma": np.ascontiguousarray(self.sigma, np.float64)}
         if self.features is not None:
             tensors["features"] = np.ascontiguousarray(self.features, np.float32)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".refstats-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={k: str(v) for k, v in self.meta.items()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        meta = {k: str(v) for k, v in self.meta.items()}
+        files.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         self.path = path
         return path
 
     @classmethod
     def load(cls, path: str) -> "RefStats":
-        from safetensors import SafetensorError, safe_open
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference statistics file {path!r} does not exist; make one "
                                     "with `schedsearch refstats --images DIR --out FILE`")
@@ -152,21 +134,54 @@ class RefStats:
             raise ValueError(f"{path!r} is not a schedsearch reference-statistics file (format "
                              f"{meta.get('format')!r}, expected {FORMAT!r}); make one with "
                              "`schedsearch refstats`")
-        missing = [k for k in REQUIRED if k not in meta] + [k for k in ("mu", "sigma")
-                                                             if k not in keys]
-        if missing:
-            raise ValueError(f"{path!r} lacks {', '.join(missing)}; rebuild it with "
-                             "`schedsearch refstats`")
-        mu, sigma = tensors["mu"].astype(np.float64), tensors["sigma"].astype(np.float64)
-        d = int(meta["dim"])
-        if mu.shape != (d,) or sigma.shape != (d, d):
-            raise ValueError(f"{path!r}: mu {mu.shape} / sigma {sigma.shape} do not match dim {d}")
-        feats = tensors.get("features")
-        if feats is not None:
-            feats = feats.astype(np.float64)
-            if feats.shape != (int(meta["n"]), d):
-                raise ValueError(f"{path!r}: features {feats.shape} do not match n × dim")
+        mu, sigma, feats = _checked(path, meta, tensors)
         return cls(mu, sigma, feats, meta, path=path)
+
+
+def _rebuild_hint(path: str, meta: dict) -> str:
+    """How to make the file again: a testbed's statistics record the model they came from."""
+    model = str(meta.get("model", ""))
+    testbed = next((t for t in ("digits", "gmm") if model == t or model.startswith(t + "-")),
+                   None)
+    if testbed and "model_fingerprint" in meta:
+        return f"rebuild it with `schedsearch refstats --testbed {testbed} --rebuild --out {path}`"
+    return "rebuild it with `schedsearch refstats --images DIR --out FILE`"
+
+
+def _checked(path: str, meta: dict, tensors: dict) -> tuple:
+    """(mu, sigma, features) of a loaded file, refused unless FID can use them: a NaN or an
+    asymmetric sigma only shows up later as every trial failing in the matrix square root."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"reference statistics {path!r}: {what}; {_rebuild_hint(path, meta)}")
+
+    missing = [k for k in REQUIRED if k not in meta] + [k for k in ("mu", "sigma")
+                                                         if k not in tensors]
+    if missing:
+        raise bad(f"lacks {', '.join(missing)}")
+    try:
+        n, d = int(meta["n"]), int(meta["dim"])
+    except ValueError:
+        raise bad(f"metadata 'n' ({meta['n']!r}) and 'dim' ({meta['dim']!r}) must be "
+                  "integers") from None
+    mu, sigma = tensors["mu"].astype(np.float64), tensors["sigma"].astype(np.float64)
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise bad(f"mu {mu.shape} / sigma {sigma.shape} do not match dim {d}")
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if not np.isfinite(value).all():
+            raise bad(f"{name} is not finite ({int((~np.isfinite(value)).sum())} NaN/inf values)")
+    # Covariances computed in float32 or by np.cov are symmetric only up to rounding, so the
+    # tolerance follows the matrix's own scale.
+    scale = float(np.abs(sigma).max(initial=0.0))
+    if float(np.abs(sigma - sigma.T).max(initial=0.0)) > 1e-6 * scale:
+        raise bad("sigma is not symmetric, so it is not a covariance matrix")
+    feats = tensors.get("features")
+    if feats is not None:
+        feats = feats.astype(np.float64)
+        if feats.shape != (n, d):
+            raise bad(f"features {feats.shape} do not match n × dim ({n}, {d})")
+        if not np.isfinite(feats).all():
+            raise bad("features are not finite")
+    return mu, sigma, feats
 
 
 def _kind(name: str) -> str:
@@ -194,11 +209,9 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
     * ``gmm``: ``n`` exact samples (default 10 000, seeded), classes balanced, as the ``classes:K``
       prompt sets draw them.
     """
-    from . import features as _features
-
-    family = getattr(model, "family", None)
+    family = model.family
     if family not in ("digits", "gmm"):
-        raise ValueError(f"no built-in reference data for {getattr(model, 'name', model)!r}; "
+        raise ValueError(f"no built-in reference data for {model.name!r}; "
                          "make statistics from real images with `schedsearch refstats --images DIR "
                          "--out FILE` and pass them with --ref-stats FILE")
     if extractor is None:
@@ -209,7 +222,7 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
     else:
         seed = 0 if seed is None else int(seed)
     key = _safe(f"{model.fingerprint()}-{extractor.name}-n{n if n is not None else 'all'}-s{seed}")
-    path = os.path.join(cache or os.path.join(cache_dir(), "refstats"), key + ".safetensors")
+    path = os.path.join(cache or files.cache_dir("refstats"), key + ".safetensors")
     if not rebuild and os.path.isfile(path):
         try:
             ref = RefStats.load(path)
@@ -224,8 +237,6 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
         feats = extractor(data)
         source = f"{model.name}: {n} exact samples, classes 0..{k - 1} in turn, seed {seed}"
     else:
-        from ..models.digits import digits_data
-
         images = _digits_images(digits_data("heldout"))
         if n is not None:
             if n > images.shape[0]:
@@ -243,7 +254,5 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
 def _digits_images(data):
     """``digits_data(split)`` gives (images in [-1, 1], labels); the model's decoder maps its
     samples to [0, 1] with ``to_unit``, so the reference goes through the same map."""
-    from ..models.digits import to_unit
-
     images = data[0] if isinstance(data, (tuple, list)) else data
     return to_unit(images)

@@ -8,7 +8,7 @@ scored.
 
 Candidates are only comparable at the same n with the same prompts and seeds (common random
 numbers); at n below the feature dimension FID is biased upward, which is why KID (unbiased) is
-reported next to it (SPEC §6).
+reported next to it (see docs/scoring.md).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import schedules, solvers
-from ..models import default_guidance, default_prompts
+from .. import prompts as _prompts, schedules, solvers
+from ..models import Model, default_guidance, default_prompts
+from ..version import __version__
 from ..sampler import sample
+from . import features
 from .fid import KernelDistance, frechet_distance, frechet_distance_lowrank, kid, statistics
+from .refstats import RefStats, default_refstats
 
 STAGES = ("sampling", "model", "solver", "decode", "features", "statistics", "total")
 # "clip" joins the stages when a CLIP score is computed (a separate metric, never part of FID).
@@ -76,7 +79,7 @@ class Scorer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.extractor, self.ref, self.prompts = model, extractor, ref, prompt_set
-        self.guidance = default_guidance(model) if guidance is None else float(guidance)
+        self.guidance = default_guidance(model.family) if guidance is None else float(guidance)
         self.batch_size = int(batch_size)
         self.n = len(prompt_set)
         cps = sorted({int(c) for c in checkpoints if 2 <= int(c) < self.n})
@@ -128,114 +131,104 @@ class Scorer:
         sigmas = schedules.explicit(sigmas)
         solver = solvers.canonical(solver)
         t_start = time.perf_counter()
-        sec = dict.fromkeys(STAGES, 0.0)
-        if self.clip is not None:
-            sec["clip"] = 0.0
+        sec = dict.fromkeys(STAGES + (("clip",) if self.clip is not None else ()), 0.0)
         clip_scores: list[np.ndarray] = []
         feats: list[np.ndarray] = []
         kept: list[torch.Tensor] = []
-        n_kept = 0
         fid_at: dict[int, float] = {}
         nfe = solvers.model_calls(solver, sigmas)
-        next_cp = 0
-        done = 0
         for start, stop in self._slices():
-            t0 = time.perf_counter()
-            try:
-                out = sample(self.model, sigmas, self.prompts.prompts[start:stop],
-                             self.prompts.seeds[start:stop], solver=solver, guidance=self.guidance,
-                             freeu=freeu, batch_size=self.batch_size)
-            except solvers.NonFiniteError as exc:
-                raise ScoreError(f"{exc} (images {start}..{stop - 1} of the prompt set)") from exc
-            sec["sampling"] += time.perf_counter() - t0
-            for key in ("model", "solver", "decode"):
-                sec[key] += out.seconds.get(key, 0.0)
-            nfe = out.nfe
-            images = out.images
-            if not bool(torch.isfinite(images).all()):
-                raise ScoreError(f"the decoded images {start}..{stop - 1} are not finite")
-            if n_kept < keep_images:
-                kept.append(images[: keep_images - n_kept].clone())
-                n_kept += kept[-1].shape[0]
+            images, nfe = self._images(sigmas, solver, freeu, start, stop, sec)
+            if sum(map(len, kept)) < keep_images:
+                kept.append(images[: keep_images - sum(map(len, kept))].clone())
             if on_batch is not None:
                 on_batch(start, images)
-            t1 = time.perf_counter()
-            f = self.extractor(images)
-            sec["features"] += time.perf_counter() - t1
-            if not np.isfinite(f).all():
-                raise ScoreError(f"the features of images {start}..{stop - 1} are not finite")
-            if f.shape[1] != self.ref.dim:
-                raise ValueError(f"the extractor gives {f.shape[1]}-d features, the reference "
-                                 f"statistics are {self.ref.dim}-d")
-            feats.append(f)
+            feats.append(self._features(images, start, stop, sec))
             if self.clip is not None:
                 t4 = time.perf_counter()
                 clip_scores.append(self.clip(images, self.prompts.prompts[start:stop]))
                 sec["clip"] += time.perf_counter() - t4
-            done = stop
-            if done == self.checkpoints[next_cp]:
-                t2 = time.perf_counter()
-                allf = np.concatenate(feats)
-                feats = [allf]
-                fid_at[done] = self.fid_of(allf)
-                sec["statistics"] += time.perf_counter() - t2
-                if not np.isfinite(fid_at[done]):
-                    raise ScoreError(f"FID at n = {done} is not finite")
-                next_cp += 1
+            if stop in self.checkpoints:
+                feats = [np.concatenate(feats)]
+                fid_at[stop] = self._checkpoint(feats[0], stop, sec)
                 if on_checkpoint is not None:
-                    on_checkpoint(done, fid_at[done])
-        allf = feats[0]
+                    on_checkpoint(stop, fid_at[stop])
         t3 = time.perf_counter()
-        kid_value = self.kid_of(allf)
+        kid_value = self.kid_of(feats[0])
         sec["statistics"] += time.perf_counter() - t3
         sec["total"] = time.perf_counter() - t_start
         return ScoreResult(
             fid=fid_at[self.n], kid=kid_value, n=self.n, fid_at=fid_at, nfe=int(nfe), seconds=sec,
-            images=torch.cat(kept) if kept else None, features=allf if keep_features else None,
+            images=torch.cat(kept) if kept else None, features=feats[0] if keep_features else None,
             clip=float(np.concatenate(clip_scores).mean()) if clip_scores else None)
+
+    def _images(self, sigmas, solver, freeu, start: int, stop: int, sec: dict):
+        """Images start..stop of the prompt set, checked finite; (images, model calls each)."""
+        t0 = time.perf_counter()
+        try:
+            out = sample(self.model, sigmas, self.prompts.prompts[start:stop],
+                         self.prompts.seeds[start:stop], solver=solver, guidance=self.guidance,
+                         freeu=freeu, batch_size=self.batch_size)
+        except solvers.NonFiniteError as exc:
+            raise ScoreError(f"{exc} (images {start}..{stop - 1} of the prompt set)") from exc
+        sec["sampling"] += time.perf_counter() - t0
+        for key in ("model", "solver", "decode"):
+            sec[key] += out.seconds.get(key, 0.0)
+        if not bool(torch.isfinite(out.images).all()):
+            raise ScoreError(f"the decoded images {start}..{stop - 1} are not finite")
+        return out.images, out.nfe
+
+    def _features(self, images: torch.Tensor, start: int, stop: int, sec: dict) -> np.ndarray:
+        t1 = time.perf_counter()
+        f = self.extractor(images)
+        sec["features"] += time.perf_counter() - t1
+        if not np.isfinite(f).all():
+            raise ScoreError(f"the features of images {start}..{stop - 1} are not finite")
+        if f.shape[1] != self.ref.dim:
+            raise ValueError(f"the extractor gives {f.shape[1]}-d features, the reference "
+                             f"statistics are {self.ref.dim}-d")
+        return f
+
+    def _checkpoint(self, features: np.ndarray, n: int, sec: dict) -> float:
+        t2 = time.perf_counter()
+        fid = self.fid_of(features)
+        sec["statistics"] += time.perf_counter() - t2
+        if not np.isfinite(fid):
+            raise ScoreError(f"FID at n = {n} is not finite")
+        return fid
 
     # -- provenance -----------------------------------------------------------------------------
     def provenance(self) -> dict:
-        from .. import __version__
-
-        m = self.model
-        return {"model": getattr(m, "name", str(m)),
-                "fingerprint": m.fingerprint() if hasattr(m, "fingerprint") else None,
+        return {"model": self.model.name, "fingerprint": self.model.fingerprint(),
                 "guidance": self.guidance, "prompts": self.prompts.as_json(),
                 "extractor": self.extractor.describe(), "reference": self.ref.provenance(),
                 "checkpoints": list(self.checkpoints), "frechet": self.frechet,
                 "kid": {"subsets": self.kid_subsets, "seed": self.kid_seed},
-                "clip": getattr(self.clip, "path", None),
+                "clip": self.clip.path if self.clip is not None else None,
                 "schedsearch_version": __version__}
 
 
-def scoring_setup(model, config) -> tuple:
-    """(extractor, reference statistics) from a config-like object with optional attributes
-    ``extractor`` (inception|digits|identity), ``inception`` (weights path), ``ref_stats`` (a file;
-    None: the testbed's cached default) and ``device``. Refuses mismatched statistics."""
-    from . import features as _features
-    from .refstats import RefStats, default_refstats
-
-    device = getattr(config, "device", None) or getattr(model, "device", None)
-    ext = _features.build(getattr(config, "extractor", None), model=model, device=device,
-                          inception_path=getattr(config, "inception", None))
-    path = getattr(config, "ref_stats", None)
-    ref = RefStats.load(path) if path else default_refstats(model, ext, device=device)
+def scoring_setup(model: Model, *, extractor: Optional[str] = None,
+                  inception: Optional[str] = None, ref_stats: Optional[str] = None,
+                  device=None) -> tuple:
+    """(extractor, reference statistics): ``extractor`` (inception|digits|identity; default: the
+    model's natural one), ``inception`` (weights path), ``ref_stats`` (a file; None: the testbed's
+    cached default). Refuses mismatched statistics."""
+    device = device or model.device
+    ext = features.build(extractor, model=model, device=device, inception_path=inception)
+    ref = RefStats.load(ref_stats) if ref_stats else default_refstats(model, ext, device=device)
     ref.check(ext)
     return ext, ref
 
 
-def build_scorer(model, *, prompts: Optional[str] = None, n: int = 256, prompt_seed: int = 0,
-                 ref_stats: Optional[str] = None, extractor: Optional[str] = None,
-                 inception: Optional[str] = None, device=None, **kwargs) -> Scorer:
+def build_scorer(model: Model, *, prompts: Optional[str] = None, n: int = 256,
+                 prompt_seed: int = 0, ref_stats: Optional[str] = None,
+                 extractor: Optional[str] = None, inception: Optional[str] = None, device=None,
+                 **kwargs) -> Scorer:
     """A Scorer with the defaults of the built-in testbeds: ``classes:K`` prompts, the model's
     natural extractor, and the cached default reference statistics (``ref_stats`` names a file
     otherwise)."""
-    from types import SimpleNamespace
-
-    from .. import prompts as _prompts
-
-    ext, ref = scoring_setup(model, SimpleNamespace(extractor=extractor, inception=inception,
-                                                    ref_stats=ref_stats, device=device))
+    ext, ref = scoring_setup(model, extractor=extractor, inception=inception,
+                             ref_stats=ref_stats, device=device)
     pset = _prompts.load(prompts or default_prompts(model), n, prompt_seed)
     return Scorer(model, ext, ref, pset, **kwargs)

@@ -1,24 +1,58 @@
-"""Models as denoisers. Every model the sampler takes has:
-
-* ``name``, ``family`` (``sd15``, ``sd2``, ``sdxl``, ``digits``, ``gmm`` — picks AYS tables and presets),
-  ``fingerprint()`` (identifies the weights, for caches and provenance);
-* ``table`` (a ``NoiseTable``), ``latent_shape`` (per image), ``device``, ``dtype``;
-* ``unet``: the diffusers ``UNet2DConditionModel`` FreeU acts on, or None;
-* ``condition(prompts) -> cond``: conditioning for a batch (prompt embeddings are cached per prompt);
-* ``denoise(x, sigma, cond, guidance) -> D``: one model call (CFG batched), σ a float or (B,) tensor;
-* ``decode(latents) -> images``: float in [0, 1], (N, C, H, W) (the gmm testbed returns its vectors).
-
-``load`` picks the backend from a model spec: ``digits`` (the default everywhere), ``gmm``, a hub
-id, a local diffusers folder, or a single ``.safetensors`` checkpoint.
+"""Models as denoisers: the contract every model the sampler takes fulfils (``Model``), the
+model families, their usual guidance and prompts, and ``load``, which picks the backend from a
+model spec: ``digits`` (the default everywhere), ``gmm``, a hub id, a local diffusers folder, or a
+single ``.safetensors`` checkpoint.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..noise import NoiseTable
+from .diffusers_sd import load_stable_diffusion
+from .digits import load_digits
+from .gmm import GaussianMixture
+
 BUILTIN = ("digits", "gmm")
+# Every model family a backend reports. sd15 covers SD1.x; sd2 the SD2.x models (OpenCLIP text
+# encoder, v-prediction at 768²); the testbeds are families of their own.
+FAMILIES = ("sd15", "sd2", "sdxl", "digits", "gmm")
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the sampler, the scorer, the teacher and the search need from a model."""
+
+    name: str
+    family: str                       # one of FAMILIES
+    table: NoiseTable                 # the discrete noise table the model was trained on
+    latent_shape: tuple               # the shape of one sample, e.g. (4, 64, 64)
+    device: torch.device
+    dtype: torch.dtype
+    unet: Any                         # the diffusers UNet2DConditionModel FreeU acts on, or None
+
+    def fingerprint(self) -> str:
+        """Identifies the weights (for caches and provenance)."""
+
+    def describe(self) -> dict:
+        """JSON-able facts for provenance (name, family, fingerprint, resolution, ...)."""
+
+    def condition(self, prompts: Sequence) -> Any:
+        """Conditioning for a batch of prompts (text, or class labels for the testbeds)."""
+
+    def denoise(self, x: torch.Tensor, sigma, cond: Any, guidance: float) -> torch.Tensor:
+        """One model call: D(x; σ) with classifier-free guidance, σ a float or a (B,) tensor."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to float images in [0, 1], (N, C, H, W); the gmm testbed returns its vectors."""
+
+
+def schedule_family(family: str) -> str:
+    """The published schedule tables (AYS, the paper's presets) a model family uses: the SDXL ones
+    for SDXL, the SD1.5 ones for everything else on the SD noise table."""
+    return "sdxl" if family == "sdxl" else "sd15"
 
 # The usual CFG scale and prompt source per model family, for every command. digits runs at 4, not
 # the gentler 2 of its quality bar: at 2 its DPM++2M is converged by 5 steps and there is nothing to
@@ -27,22 +61,16 @@ DEFAULT_GUIDANCE = {"digits": 4.0, "gmm": 3.0, "sd15": 5.5, "sd2": 5.5, "sdxl": 
 DEFAULT_PROMPTS = {"digits": "classes:10", "gmm": "classes:4"}
 
 
-def _family(model_or_family) -> Optional[str]:
-    return model_or_family if isinstance(model_or_family, str) else getattr(model_or_family, "family", None)
+def default_guidance(family: str) -> float:
+    return DEFAULT_GUIDANCE.get(family, 5.5)
 
 
-def default_guidance(model_or_family) -> float:
-    return DEFAULT_GUIDANCE.get(_family(model_or_family), 5.5)
-
-
-def default_prompts(model_or_family) -> str:
+def default_prompts(model: Model) -> str:
     """``classes:K`` for the class-conditional testbeds; text models need a prompt file."""
-    family = _family(model_or_family)
-    if family not in DEFAULT_PROMPTS:
-        name = getattr(model_or_family, "name", model_or_family)
-        raise ValueError(f"{name} needs prompts: pass --prompts FILE (a text file with one prompt "
-                         f"per line, a CSV, or a COCO captions JSON)")
-    return DEFAULT_PROMPTS[family]
+    if model.family not in DEFAULT_PROMPTS:
+        raise ValueError(f"{model.name} needs prompts: pass --prompts FILE (a text file with one "
+                         f"prompt per line, a CSV, or a COCO captions JSON)")
+    return DEFAULT_PROMPTS[model.family]
 
 
 def default_device() -> torch.device:
@@ -69,17 +97,14 @@ def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> t
 
 
 def load(spec: str = "digits", *, device: Optional[str | torch.device] = None,
-         dtype: Optional[str | torch.dtype] = None, **kwargs):
+         dtype: Optional[str | torch.dtype] = None, **kwargs) -> Model:
     """Load a model by spec; see the module docstring."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available here")
     dt = resolve_dtype(dtype, device)
     if spec == "gmm":
-        from .gmm import GaussianMixture
         return GaussianMixture.default(device=device, dtype=torch.float32, **kwargs)
     if spec == "digits":
-        from .digits import load_digits
         return load_digits(device=device, dtype=dt, **kwargs)
-    from .diffusers_sd import load_stable_diffusion
     return load_stable_diffusion(spec, device=device, dtype=dt, **kwargs)

@@ -1,4 +1,5 @@
-"""Stable Diffusion (SD1.x, SD2.x, SDXL) through diffusers, as a denoiser D(x; σ) (SPEC §1).
+"""Stable Diffusion (SD1.x, SD2.x, SDXL) through diffusers, as a denoiser D(x; σ)
+(see docs/conventions.md).
 
 A model spec is a local diffusers folder, a hub id (read from the local Hugging Face cache when
 offline), or a single ``.safetensors`` checkpoint (``from_single_file``; offline it needs a local
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from safetensors import safe_open
 
 from ..noise import NoiseTable
+from ..solvers import NonFiniteError
 from .unet import Conditioning, unet_denoise
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -40,14 +43,14 @@ SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 # -- errors that say what to do -------------------------------------------------------------------
 
 def _offline() -> bool:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # comes with diffusers: heavy
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
 def _cache_dir() -> str:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # comes with diffusers: heavy
 
     return constants.HF_HUB_CACHE
 
@@ -72,8 +75,6 @@ def _check_safetensors_file(path: str) -> None:
         raise ValueError(f"{path}: a single-file model must be a .safetensors checkpoint")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path!r} does not exist")
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             f.keys()
@@ -259,8 +260,6 @@ class StableDiffusion:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode to float images in [0, 1], (N, 3, H, W), one image per VAE call (a fixed
         shape keeps images batch-independent, and bounds memory at 1024²)."""
-        from ..solvers import NonFiniteError
-
         vae, cfg = self.vae, self.vae.config
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         shift = getattr(cfg, "shift_factor", None)
@@ -287,7 +286,7 @@ class StableDiffusion:
 # -- loading --------------------------------------------------------------------------------------
 
 def _pipeline_class(class_name: str, where: str):
-    import diffusers
+    import diffusers  # heavy: only when an SD model is loaded
 
     if class_name not in SUPPORTED:
         raise ValueError(f"{where} holds a {class_name or 'pipeline of unknown type'}; schedsearch "
@@ -321,7 +320,7 @@ def _extra_components(cls, vae) -> dict:
 
 def _load_vae(vae, dtype, local_only: bool):
     """A replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix): a diffusers folder or a hub id."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # diffusers: heavy
 
     if vae is None or not isinstance(vae, str):
         return vae
@@ -359,7 +358,7 @@ def _from_folder(folder: str, dtype, vae, variant):
 
 
 def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision):
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # diffusers: heavy
 
     # The cache first: it works offline and does not touch the network when the model is there.
     try:
@@ -396,8 +395,6 @@ def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision):
 
 def _checkpoint_kind(path: str) -> str:
     """'sdxl' or 'sd' from the checkpoint's key names (read from the header, no weights loaded)."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
@@ -412,14 +409,12 @@ def _checkpoint_kind(path: str) -> str:
 def _header_checkpoint(path: str) -> dict:
     """The checkpoint's keys with empty tensors of the right shapes (for diffusers' model-type
     inference, which only looks at key names and shapes)."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
 
 
 def _from_single_file(path: str, dtype, vae, config, local_only: bool):
-    import diffusers
+    import diffusers  # heavy: only when an SD model is loaded
 
     _check_safetensors_file(path)
     if config is not None:
@@ -432,7 +427,8 @@ def _from_single_file(path: str, dtype, vae, config, local_only: bool):
         kind = _checkpoint_kind(path)
         cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else \
             diffusers.StableDiffusionPipeline
-        from diffusers.loaders.single_file import _download_diffusers_model_config_from_hub
+        from diffusers.loaders.single_file import (  # diffusers: heavy
+            _download_diffusers_model_config_from_hub)
         from diffusers.loaders.single_file_utils import fetch_diffusers_config
 
         repo = fetch_diffusers_config(_header_checkpoint(path))["pretrained_model_name_or_path"]
@@ -546,7 +542,7 @@ def _prepare(pipe, *, name, source, device, dtype, height, width, eval_batch, fa
             and pipe.vae.config.get("force_upcast", False):
         # The SDXL VAE overflows in fp16 (black or NaN images); its config says so. The whole VAE
         # goes to fp32 (diffusers warns about any cast; this one is deliberate).
-        from diffusers.utils import logging as dlogging
+        from diffusers.utils import logging as dlogging  # diffusers: heavy
 
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()

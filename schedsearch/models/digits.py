@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..noise import SD
@@ -39,7 +40,7 @@ HELDOUT_FRACTION = 0.2
 # Two distinct widths give FreeU its two stages (b1/s1 on the 64-channel, b2/s2 on the 32-channel
 # up-block); cross-attention on the 4×4 level is where the class token enters. Kept small because
 # the search samples thousands of images: one CFG call on 256 images takes about 0.26 s on two CPU
-# cores (docs/readme/digits.md).
+# cores (docs/digits.md).
 UNET_CONFIG = dict(
     sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
     block_out_channels=[32, 64], norm_num_groups=16,
@@ -60,7 +61,7 @@ class WeightsError(RuntimeError):
 # -- data -------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _all_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.datasets import load_digits as sklearn_digits  # scikit-learn: heavy
 
     bunch = sklearn_digits()
     return bunch.images.astype(np.float64), bunch.target.astype(np.int64)
@@ -111,7 +112,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 # -- networks ---------------------------------------------------------------------------------------
 def build_unet(config: Optional[dict] = None):
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # diffusers: heavy
 
     return UNet2DConditionModel(**(config or UNET_CONFIG))
 
@@ -179,8 +180,6 @@ def read_config(weights_dir: Path | str | None = None) -> dict:
 
 def _load_state(weights_dir: Path, section: str, filename: str) -> tuple[dict, dict, str]:
     """(tensors, config section, sha256) of one weight file, checked against the config's hash."""
-    from safetensors.torch import load_file
-
     what = "unet" if section == "unet" else "classifier"
     config = read_config(weights_dir)
     if section not in config:
@@ -258,6 +257,11 @@ class DigitsModel:
 
     def fingerprint(self) -> str:
         return f"digits-{self._digest[:16]}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family, "fingerprint": self.fingerprint(),
+                "device": str(self.device), "dtype": str(self.dtype),
+                "latent_shape": list(self.latent_shape), "noise_table": self.table.fingerprint()}
 
     @staticmethod
     def label_of(prompt) -> int:

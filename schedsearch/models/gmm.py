@@ -84,6 +84,12 @@ class GaussianMixture:
         h.update(self.table.fingerprint().encode())
         return f"{self.name}-{h.hexdigest()[:16]}"
 
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family, "fingerprint": self.fingerprint(),
+                "device": str(self.device), "dtype": str(self.dtype),
+                "latent_shape": list(self.latent_shape), "noise_table": self.table.fingerprint(),
+                "classes": self.num_classes}
+
     # -- conditioning ---------------------------------------------------------------------------
     def condition(self, prompts: Sequence) -> torch.Tensor:
         """Class ids for a batch of prompts: an int, a digit string, or ''/None for unconditional."""

@@ -1,8 +1,9 @@
 """A diffusers ``UNet2DConditionModel`` seen as a denoiser D(x; σ) with classifier-free guidance.
 
-Shared by the Stable Diffusion backend and the built-in ``digits`` testbed (SPEC §1): the input is
-scaled by c_in = 1/sqrt(σ²+1), the UNet gets the fractional timestep t(σ) (log-σ interpolation),
-and CFG runs as one batched call on [uncond; cond], which counts as one model call (NFE).
+Shared by the Stable Diffusion backend and the built-in ``digits`` testbed (see
+docs/conventions.md): the input is scaled by c_in = 1/sqrt(σ²+1), the UNet gets the fractional
+timestep t(σ) (log-σ interpolation), and CFG runs as one batched call on [uncond; cond], which
+counts as one model call (NFE).
 The solver state stays in float32 whatever the UNet's dtype.
 """
 

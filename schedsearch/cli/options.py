@@ -1,0 +1,290 @@
+"""The command-line options every command shares, declared once, and the one function that turns
+a preset or schedule flags into the preset a command samples.
+
+One name per idea, in every command: ``--model``, ``--device``, ``--dtype``, ``--batch-size``,
+``--guidance``, ``--prompts`` (a prompt file or ``classes:K``), ``--prompt-seed`` (the prompt set's
+seed: image i gets seed ``prompt_seed·10⁶ + i``), the schedule flags, ``--solver``, the FreeU flags
+(``--freeu``, ``--t-aug``, ``--freeu-variant``) and ``--preset``. ``--seed`` exists only in ``run``,
+where it seeds the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from .. import models, schedules, solvers
+from ..freeu import DEFAULTS, FreeU, FreeUPlan
+from ..models import schedule_family
+from ..noise import NoiseTable
+from ..presets import Preset, fit, load
+from ..schedules import NAMES, PAPER_SETTINGS
+from ..solvers import SOLVERS
+
+DTYPES = ["auto", "fp32", "fp16", "bf16"]
+MODEL_HELP = "digits (default), gmm, a hub id, a diffusers folder or a .safetensors checkpoint"
+
+
+def command(sub, name: str, *, help: str, description: str, examples: list[str] = ()):
+    """A subcommand parser whose --help ends with worked examples."""
+    epilog = "Examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def model(p, default: str | None = "digits") -> None:
+    """--model, --device, --dtype."""
+    p.add_argument("--model", default=default, help=MODEL_HELP)
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
+
+
+def sd_model(p) -> None:
+    """The options that only Stable Diffusion models take."""
+    sd = p.add_argument_group("Stable Diffusion models")
+    sd.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    sd.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    sd.add_argument("--vae", help="a replacement VAE (folder or hub id), e.g. an fp16-fix SDXL VAE")
+    sd.add_argument("--model-config", metavar="FOLDER",
+                    help="for a single .safetensors checkpoint: a diffusers folder of the same "
+                         "architecture giving its configs (needed offline)")
+    sd.add_argument("--eval-batch", type=int,
+                    help="images per UNet call (default 1 on CPU, 8 on CUDA, 4 above 768²); a "
+                         "fixed value keeps each image independent of the batch it is sampled in")
+
+
+SD_ONLY = ("height", "width", "vae", "model_config", "eval_batch")
+
+
+def load_model(args):
+    """The model the flags name (SD-only flags refused for the testbeds)."""
+
+    kwargs = {k: getattr(args, k, None) for k in SD_ONLY if getattr(args, k, None) is not None}
+    if args.model in models.BUILTIN and kwargs:
+        flags = ", ".join("--" + k.replace("_", "-") for k in kwargs)
+        raise ValueError(f"{flags}: for Stable Diffusion models only, not the {args.model} testbed")
+    if "model_config" in kwargs:
+        kwargs["config"] = kwargs.pop("model_config")
+    return models.load(args.model, device=args.device, dtype=args.dtype, **kwargs)
+
+
+def prompts(p, *, default_seed: int | None = 0, captions: bool = True) -> None:
+    """--prompts, --prompt-seed (and --caption-column)."""
+    p.add_argument("--prompts", metavar="SOURCE",
+                   help="a prompt file (one per line, a COCO captions .json, a .csv) or classes:K "
+                        "for a testbed's class labels 0..K-1 in turn (default: the testbed's "
+                        "classes)")
+    p.add_argument("--prompt-seed", type=int, default=default_seed,
+                   help="the prompt set's seed: image i gets seed PROMPT_SEED·10⁶ + i "
+                        f"(default {default_seed if default_seed is not None else 0})")
+    if captions:
+        p.add_argument("--caption-column", default=None,
+                       help="CSV caption column (default caption)")
+
+
+def guidance(p) -> None:
+    p.add_argument("--guidance", type=float,
+                   help="CFG scale (default: the preset's, else per model family: digits 4, "
+                        "gmm 3, SD1.x/2.x 5.5, SDXL 7.5)")
+
+
+def batch_size(p, default: int | None) -> None:
+    p.add_argument("--batch-size", type=int, default=default,
+                   help=f"images per batch (default {default})" if default else
+                   "images per batch")
+
+
+def progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def extractor(p) -> None:
+    """The feature space of FID and KID."""
+    p.add_argument("--extractor", choices=["inception", "digits", "identity"],
+                   help="feature space (default: digits / identity for the testbeds, else "
+                        "inception)")
+    p.add_argument("--inception", metavar="PATH",
+                   help="clean-fid's inception-2015-12-05.pt (default: $SCHEDSEARCH_INCEPTION, "
+                        "then /tmp/inception-2015-12-05.pt)")
+
+
+def scoring(p) -> None:
+    """Where FID's reference statistics and feature extractor come from, and CLIP score."""
+    p.add_argument("--ref-stats", metavar="FILE",
+                   help="reference statistics (schedsearch refstats); the testbeds have their own")
+    extractor(p)
+    p.add_argument("--clip", metavar="DIR", help="a local CLIP folder: also report the CLIP score")
+
+
+# -- schedules, solvers, FreeU, presets ------------------------------------------------------------
+def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call solver)") -> None:
+    """The flags of a schedule family (see ``schedules.build``)."""
+    p.add_argument("--steps", type=int, help=steps_help)
+    p.add_argument("--family", choices=["sd15", "sdxl"], default=None,
+                   help="ays/paper presets: which published table (default: the model's own, "
+                        "else sd15)")
+    p.add_argument("--p1", type=float, default=7.0,
+                   help="paper: exponent of the σ-ramp that picks the stopping level (default 7)")
+    p.add_argument("--p2", type=float, default=1.2,
+                   help="paper: exponent of the t-grid (default 1.2)")
+    p.add_argument("--stop", type=float, default=None,
+                   help="paper: stopping index, a number >= 1 (default 3; integers are the paper's)")
+    p.add_argument("--M", type=int, default=None, help="paper: explicit ramp length (with --k)")
+    p.add_argument("--k", type=int, default=None, help="paper: explicit ramp point (with --M)")
+    p.add_argument("--final-denoise", action="store_true",
+                   help="paper/presets: append σ = 0, one more model call x = D(x, σ_stop)")
+    p.add_argument("--rho", type=float, default=7.0, help="karras: ρ (default 7)")
+    p.add_argument("--sigma-min", type=float, default=None, help="karras/logsnr: lowest σ > 0")
+    p.add_argument("--sigma-max", type=float, default=None, help="karras/logsnr: highest σ")
+    p.add_argument("--sigmas", default=None,
+                   help="explicit: comma-separated σ list, descending, optional final 0")
+    p.add_argument("--noise-config", default=None, metavar="FILE",
+                   help="a diffusers scheduler_config.json for a model whose noise table is not "
+                        "Stable Diffusion's (default: the model's own table)")
+
+
+def sampling(p, *, default_schedule: str, default_steps: int) -> None:
+    """--schedule and its flags, --solver, the FreeU flags and --preset."""
+
+    p.add_argument("--schedule", metavar="NAME", default=None,
+                   help=f"{', '.join(NAMES)} (default {default_schedule} with --steps "
+                        f"{default_steps})")
+    schedule(p)
+    p.add_argument("--solver", default=None,
+                   help=f"{', '.join(SOLVERS)} (default dpmpp_2m; DPM++2M, DPM++1S, DDIM accepted)")
+    p.add_argument("--freeu", default=None, metavar="B1,B2,S1,S2",
+                   help="turn FreeU on with these values (e.g. 1.1,1.1,0.9,0.2) or a named "
+                        "default: sd14, sd15, sd21, sdxl, paper (UNet models only; default off)")
+    p.add_argument("--t-aug", type=int, default=0, metavar="STEP",
+                   help="first 0-based step with FreeU on (the paper's t_aug; default 0)")
+    p.add_argument("--freeu-variant", choices=["diffusers", "original"], default="diffusers",
+                   help="diffusers' enable_freeu (default) or the FreeU authors' original patch, "
+                        "which the paper used")
+    p.add_argument("--preset", metavar="NAME|FILE",
+                   help="a preset (schedsearch presets list, or a .json file): its σ list, "
+                        "solver, FreeU plan and guidance, instead of --schedule/--solver/--freeu")
+    guidance(p)
+    p.set_defaults(default_schedule=default_schedule, default_steps=default_steps)
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """'0-7', '0,3,5', '0-3,10' → integers in the order given (seeds, class labels)."""
+    out: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        if not m:
+            raise ValueError(f"{what} must be integers or ranges a-b, e.g. 0-7 or 0,3,5; "
+                             f"got {part!r}")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"{what}: the range {part!r} runs backwards")
+        out.extend(range(lo, hi + 1))
+    if not out:
+        raise ValueError(f"{what} is empty: give at least one, e.g. 0-7")
+    return out
+
+
+def parse_freeu(text: str):
+
+    if text in DEFAULTS:
+        return DEFAULTS[text]
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"--freeu takes four numbers b1,b2,s1,s2 (e.g. 1.1,1.1,0.9,0.2) or one of "
+                         f"{', '.join(DEFAULTS)}; got {text!r}")
+    return FreeU(*values)
+
+
+def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
+    """The schedule spec (see ``schedules.build``) that the flags describe."""
+
+    if name in PAPER_SETTINGS:
+        spec = {"name": name, "final_denoise": args.final_denoise}
+        if args.steps is not None:
+            spec["steps"] = args.steps
+        return spec
+    if name == "explicit":
+        if not args.sigmas:
+            raise ValueError("schedule 'explicit' needs --sigmas, e.g. --sigmas 14.6,3.0,0.5,0")
+        try:
+            values = [float(v) for v in args.sigmas.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"--sigmas must be comma-separated numbers, got {args.sigmas!r}") from None
+        return {"name": "explicit", "sigmas": values}
+    if args.steps is None:
+        raise ValueError(f"schedule {name!r} needs --steps N")
+    spec = {"name": name, "steps": args.steps}
+    if name == "paper":
+        spec.update(p1=args.p1, p2=args.p2, final_denoise=args.final_denoise)
+        if args.M is not None or args.k is not None:
+            spec.update(M=args.M, k=args.k)
+            if args.stop is not None:
+                spec["stop"] = args.stop
+        else:
+            spec["stop"] = 3 if args.stop is None else args.stop
+    elif name == "ays":
+        spec["family"] = args.family or schedule_family(model_family or "sd15")
+    elif name in ("karras", "logsnr"):
+        if name == "karras":
+            spec["rho"] = args.rho
+        for key in ("sigma_min", "sigma_max"):
+            if getattr(args, key) is not None:
+                spec[key] = getattr(args, key)
+    return spec
+
+
+def noise_table(args):
+    """The noise table named by --noise-config, or None (use the model's own)."""
+
+
+    if not args.noise_config:
+        return None
+    try:
+        with open(args.noise_config, encoding="utf-8") as f:
+            return NoiseTable.from_config(json.load(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--noise-config {args.noise_config!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--noise-config {args.noise_config}: not a readable scheduler config "
+                         f"JSON ({exc})") from None
+
+
+def preset_from_args(args, model):
+    """The preset a command samples: ``--preset``, or the schedule, solver and FreeU flags; fitted
+    to the model (guidance resolved, FreeU dropped without a UNet — with a note on stderr)."""
+
+    if args.preset:
+        clash = [f for f, v in (("--schedule", args.schedule), ("--solver", args.solver),
+                                ("--freeu", args.freeu)) if v]
+        if clash:
+            raise ValueError(f"--preset sets the schedule, solver and FreeU plan; drop "
+                             f"{', '.join(clash)}")
+        preset = load(args.preset)
+    else:
+        name = args.schedule or args.default_schedule
+        if name not in NAMES:
+            raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
+        if args.steps is None and name not in (*schedules.PAPER_SETTINGS, "explicit"):
+            args.steps = args.default_steps
+        spec = schedule_spec(args, name, model.family)
+        sigmas = schedules.build(spec, noise_table(args) or model.table)
+        if args.t_aug < 0:
+            raise ValueError(f"--t-aug must be >= 0, got {args.t_aug}")
+        plan = (FreeUPlan.from_start(len(sigmas) - 1, args.t_aug, parse_freeu(args.freeu),
+                                     args.freeu_variant) if args.freeu else None)
+        preset = Preset(name=name, family="any", sigmas=sigmas,
+                        solver=solvers.canonical(args.solver or "dpmpp_2m"), freeu=plan,
+                        schedule=spec)
+    preset, notes = fit(preset, model, args.guidance)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return preset

@@ -1,0 +1,120 @@
+"""The study config: every setting of a study, from ``studies/*.yaml`` and CLI flags, validated
+before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .space import Space
+
+ALL_BASELINES = ("karras", "karras20", "paper", "ays", "gits", "oss")
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study needs; ``studies/*.yaml`` files hold these keys (CLI flags override)."""
+
+    model: str = "digits"
+    budget: int = 5
+    guidance: Optional[float] = None        # None: the model family's usual value
+    prompts: Optional[str] = None           # None: the testbed's classes; a file for SD models
+    caption_column: str = "caption"
+    prompt_seed: int = 0
+    n_search: int = 200
+    n_heldout: int = 200
+    checkpoints: Optional[list] = None      # growing subset sizes for pruning; None: n/4, n/2, n
+    batch_size: int = 200
+    trials: int = 32
+    sampler: str = "tpe"
+    seed: int = 0
+    pruner: str = "median"
+    objectives: list = field(default_factory=lambda: ["fid"])
+    space: dict = field(default_factory=dict)
+    baselines: list = field(default_factory=lambda: list(ALL_BASELINES))
+    teacher_steps: int = 100
+    distill_samples: int = 16
+    ref_stats: Optional[str] = None
+    extractor: Optional[str] = None
+    inception: Optional[str] = None
+    clip: Optional[str] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, int) or self.budget < 1:
+            raise ValueError(f"budget must be an integer >= 1 (model calls per image), got {self.budget!r}")
+        for key in ("n_search", "n_heldout", "batch_size", "trials"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        bad = [b for b in self.baselines if b not in ALL_BASELINES]
+        if bad:
+            raise ValueError(f"unknown baselines {bad}; choose from {', '.join(ALL_BASELINES)}")
+        objs = list(self.objectives)
+        if objs[:1] != ["fid"] or not set(objs) <= {"fid", "nfe", "clip"} or len(objs) > 2:
+            raise ValueError(f"objectives must be [fid], [fid, nfe] or [fid, clip], got {objs}")
+        if "clip" in objs and not self.clip:
+            raise ValueError("the clip objective needs local CLIP weights: set clip: /path/to/clip")
+        if self.pruner not in ("median", "none"):
+            raise ValueError(f"pruner must be median or none, got {self.pruner!r}")
+        Space(dict(self.space))  # validates the ranges now, not at trial 1
+        if self.checkpoints is not None:
+            cps = sorted(int(c) for c in self.checkpoints)
+            if not cps or cps[0] < 2 or cps[-1] > self.n_search:
+                raise ValueError(f"checkpoints must lie in [2, n_search={self.n_search}], got {cps}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> "StudyConfig":
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"study config {str(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a study config is a mapping of keys to values")
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown study config keys: {', '.join(sorted(unknown))}; "
+                             f"known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def resolved_checkpoints(self) -> list[int]:
+        if self.checkpoints:
+            return sorted({int(c) for c in self.checkpoints} | {self.n_search})
+        n = self.n_search
+        return sorted({max(2, n // 4), max(2, n // 2), n})
+
+    # the keys that define what a study measures; resuming with other values is refused
+    IDENTITY = ("model", "budget", "guidance", "prompts", "caption_column", "prompt_seed",
+                "n_search", "n_heldout", "objectives", "space", "ref_stats", "extractor",
+                "height", "width")
+
+
+def default_study_name(config: StudyConfig) -> str:
+    tag = Path(config.model.rstrip("/")).name.replace(".safetensors", "") or "model"
+    return f"{tag}-{config.budget}nfe"
+
+
+def config_json(config: StudyConfig) -> dict:
+    """The config as plain JSON values (what the study stores and compares on resume)."""
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def identity(config: StudyConfig) -> dict:
+    """The keys that define what a study measures; resuming with other values is refused."""
+    data = config_json(config)
+    return {k: data[k] for k in StudyConfig.IDENTITY}

@@ -1,0 +1,50 @@
+"""Files written safely: atomic replacement under a unique temporary name, the cache folder, and
+UTC timestamps for provenance.
+
+Several workers of one study may write the same file at the same moment (a preset, a cache entry):
+each writes its own temporary file beside the target and renames it over the target, so a reader
+sees the old file or the whole new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+Content = Union[str, bytes, Callable[[str], None]]
+
+
+def atomic_write(path: str | os.PathLike, content: Content) -> Path:
+    """Write ``content`` (text, bytes, or a function that writes a file at the path it is given)
+    to ``path`` through a uniquely named temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(content, str):
+                f.write(content.encode("utf-8"))
+            elif isinstance(content, bytes):
+                f.write(content)
+        if callable(content):
+            content(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$SCHEDSEARCH_CACHE`` (default ``~/.cache/schedsearch``), joined with ``parts``."""
+    root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                               "schedsearch")
+    return Path(root, *parts)
+
+
+def utc_now() -> str:
+    """The current time as an ISO 8601 string in UTC, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,84 @@
+"""The report: the recommendation as a pure function of the comparison rows, and studies written
+by schedsearch 0.1.0 (before the orchestration split) still resume and export."""
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+
+from schedsearch import presets
+from schedsearch.config import StudyConfig
+from schedsearch.report import comparison_markdown, preset_from_study, recommend
+from schedsearch.study import RunOptions, run_study
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-study"
+
+
+def row(key, nfe, fid, held=1.0):
+    return {"key": key, "name": key, "nfe": nfe, "fid": fid, "fid_heldout": held,
+            "kid_heldout": 0.0, "solver": "dpmpp_2m"}
+
+
+def test_the_winner_is_recommended_unless_a_same_nfe_row_beats_it_on_the_search_subset():
+    rows = [row("best", 5, 7.0, held=9.0), row("karras", 5, 8.0, held=1.0), row("karras20", 20, 1.0)]
+    # held-out never decides, and a baseline spending more model calls never wins
+    assert recommend(rows)["key"] == "best"
+    rows[1]["fid"] = 6.5
+    assert recommend(rows)["key"] == "karras"
+    rows[1]["fid"] = 7.0          # a tie keeps the searched winner
+    assert recommend(rows)["key"] == "best"
+    # the best trial of an "fid,nfe" study may spend fewer calls than the budget: compare there
+    rows = [row("best", 4, 7.0), row("karras", 5, 6.0), row("ays4", 4, 6.9)]
+    assert recommend(rows)["key"] == "ays4"
+
+
+def test_the_comparison_table_marks_the_recommendation_and_the_karras_ratio():
+    rows = [row("best", 5, 7.0, held=8.0), row("karras", 5, 8.0, held=10.0)]
+    rows[0]["recommended"] = True
+    table = comparison_markdown(rows).splitlines()
+    assert table[0].endswith("held-out vs Karras@budget |")
+    assert table[2].startswith("| ★ best | 5 | dpmpp_2m | 7.000 | 8.000 | 0.0000 | 0.80× |")
+
+
+@pytest.fixture
+def legacy(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(LEGACY / "study.db", out / "study.db")
+    return out
+
+
+def test_a_study_of_schedsearch_0_1_exports_the_same_preset(legacy, tmp_path):
+    old = presets.read(LEGACY / "legacy-gmm.preset.json")
+    summary = json.loads((LEGACY / "summary.json").read_text())
+    preset = preset_from_study(f"sqlite:///{legacy / 'study.db'}", "legacy-gmm", "again")
+    assert preset.sigmas.tolist() == old.sigmas.tolist() and preset.solver == old.solver
+    assert preset.provenance["trial"] == summary["best_trial"] == old.provenance["trial"]
+    assert preset.family == "gmm"     # a testbed's name is its family; nothing is guessed
+    assert preset.provenance["scores"]["fid_heldout"] == summary["rows"][0]["fid_heldout"]
+
+
+def test_a_study_of_schedsearch_0_1_resumes_keeps_its_trials_and_adds_the_new_ones(legacy):
+    url = f"sqlite:///{legacy / 'study.db'}"
+    before = {t.number: (t.params, t.values) for t in
+              optuna.load_study(study_name="legacy-gmm", storage=url).get_trials()}
+    assert len(before) == 4
+    config = StudyConfig.from_dict(dict(model="gmm", budget=4, n_search=64, n_heldout=64,
+                                        batch_size=64, trials=6, baselines=["karras", "ays"]))
+    summary = run_study(config, RunOptions(out=legacy, study_name="legacy-gmm", progress=False,
+                                           artifacts=False, export_user_preset=False),
+                        echo=lambda *_: None)
+    trials = optuna.load_study(study_name="legacy-gmm", storage=url).get_trials()
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for t in trials[:4]:
+        assert (t.params, t.values) == before[t.number]
+    # the old baselines (stored in 0.1.0's flat form) are compared, not scored again
+    rows = {r["key"]: r for r in summary["rows"]}
+    old_rows = {r["key"]: r for r in json.loads((LEGACY / "summary.json").read_text())["rows"]}
+    assert set(rows) == {"best", "karras", "ays"}
+    for key in ("karras", "ays"):
+        assert rows[key]["fid"] == old_rows[key]["fid"]
+        assert rows[key]["fid_heldout"] == old_rows[key]["fid_heldout"]
