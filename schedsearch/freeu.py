@@ -151,6 +151,30 @@ def clear(unet) -> None:
     set_freeu(unet, None)
 
 
+_UP_BLOCK_KEYS = ("s1", "s2", "b1", "b2")   # what enable_freeu sets on each up-block
+_ABSENT = object()
+
+
+def snapshot(unet) -> tuple:
+    """The UNet's FreeU state (both variants), for ``restore``: a caller that switches FreeU per
+    step can leave the UNet as it found it, a user's own ``enable_freeu`` included."""
+    blocks = [{k: getattr(b, k, None) for k in _UP_BLOCK_KEYS} for b in unet.up_blocks]
+    return blocks, getattr(unet, _STATE, _ABSENT)
+
+
+def restore(unet, state: tuple) -> None:
+    blocks, original = state
+    for block, values in zip(unet.up_blocks, blocks):
+        for k, v in values.items():
+            if v is not None or hasattr(block, k):
+                setattr(block, k, v)
+    if original is not _ABSENT:
+        setattr(unet, _STATE, original)
+    elif hasattr(unet, _STATE):
+        # the channel-keyed hooks, once installed, stay registered; with no setting they are inert
+        setattr(unet, _STATE, None)
+
+
 def _widths(unet) -> tuple[int, Optional[int]]:
     distinct = sorted(set(unet.config.block_out_channels), reverse=True)
     return distinct[0], (distinct[1] if len(distinct) > 1 else None)

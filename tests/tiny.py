@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised diffusers models built offline for tests (SPEC §7)."""
+"""Tiny, randomly initialised diffusers models built offline for tests (see docs/models.md)."""
 
 from __future__ import annotations
 
@@ -205,3 +205,35 @@ def save_single_file(pipe, path) -> str:
 
     save_file(ldm_state_dict(pipe), str(path))
     return str(path)
+
+
+# -- more tiny pipelines: SD2.x-shaped, ControlNet ------------------------------------------------
+
+def tiny_sd2_pipeline(seed: int = 0):
+    """An SD2.x-shaped StableDiffusionPipeline: v-prediction, linear attention projections and
+    per-block head counts like the real SD2 UNet."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(_text_config()).eval()
+    unet = tiny_unet(seed, use_linear_projection=True, attention_head_dim=(2, 4))
+    return StableDiffusionPipeline(
+        vae=tiny_vae(seed + 2), text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+        unet=unet, scheduler=sd_scheduler(prediction_type="v_prediction"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_controlnet(unet, seed: int = 0):
+    """A ControlNetModel copied from a tiny UNet's encoder (diffusers' from_unet), with a
+    conditioning embedding that maps a 64×64 control image to the 8×8 latent. diffusers starts
+    its output convolutions (and the embedding's last one) at zero, so a fresh ControlNet changes
+    nothing; here they get small random weights, so its residuals visibly move the sample."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block,
+                 net.controlnet_cond_embedding.conv_out]:
+        torch.nn.init.normal_(conv.weight, std=0.05)
+    return net.eval()

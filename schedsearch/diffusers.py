@@ -1,0 +1,412 @@
+"""Run a preset inside stock diffusers pipelines: ``PresetScheduler`` and ``freeu_plan``.
+
+    import schedsearch
+    from schedsearch.diffusers import PresetScheduler, freeu_plan
+    preset = schedsearch.load_preset("sd15-5")
+    pipe.scheduler = PresetScheduler.from_preset(preset, pipe.scheduler.config)
+    with freeu_plan(pipe, preset):
+        images = pipe(prompt, num_inference_steps=preset.nfe, guidance_scale=preset.guidance).images
+
+The same two lines serve text-to-image, img2img (``strength`` starts the preset part-way down its σ
+list), inpainting, ControlNet and IP-Adapter pipelines of SD1.x, SD2.x and SDXL: they only talk to
+the scheduler through ``set_timesteps``/``scale_model_input``/``step``/``add_noise``.
+
+How ``step`` stays equal to our own solvers. diffusers' multistep schedulers take integer timesteps
+and keep their own copies of the solver arithmetic; a preset names one of *our* solver functions,
+``solver(denoiser, x, sigmas, hook) -> x``, and that function must be the one that runs. The
+scheduler converts each model output of the pipeline to the data prediction D (ε- or v-prediction,
+the same arithmetic as ``schedsearch.models.unet``) and keeps the list of D's and the starting
+sample. At every ``step`` it *replays* the solver on the whole σ list from that start with a
+denoiser that hands back the stored D's in order and, at the first call it has no D for, stops by
+raising a private exception carrying the x the solver wanted to evaluate: that x is the next sample
+the pipeline must run the UNet on. After the last call the solver simply returns the final x.
+Multistep history, UniPC's corrector, a last step to σ = 0, lower orders at the end all come from
+the one solver implementation, so the pipeline and ``schedsearch.generate`` agree by construction:
+bit for bit without guidance; with CFG to ~1e-6, because a pipeline mixes the two branches in ε
+rather than in D (the same affine map, rounded differently). The price is O(steps²) cheap tensor
+updates and no model calls: for 20 steps of an SD 64×64 latent, 10-20 ms in all on one CPU core
+for the DPM++/Euler solvers and ~100 ms for UniPC (it solves for its coefficients every step),
+against ~40 s for a single SD1.5 UNet call on that core. The model-call schedule (σ of every
+call, and which FreeU step is in force at it) is read off a dry run of the solver on a 1-element
+tensor, so a solver with two calls per step (Heun) works too, with ``num_inference_steps`` equal
+to its NFE. A pipeline that edits the sample between
+steps (inpainting with a 4-channel UNet pastes the known region back; a ``callback_on_step_end``
+may return new latents) is honoured: at that call the replay writes the edited sample into the
+tensor the solver handed to the model, so the solver continues from it with its history, as
+diffusers' own multistep schedulers do. Solvers whose evaluation points depend on the model output
+(adaptive step size) cannot be replayed and are stopped with an error.
+
+Why ``schedsearch.generate`` stays a separate path. It is what the search, scoring and the CLI
+measure with, and it promises more than a pipeline loop can: an image depends only on its prompt
+and seed, never on its batch (the backend runs the UNet at a fixed ``eval_batch`` and encodes
+prompts one at a time; a pipeline batches the whole prompt list, which moves results in the last
+bits), prompt embeddings are cached across thousands of calls, model time and solver time are
+measured apart, a non-finite model output stops a trial with the step and σ, and it runs the
+models that have no pipeline at all (the digits and gmm testbeds). It also pays no replay. This
+module is the way out to users' own pipelines; both paths call the same solver function and the
+tests hold them equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
+from . import solvers
+from .freeu import restore, set_freeu, snapshot
+from .noise import NoiseTable
+from .presets import Preset, load as load_preset
+
+__all__ = ["PresetScheduler", "PresetSchedulerOutput", "freeu_plan"]
+
+# The scheduler-config keys that define the noise table (what NoiseTable.from_config reads).
+_NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+               "prediction_type")
+
+
+@dataclass
+class PresetSchedulerOutput(SchedulerOutput):
+    """``prev_sample``: the next sample to evaluate (or the final one); ``pred_original_sample``:
+    the data prediction D at the point just evaluated (guided), for previews."""
+
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+class _Need(BaseException):
+    """The replay reached a model call it has no output for; ``x`` is where to evaluate next.
+
+    A BaseException, so that a solver catching ``Exception`` around its arithmetic cannot swallow
+    this control-flow signal."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = x
+
+
+def _trace(solve, sigmas: list[float]) -> tuple[list[float], list[int]]:
+    """The σ of every model call the solver makes on this σ list, and for each call the FreeU step
+    in force (our sampler applies plan step 0 first and step i+1 after step i's hook)."""
+    calls: list[float] = []
+    freeu_steps: list[int] = []
+    current = [0]
+
+    def denoiser(x, sigma):
+        calls.append(float(sigma))
+        freeu_steps.append(current[0])
+        return torch.zeros_like(x)
+
+    def hook(i, *_):
+        current[0] = i + 1
+
+    solve(denoiser, torch.zeros(1, 1, 1, 1), sigmas, hook)
+    return calls, freeu_steps
+
+
+def _as_preset(preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, dict):
+        return Preset.from_json(preset, origin="PresetScheduler config")
+    if isinstance(preset, str):
+        return load_preset(preset)
+    raise ValueError("PresetScheduler needs a preset: build it with "
+                     "PresetScheduler.from_preset(preset, pipe.scheduler.config)")
+
+
+class PresetScheduler(SchedulerMixin, ConfigMixin):
+    """A diffusers scheduler that runs a schedsearch preset: its σ list and its solver.
+
+    Build it with ``from_preset(preset, pipe.scheduler.config)``: the noise table (betas,
+    prediction type) comes from the pipeline's scheduler config, and the preset's JSON is stored in
+    this scheduler's config, so ``save_pretrained``/``from_pretrained`` round-trip it.
+    ``num_inference_steps`` must be the preset's NFE (``scheduler.nfe``).
+    """
+
+    _compatibles: list = []
+    order = 1
+
+    @register_to_config
+    def __init__(self, preset=None, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                 beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
+                 trained_betas=None, prediction_type: str = "epsilon"):
+        self.preset = _as_preset(preset)
+        # the config must hold JSON, whatever form the preset was handed in
+        self.register_to_config(preset=self.preset.to_json())
+        self.table = NoiseTable.from_config(dict(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, trained_betas=trained_betas,
+            prediction_type=prediction_type))
+        self._solve = solvers.get(self.preset.solver)
+        self._sigma_list = [float(s) for s in self.preset.sigmas]
+        self._calls, self.freeu_steps = _trace(self._solve, self._sigma_list)
+        if len(self._calls) != self.preset.nfe:
+            raise ValueError(f"solver {self.preset.solver} made {len(self._calls)} model calls on "
+                             f"preset {self.preset.name}'s σ list, but the preset counts "
+                             f"{self.preset.nfe}")
+        # float32 σ and t(σ) of every call, computed as schedsearch.models.unet does, so the UNet
+        # sees the same inputs through the pipeline as through our sampler
+        self.sigmas = torch.tensor(self._calls + [self._sigma_list[-1]], dtype=torch.float32)
+        self._timesteps = self.table.sigma_to_t(self.sigmas[:-1].double()).float()
+        self.timesteps = self._timesteps.clone()
+        self.num_inference_steps = len(self._calls)
+        self._reset()
+
+    @classmethod
+    def from_preset(cls, preset, config=None, **overrides) -> "PresetScheduler":
+        """``preset``: a Preset, its JSON, or a preset name/path. ``config``: the pipeline's
+        scheduler config (``pipe.scheduler.config``), read for the noise table only."""
+        preset = _as_preset(preset)
+        cfg = dict(config or {})
+        if cfg.get("rescale_betas_zero_snr", False):
+            raise ValueError("the pipeline's scheduler rescales betas to zero terminal SNR, which "
+                             "puts σ_max at infinity; a σ-list preset cannot start there")
+        kwargs = {k: cfg[k] for k in _NOISE_KEYS if k in cfg}
+        if kwargs.get("trained_betas") is not None:
+            kwargs["trained_betas"] = [float(b) for b in kwargs["trained_betas"]]
+        kwargs.update(overrides)
+        return cls(preset=preset.to_json(), **kwargs)
+
+    # -- what pipelines read --------------------------------------------------------------------
+    @property
+    def nfe(self) -> int:
+        return len(self._calls)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        # our sampler starts at x = σ_max·ε; a pipeline multiplies its unit draws by this
+        return self._sigma_list[0]
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """Index of the model call about to run (or just run, between step and the next call)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """img2img/inpainting: the first model call the pipeline runs (from ``strength``)."""
+        if not 0 <= int(begin_index) < self.nfe:
+            raise ValueError(f"begin_index must be in [0, {self.nfe - 1}] for preset "
+                             f"{self.preset.name} ({self.nfe} model calls), got {begin_index}; "
+                             f"an img2img strength below 1/{self.nfe} runs none of them")
+        self._begin_index = int(begin_index)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      timesteps=None, sigmas=None, **kwargs) -> None:
+        """The preset's model calls. ``timesteps=``/``sigmas=`` are refused; anything else a
+        pipeline passes for other schedulers (``mu=``, ...) is ignored."""
+        name = self.preset.name
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(f"PresetScheduler runs preset {name}'s own σ list; do not pass "
+                             f"timesteps= or sigmas= to the pipeline (make a preset of another σ "
+                             f"list to run it)")
+        if num_inference_steps is not None and int(num_inference_steps) != self.nfe:
+            raise ValueError(f"preset {name} makes {self.nfe} model calls (NFE {self.nfe}): call "
+                             f"the pipeline with num_inference_steps={self.nfe}, not "
+                             f"{num_inference_steps}")
+        self.timesteps = self._timesteps.to(device or "cpu", copy=True)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._step_index: Optional[int] = None
+        self._begin_index: Optional[int] = None
+        self._run: Optional[list[float]] = None     # the σ list the solver is replayed on
+        self._run_calls: list[float] = []           # σ of each of its model calls
+        self._x0: Optional[torch.Tensor] = None     # the run's starting sample, float32
+        self._state: Optional[torch.Tensor] = None  # the sample handed out last, float32, private
+        self._ds: list[torch.Tensor] = []           # D of each model call so far, float32
+        self._edits: dict[int, torch.Tensor] = {}   # call → sample as the pipeline changed it
+        self._handed: tuple = (None, None)          # the sample handed out last, its version
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """diffusers' rule: the matching call; the second of two equal timesteps (Heun's
+        corrector and the next step share a σ) so a mid-list start skips no σ."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        t = torch.as_tensor(timestep).to(schedule.device, schedule.dtype)
+        indices = (schedule == t).nonzero()
+        if len(indices) == 0:
+            raise ValueError(f"timestep {float(t)} is not one of preset {self.preset.name}'s "
+                             f"timesteps {self.timesteps.tolist()}")
+        return int(indices[1 if len(indices) > 1 else 0])
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """x·c_in, c_in = 1/sqrt(σ²+1), at the current call. Pure: ControlNet's guess mode calls
+        it twice per step."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        s = self.sigmas[min(self._step_index, self.nfe - 1)].to(sample.device)
+        return (sample.float() * (s.square() + 1).rsqrt()).to(sample.dtype)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        """VE noising x0 + σ·noise at those timesteps' σ, with diffusers' index rules (before the
+        first step: the begin index; after a step, as inpainting calls it: the next call)."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(t) for t in timesteps]
+        elif self._step_index is not None:
+            idx = [self._step_index] * len(timesteps)
+        else:
+            idx = [self._begin_index] * len(timesteps)
+        sigmas = self.sigmas.to(original_samples.device, original_samples.dtype)
+        sigma = sigmas[idx].view(-1, *([1] * (original_samples.ndim - 1)))
+        return original_samples + noise * sigma
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             return_dict: bool = True, **kwargs):
+        """Take the pipeline's (guided) model output at the current call and return the sample
+        the solver evaluates next, or its final sample after the last call."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        k = self._step_index
+        if k >= self.nfe:
+            raise RuntimeError(f"all {self.nfe} model calls of preset {self.preset.name} are "
+                               f"done; call set_timesteps before sampling again")
+        if self._run is None:
+            self._start_run(k, sample)
+        x = self._current(sample)
+        d = self._to_data(model_output, x, self.sigmas[k].to(x.device))
+        self._ds.append(d)
+        self._state = self._replay()
+        self._step_index += 1
+        prev = self._state.to(sample.dtype, copy=True)
+        self._handed = (prev, prev._version)   # in-place writes to it bump _version
+        denoised = d.to(sample.dtype, copy=True)   # the caller may write to it; ours must not move
+        if not return_dict:
+            return prev, denoised
+        return PresetSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+    def _start_run(self, start: int, sample: torch.Tensor) -> None:
+        """The solver runs on the σ list from the first call the pipeline makes: the whole list
+        for text-to-image, its tail for img2img (a fresh start there, lower order first, as
+        diffusers' multistep schedulers do)."""
+        if start == 0:
+            run = self._sigma_list
+        else:
+            sigma = self._calls[start]
+            j = self._sigma_list.index(sigma) if sigma in self._sigma_list else None
+            run = self._sigma_list[j:] if j is not None else []
+            if j is None or _trace(self._solve, run)[0] != self._calls[start:]:
+                raise ValueError(
+                    f"the pipeline starts at model call {start} of preset {self.preset.name}, "
+                    f"which is not the start of a {self.preset.solver} step (img2img/inpainting "
+                    f"strength picks the start); choose another strength")
+        self._run, self._run_calls = run, self._calls[start:]
+        self._x0 = sample.detach().float().clone()
+        self._state, self._ds, self._edits = self._x0, [], {}
+
+    def _current(self, sample: torch.Tensor) -> torch.Tensor:
+        """The float32 sample the model was just evaluated at: our own copy, unless the pipeline
+        changed the sample since we handed it out; then its sample, kept for every later replay."""
+        j = len(self._ds)
+        if j == 0 or (sample is self._handed[0] and sample._version == self._handed[1]):
+            return self._state   # the tensor we handed out, untouched: known without a device sync
+        if self._state.shape == sample.shape and torch.equal(
+                self._state.to(sample.device, sample.dtype), sample):
+            return self._state
+        edited = sample.detach().float().clone()
+        self._edits[j] = edited
+        return edited
+
+    def _to_data(self, model_output: torch.Tensor, x: torch.Tensor, s: torch.Tensor
+                 ) -> torch.Tensor:
+        """D from ε or v, with schedsearch.models.unet's float32 arithmetic (CFG commutes with it:
+        D is affine in the model output with the same x for both branches)."""
+        out = model_output.float()
+        if self.table.prediction_type == "v_prediction":
+            return x / (s.square() + 1) - out * s * (s.square() + 1).rsqrt()
+        return x - s * out
+
+    def _replay(self) -> torch.Tensor:
+        """Run the solver from the run's start on the stored D's; the x where it first needs a D
+        we do not have (or its final x). O(calls so far) tensor updates, no model call."""
+        ds, edits, expected = self._ds, self._edits, self._run_calls
+        n = [0]
+
+        def denoiser(x, sigma):
+            i = n[0]
+            if i >= len(expected) or float(sigma) != expected[i]:
+                raise RuntimeError(
+                    f"solver {self.preset.solver} asked for σ = {float(sigma)} at call {i}, off "
+                    f"the calls of its dry run {expected}; a solver whose evaluation points "
+                    f"depend on the model output cannot run as a scheduler")
+            if i == len(ds):
+                raise _Need(x)
+            if i in edits:
+                x.copy_(edits[i])   # the pipeline moved the sample: the solver continues from it
+            n[0] += 1
+            return ds[i].clone()    # a solver may update D in place; the stored one must survive
+
+        try:
+            return self._solve(denoiser, self._x0.clone(), self._run, None)
+        except _Need as need:
+            return need.x
+
+
+# -- FreeU plans in pipelines ---------------------------------------------------------------------
+
+def _call_index(scheduler, forwards: list[int]) -> int:
+    """The model call about to run: the scheduler's step index (absolute, so img2img's later
+    start is right), else a count of UNet calls (schedulers without one)."""
+    k = getattr(scheduler, "step_index", None)
+    if isinstance(k, int):
+        return k
+    forwards[0] += 1
+    return forwards[0] - 1
+
+
+@contextlib.contextmanager
+def freeu_plan(pipe, preset):
+    """Make ``pipe`` follow the preset's per-step FreeU plan (either variant) inside the block.
+
+    A forward pre-hook on the UNet sets, right before every UNet call, the setting of the preset
+    step that call belongs to (read from the scheduler's step index), so the first call is right
+    even when img2img starts part-way down the σ list, and no callback is needed: pass your own
+    ``callback_on_step_end`` to the pipeline as usual. On exit — also when the pipeline raises —
+    the hook is removed and the UNet's FreeU state is put back as it was found.
+    """
+    preset = _as_preset(preset)
+    plan = preset.freeu if preset.freeu is not None and preset.freeu.active else None
+    unet = getattr(pipe, "unet", None)
+    if plan is not None and unet is None:
+        raise ValueError(f"{type(pipe).__name__} has no UNet; FreeU acts on a UNet")
+    scheduler = getattr(pipe, "scheduler", None)
+    if isinstance(scheduler, PresetScheduler) and (
+            scheduler.preset.solver, scheduler.preset.sigmas.tolist()) != (
+            preset.solver, preset.sigmas.tolist()):
+        raise ValueError(f"pipe.scheduler runs preset {scheduler.preset.name}, not "
+                         f"{preset.name}: the FreeU plan would follow the wrong steps")
+    if plan is None:
+        yield
+        return
+    steps = _trace(solvers.get(preset.solver), [float(s) for s in preset.sigmas])[1]
+    forwards = [0]
+
+    def before_call(module, args):
+        k = _call_index(pipe.scheduler, forwards)
+        set_freeu(unet, plan.at(steps[min(k, len(steps) - 1)]), plan.variant)
+
+    found = snapshot(unet)
+    handle = unet.register_forward_pre_hook(before_call)
+    try:
+        yield
+    finally:
+        handle.remove()
+        restore(unet, found)
