@@ -171,7 +171,56 @@ def timesteps(sigmas: torch.Tensor, table: NoiseTable = SD) -> torch.Tensor:
     return torch.as_tensor(table.sigma_to_t(sigmas[:-1].double().cpu().numpy()), dtype=torch.float64)
 
 
-NAMES = ("karras", "paper", "ays", "uniform", "logsnr", "explicit", *PAPER_SETTINGS)
+# -- free-form knots --------------------------------------------------------------------------
+# The free-form family's lowest reachable σ, as a fraction of the table's σ_min: strictly below it,
+# so a schedule that ends on σ_min (Karras, GITS, OSS) is an interior point of the space. A UNet
+# is then evaluated at t = 0 (σ→t clamps), where ε-prediction is still well defined.
+KNOT_FLOOR = 0.5
+KNOT_ENDS = ("zero", "sigma")
+
+
+def knots(fractions: Sequence[float], *, sigma_max: float = SD.sigma_max,
+          sigma_floor: float = KNOT_FLOOR * SD.sigma_min, end: str = "zero") -> torch.Tensor:
+    """A free-form σ list in stick-breaking form: from σ_0 = σ_max, each next value moves a
+    fraction u ∈ (0, 1) of the log-σ distance still left down to σ_floor,
+
+        log σ_{i+1} = log σ_i − u_i · (log σ_i − log σ_floor),
+
+    so every strictly decreasing list in (σ_floor, σ_max] is reachable and ordering holds by
+    construction. ``end="zero"``: the fractions give σ_1 … σ_{N−1} and σ_N = 0 (a last step to
+    the clean sample; N = len(fractions) + 1 steps). ``end="sigma"``: they give σ_1 … σ_N, the last
+    being σ_end > 0 whose noise is left in the sample (N = len(fractions) steps).
+    """
+    sigma_max, sigma_floor = _range(sigma_floor, sigma_max)[::-1]
+    _require(end in KNOT_ENDS, f"knots end must be one of {KNOT_ENDS}, got {end!r}")
+    u = [float(f) for f in fractions]
+    for i, f in enumerate(u):
+        _require(math.isfinite(f) and 0 < f < 1, f"knot fraction {i} must lie in (0, 1), got {f!r}")
+    _require(len(u) >= (1 if end == "sigma" else 0), "a σ list ending above 0 needs at least one "
+             "fraction (its σ_end)")
+    floor = math.log(sigma_floor)
+    logs = [math.log(sigma_max)]
+    for f in u:
+        logs.append(logs[-1] - f * (logs[-1] - floor))
+    return _with_zero(np.exp(np.asarray(logs)), end == "zero")
+
+
+def knot_fractions(sigmas, *, sigma_max: float = SD.sigma_max,
+                   sigma_floor: float = KNOT_FLOOR * SD.sigma_min) -> tuple[list[float], str]:
+    """The exact inverse of ``knots``: (fractions, end) of a σ list that starts at σ_max and stays
+    above σ_floor (a final 0 excepted)."""
+    s = explicit(sigmas).tolist()
+    _require(abs(s[0] - sigma_max) <= 1e-9 * sigma_max,
+             f"a knots schedule starts at σ_max = {sigma_max:g}; this one starts at {s[0]:g}")
+    end = "zero" if s[-1] == 0 else "sigma"
+    positive = s[:-1] if end == "zero" else s
+    _require(positive[-1] > sigma_floor, f"σ = {positive[-1]:g} lies at or below the knots' floor "
+             f"σ_floor = {sigma_floor:g}")
+    floor, logs = math.log(sigma_floor), [math.log(sigma_max)] + [math.log(v) for v in positive[1:]]
+    return [(a - b) / (a - floor) for a, b in zip(logs, logs[1:])], end
+
+
+NAMES = ("karras", "paper", "ays", "uniform", "logsnr", "explicit", "knots", *PAPER_SETTINGS)
 
 
 def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
@@ -184,6 +233,10 @@ def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
     _require(name in NAMES, f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
     if name == "explicit":
         return explicit(p.get("sigmas", []))
+    if name == "knots":
+        return knots(p.get("fractions", []), end=p.get("end", "zero"),
+                     sigma_max=p.get("sigma_max", table.sigma_max),
+                     sigma_floor=p.get("sigma_floor", KNOT_FLOOR * table.sigma_min))
     if name in PAPER_SETTINGS:
         steps = p.pop("steps", None)
         _require(steps in (None, PAPER_SETTINGS[name]["steps"]),

@@ -172,3 +172,50 @@ def test_cli_comfy_and_table_formats():
     np.testing.assert_allclose(values, S.ays(5).numpy(), atol=1e-6)
     table = run("sd15-5")
     assert "772.51" in table and "left for the VAE" in table
+
+
+# -- free-form knots ------------------------------------------------------------------------------
+def _distilled(budget):
+    from schedsearch import gits, oss
+    from schedsearch.models.gmm import GaussianMixture
+    from schedsearch.teacher import TeacherGrid, trajectories
+
+    g = GaussianMixture.default()
+    tea = trajectories(g, [0, 1, 2, 3] * 4, list(range(16)), guidance=3.0,
+                       grid=TeacherGrid(steps=40), use_cache=False)
+    return gits.search(tea, budget).sigmas, oss.search(g, tea, budget).sigmas
+
+
+@pytest.mark.parametrize("budget", [3, 4, 5, 6, 8])
+def test_every_baseline_is_a_point_of_the_knots_space(budget):
+    """Karras, AYS (both tables), the paper presets, GITS and OSS map to fractions in (0, 1) and
+    back to the same σ list."""
+    lists = [S.karras(budget), S.ays(budget, "sd15"), S.ays(budget, "sdxl"), *_distilled(budget)]
+    lists += [S.paper_preset(n) for n, st in S.PAPER_SETTINGS.items() if st["steps"] == budget]
+    for sig in lists:
+        fractions, end = S.knot_fractions(sig)
+        assert end == ("zero" if float(sig[-1]) == 0 else "sigma")
+        assert all(0.001 < f < 0.999 for f in fractions)
+        assert len(fractions) == budget - (end == "zero")
+        back = S.knots(fractions, end=end)
+        torch.testing.assert_close(back, sig, rtol=1e-9, atol=1e-12)
+        assert S.build({"name": "knots", "fractions": fractions, "end": end}).tolist() == \
+            back.tolist()
+
+
+def test_knots_are_strictly_decreasing_for_any_fractions_and_refuse_bad_ones():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        u = rng.uniform(1e-6, 1 - 1e-6, size=rng.integers(1, 9))
+        for end in ("zero", "sigma"):
+            sig = S.knots(u, end=end)
+            assert float(sig[0]) == pytest.approx(SD.sigma_max)
+            assert bool((sig[1:] < sig[:-1]).all())
+            assert float(sig[:-1].min() if end == "zero" else sig.min()) > S.KNOT_FLOOR * SD.sigma_min
+    for bad in ([0.0], [1.0], [float("nan")], [-0.2]):
+        with pytest.raises(ValueError, match="must lie in"):
+            S.knots(bad)
+    with pytest.raises(ValueError, match="starts at σ_max"):
+        S.knot_fractions(S.karras(5, sigma_max=10.0))
+    with pytest.raises(ValueError, match="floor"):
+        S.knot_fractions([SD.sigma_max, 1.0, 0.01])
