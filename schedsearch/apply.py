@@ -35,14 +35,15 @@ def as_model(model_or_pipe, **kwargs) -> Model:
 
 def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Optional[Sequence[int]] = None,
              *, guidance: Optional[float] = None, batch_size: int = 8, output: str = "pil",
-             progress=None) -> list | Samples:
+             progress=None, allow_outside_table: bool = False) -> list | Samples:
     """Sample one image per (prompt, seed). ``output``: "pil" (a list of PIL images) or "samples"
-    (the sampler's ``Samples``: latents, images as tensors, timings)."""
+    (the sampler's ``Samples``: latents, images as tensors, timings). A σ list outside the
+    model's noise table is refused unless ``allow_outside_table`` (see ``presets.fit``)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
     model = as_model(model_or_pipe)
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    preset, notes = fit(preset, model, guidance)
+    preset, notes = fit(preset, model, guidance, allow_outside_table=allow_outside_table)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver,

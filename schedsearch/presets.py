@@ -153,11 +153,45 @@ def read(path: str | os.PathLike) -> Preset:
 
 
 def available() -> dict[str, Path]:
-    """Preset name → file, user presets shadowing shipped ones of the same name."""
-    found = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.json"))}
+    """Preset name → file. A shipped name always means the shipped preset: a user file of the
+    same name (written by hand, or by a schedsearch that let it shadow) is left out here and shown
+    as ignored by ``schedsearch presets list``; it still loads by its path."""
+    shipped_files = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.json"))}
+    found = {}
     if user_dir().is_dir():
-        found.update({p.stem: p for p in sorted(user_dir().glob("*.json"))})
-    return found
+        found = {p.stem: p for p in sorted(user_dir().glob("*.json"))}
+    return {**found, **shipped_files}
+
+
+# A clash is refused, not versioned: a preset's name is what users type (--preset NAME,
+# load_preset, scripts), and a silent "<name>-2" would leave that name running the shipped or older
+# preset while the user believes it runs the new one. Nothing is lost by refusing: the study keeps
+# its own <out>/<study>.preset.json and its storage, and `schedsearch export --name` or --to copies
+# it under a free name.
+def user_path(preset: Preset) -> Path:
+    """Where ``preset`` may be saved in the user preset folder under its name: refused (a
+    ValueError saying what to do) for a shipped name, and for a user preset of that name that
+    another study (or no study) made; the same study may replace its own earlier export."""
+    path = user_dir() / f"{preset.name}.json"
+    if (SHIPPED_DIR / path.name).is_file():
+        raise ValueError(f"{preset.name!r} is the name of a shipped preset, which a user preset "
+                         f"may not replace; choose another name (schedsearch export --name NAME)")
+    if not path.exists():
+        return path
+    mine = {k: preset.provenance.get(k) for k in ("study", "storage")}
+    try:
+        theirs = {k: read(path).provenance.get(k) for k in mine}
+        other = f"study {theirs['study']!r}" if theirs["study"] else "no study"
+    except ValueError:
+        theirs, other = {}, "an unreadable file"
+    same = mine["study"] and theirs.get("study") == mine["study"] and (
+        None in (theirs.get("storage"), mine["storage"]) or theirs["storage"] == mine["storage"])
+    if not same:
+        where = f" of {theirs['storage']}" if theirs.get("storage") else ""
+        raise ValueError(f"a user preset named {preset.name!r} from {other}{where} is already at "
+                         f"{path}; choose another name (schedsearch export --name NAME), or "
+                         f"remove that file to replace it")
+    return path
 
 
 def load(name_or_path: str | os.PathLike) -> Preset:
@@ -215,11 +249,29 @@ def nearest_paper_preset(family: str, budget: int) -> str:
                                      schedules.PAPER_SETTINGS[n]["steps"]))
 
 
-def fit(preset: Preset, model: Model, guidance: Optional[float] = None
-        ) -> tuple[Preset, list[str]]:
+# How far the first σ may lie above the table's σ_max: σ→t clamps there, so a rounded 14.7 for
+# SD's 14.6146 runs as meant; a σ far above it (a broken or foreign file) makes garbage. A start
+# below σ_max is the user's choice (distill --free-start, --sigma-max) and stays allowed; the
+# lowest σ > 0 is the knots family's floor, half the table's σ_min.
+SIGMA_MAX_TOLERANCE = 0.01
+
+
+def fit(preset: Preset, model: Model, guidance: Optional[float] = None, *,
+        allow_outside_table: bool = False) -> tuple[Preset, list[str]]:
     """The preset as it runs on ``model``: guidance from ``guidance``, else the preset's, else the
-    model family's usual value; the FreeU plan dropped on a model without a UNet. Returns the
-    fitted preset and notes for the user (the caller prints or warns)."""
+    model family's usual value; the FreeU plan dropped on a model without a UNet; σ outside the
+    model's noise table refused unless ``allow_outside_table``. Returns the fitted preset and
+    notes for the user (the caller prints or warns)."""
+    table = model.table
+    hi, lo = table.sigma_max * (1 + SIGMA_MAX_TOLERANCE), schedules.KNOT_FLOOR * table.sigma_min
+    positive = preset.sigmas[preset.sigmas > 0]
+    first, last = float(positive[0]), float(positive[-1])
+    if not allow_outside_table and (first > hi or last < lo):
+        sigma, where = (first, "above") if first > hi else (last, "below")
+        raise ValueError(f"preset {preset.name}: σ = {sigma:g} lies {where} {model.name}'s noise "
+                         f"table, which runs from σ = {table.sigma_min:g} to {table.sigma_max:g} "
+                         f"(usable: {lo:g} to {hi:g}); pass --allow-outside-table (Python: "
+                         f"allow_outside_table=True) to run it anyway")
     notes = []
     if preset.family not in ("any", model.family):
         notes.append(f"preset {preset.name} was made for {preset.family} models; applying it to "

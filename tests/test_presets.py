@@ -1,6 +1,9 @@
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,15 +79,22 @@ def test_not_json_and_unknown_names(tmp_path):
         presets.load(str(tmp_path / "missing.json"))
 
 
-def test_user_presets_are_listed_and_shadow_shipped(tmp_path, monkeypatch):
+def test_a_user_file_with_a_shipped_name_is_ignored_and_listed_so(tmp_path, monkeypatch):
     monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(tmp_path))
     p = presets.load("sd15-8")
     p.provenance = {"note": "mine"}
     p.save(tmp_path / "sd15-8.json")
-    assert presets.load("sd15-8").provenance == {"note": "mine"}
-    out = subprocess.run([sys.executable, "-m", "schedsearch", "presets", "list"], capture_output=True,
-                         text=True, check=True, env={**__import__("os").environ}).stdout
-    assert str(tmp_path / "sd15-8.json") in out and "ays-sdxl-5" in out
+    presets.load("ays-sd15-5").replace(name="mine").save(tmp_path / "mine.json")
+    assert presets.load("sd15-8").provenance == presets.paper_preset("sd15-8").provenance
+    assert presets.load(str(tmp_path / "sd15-8.json")).provenance == {"note": "mine"}  # by path
+    out = subprocess.run([sys.executable, "-m", "schedsearch", "presets", "list"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows["mine"].endswith(str(tmp_path / "mine.json")) and "ays-sdxl-5" in out
+    assert [line for line in out.splitlines() if line.startswith("sd15-8 ")] == [
+        f"sd15-8{' ' * 22} sd15      8  dpmpp_2m  off    shipped",
+        f"sd15-8{' ' * 22} (ignored: the shipped sd15-8 wins; rename {tmp_path / 'sd15-8.json'} "
+        f"to use it by name, or give its path)"]
 
 
 def test_cli_show_formats():
@@ -95,3 +105,155 @@ def test_cli_show_formats():
     comfy = [float(v) for v in run("sd15-5", "--format", "comfy").split(",")]
     assert comfy[0] == pytest.approx(14.614641) and comfy[-1] == pytest.approx(0.132002)
     assert "FreeU: original on steps [0, 1, 2, 3, 4]" in run("sd15-5")
+
+
+# -- σ outside the model's noise table ------------------------------------------------------------
+def _preset_file(tmp_path, sigmas, name="odd"):
+    d = presets.load("sd15-8").to_json()
+    d.update(name=name, sigmas=sigmas, nfe=len(sigmas) - 1, freeu=None, schedule=None)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("sigmas, message", [
+    ([1e9, 3.0, 0.5, 0.0], "σ = 1e+09 lies above digits's noise table"),
+    ([14.6, 3.0, 0.5, 0.01, 0.0], "σ = 0.01 lies below digits's noise table"),
+])
+def test_sigma_outside_the_noise_table_is_refused_where_presets_are_fitted(tmp_path, sigmas,
+                                                                          message):
+    from schedsearch import generate, models
+
+    model = models.load("digits", device="cpu")
+    preset = presets.read(_preset_file(tmp_path, sigmas))
+    table = (r", which runs from σ = 0\.0291672 to 14\.6146 \(usable: 0\.0145836 to 14\.7608\); "
+             r"pass --allow-outside-table")
+    with pytest.raises(ValueError, match=re.escape(message) + table):
+        presets.fit(preset, model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(model, preset, [3], seeds=[0])
+    fitted, _ = presets.fit(preset, model, allow_outside_table=True)
+    assert fitted.sigmas.tolist() == sigmas
+
+
+def test_sigma_inside_the_table_is_accepted():
+    from schedsearch import models
+
+    model = models.load("digits", device="cpu")
+    for p in presets.shipped():
+        presets.fit(p, model)
+    # a rounded σ_max, a start below σ_max (distill --free-start, --sigma-max), the knots floor
+    floor = schedules.KNOT_FLOOR * model.table.sigma_min
+    for sigmas in ([14.7, 1.0, 0.0], [5.0, 1.0, 0.0], [14.6146, 1.0, floor]):
+        presets.fit(presets.Preset("ok", "any", sigmas, "euler"), model)
+
+
+def test_sample_and_score_refuse_it_in_one_line_unless_allowed(tmp_path, capsys, monkeypatch):
+    from schedsearch.cli import main
+
+    monkeypatch.delenv("SCHEDSEARCH_DEBUG", raising=False)
+    path = str(_preset_file(tmp_path, [30.0, 3.0, 0.5, 0.0]))
+    common = ["--preset", path]
+    assert main(["sample", *common, "--no-progress", "--seeds", "0", "--prompt", "3", "--out",
+                 str(tmp_path / "s")]) == 2
+    assert main(["score", *common, "--n", "8"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": error: ")[0] for line in lines] == ["schedsearch sample",
+                                                               "schedsearch score"]
+    assert all("preset odd: σ = 30 lies above digits's noise table" in line and
+               "pass --allow-outside-table" in line for line in lines), lines
+    assert not (tmp_path / "s").exists()
+    assert main(["sample", *common, "--no-progress", "--allow-outside-table", "--seeds", "0",
+                 "--prompt", "3", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["preset"]["sigmas"][0] == 30.0
+
+
+# -- name clashes in the user preset folder --------------------------------------------------------
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-study"
+
+
+@pytest.fixture
+def two_studies(tmp_path, monkeypatch):
+    """The legacy study, and a copy of it in a second run folder (same name, another storage) and
+    under another name in the first one."""
+    import optuna
+
+    monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(tmp_path / "presets"))
+    monkeypatch.delenv("SCHEDSEARCH_DEBUG", raising=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        out.mkdir()
+        shutil.copy(LEGACY / "study.db", out / "study.db")
+    optuna.copy_study(from_study_name="legacy-gmm", from_storage=f"sqlite:///{a / 'study.db'}",
+                      to_storage=f"sqlite:///{a / 'study.db'}", to_study_name="other")
+    return a, b
+
+
+def _export(capsys, out, study, name, *extra):
+    from schedsearch.cli import main
+
+    capsys.readouterr()
+    rc = main(["export", "--study", study, "--name", name, "--out", str(out), *extra])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_export_refuses_a_shipped_name(two_studies, capsys, tmp_path):
+    a, _ = two_studies
+    rc, err = _export(capsys, a, "legacy-gmm", "sd15-5")
+    assert rc == 2 and err == [
+        "schedsearch export: error: 'sd15-5' is the name of a shipped preset, which a user preset "
+        "may not replace; choose another name (schedsearch export --name NAME)"]
+    assert not (tmp_path / "presets" / "sd15-5.json").exists()
+    assert presets.load("sd15-5").provenance["source"].startswith("Hyperparameters")
+    rc, err = _export(capsys, a, "legacy-gmm", "sd15-5", "--to", str(tmp_path / "elsewhere.json"))
+    assert rc == 0 and presets.read(tmp_path / "elsewhere.json").name == "sd15-5"
+
+
+def test_export_refuses_to_overwrite_another_studys_preset(two_studies, capsys, tmp_path):
+    a, b = two_studies
+    mine = tmp_path / "presets" / "mine.json"
+    assert _export(capsys, a, "legacy-gmm", "mine")[0] == 0
+    assert presets.read(mine).provenance["trial"] == 1          # the best
+    assert _export(capsys, a, "legacy-gmm", "mine", "--trial", "2")[0] == 0   # same study: fine
+    assert presets.read(mine).provenance["trial"] == 2
+    second = mine.read_text()
+    for out, study in ((a, "other"), (b, "legacy-gmm")):      # another name; another storage
+        rc, err = _export(capsys, out, study, "mine")
+        assert rc == 2 and len(err) == 1, err
+        assert err[0].startswith("schedsearch export: error: a user preset named 'mine' from study "
+                                 "'legacy-gmm' of sqlite:///") and str(mine) in err[0]
+        assert err[0].endswith("choose another name (schedsearch export --name NAME), or remove "
+                               "that file to replace it")
+    assert mine.read_text() == second
+
+
+def test_the_studys_export_refuses_a_clash_with_a_warning_and_keeps_its_own_file(two_studies,
+                                                                                tmp_path):
+    from types import SimpleNamespace
+
+    from schedsearch.report import export_preset
+    from schedsearch.study import RunOptions
+
+    pick = {"key": "best", "fid": 1.0, "fid_heldout": 2.0, "kid_heldout": 0.1}
+    best = SimpleNamespace(number=3, params={})
+    ctx = SimpleNamespace(provenance=lambda: presets.provenance(model="gmm"))
+
+    def export(out, study):
+        opts = RunOptions(out=tmp_path / out, progress=False)
+        written = export_preset(pick, presets.load("ays-sd15-5"), best, ctx, opts, study)
+        assert presets.read(written["preset"]).provenance["study"] == study   # always written
+        return written
+
+    shipped = export("x", "sd15-5")
+    assert "user_preset" not in shipped and "is the name of a shipped preset" in shipped["warning"]
+    assert not (tmp_path / "presets" / "sd15-5.json").exists()
+    first = export("x", "mine")
+    assert first["user_preset"] == str(tmp_path / "presets" / "mine.json")
+    assert "warning" not in first
+    # the same study again replaces its own export; the same name from another run folder does not
+    assert "warning" not in export("x", "mine")
+    other = export("z", "mine")
+    assert other["warning"].startswith("preset not copied to the user preset folder: a user preset "
+                                       "named 'mine' from study 'mine' of sqlite:///")
+    assert other["warning"].endswith(f"the study's preset is in {other['preset']}")
+    assert "user_preset" not in other

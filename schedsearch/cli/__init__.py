@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import re
 import sys
+from pathlib import Path
 
 from ..version import __version__
 
@@ -33,6 +36,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the file system under an output path: each one is the user's to fix (another folder,
+# permissions, space), so the command says which path and what to do instead of a traceback.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_OUTPUT_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                  errno.EROFS, *_FULL)
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing component of ``path`` that is a file where a folder is needed."""
+    for part in [path, *path.parents][::-1]:
+        if part.exists() and not part.is_dir():
+            return part
+    return None
+
+
+def output_error(exc: OSError, args) -> str | None:
+    """One line for a file-system error under an output path (None: not one of those). An error
+    from writing an open file names no path: then the command's --out (or --to) is named."""
+    if exc.errno not in _OUTPUT_ERRORS:
+        return None
+    target = getattr(args, "out", None) or getattr(args, "to", None)
+    path = exc.filename2 or exc.filename or target   # filename2: where a rename was going
+    if path is not None and Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"):
+        path = Path(path).parent  # files.atomic_write's temporary file: name its folder
+    where = f"'{path}'" if path is not None else "the output"
+    flag = "--out" if getattr(args, "out", None) else "--to"
+    p, t = Path(path or "."), Path(target or ".")
+    output = None not in (path, target) and (p == t or p in t.parents or t in p.parents)
+    instead = f"choose another {flag}" if output else "choose another path"
+    if exc.errno in _FULL:
+        return (f"no space left on the disk holding {where}; free some space there or "
+                f"{instead} on another disk")
+    blocker = _blocking_file(Path(path)) if path is not None else None
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and blocker is not None:
+        return (f"cannot create {where}: '{blocker}' is a file, not a folder; remove or rename "
+                f"it, or {instead}")
+    if exc.errno == errno.EISDIR:
+        return f"cannot write {where}: it is a folder, not a file; give a file name or {instead}"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {where}: it is on a read-only file system; {instead}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied for {where}; {instead}"
+                f"{' in a folder you can write to' if output else ''}, or change its permissions")
+    return f"cannot write {where} ({exc.strerror}); {instead}"
+
+
+def _wrapped_os_error(exc: Exception) -> OSError | None:
+    """The OSError behind a library's own exception: safetensors reports a failed write (a full
+    disk for ``refstats --out``) as SafetensorError "... (os error 28) at path ..."."""
+    if not type(exc).__module__.startswith("safetensors"):
+        return None
+    code, path = (re.search(r"\(os error (\d+)\)", str(exc)),
+                  re.search(r'at path "([^"]*)"', str(exc)))
+    if code is None:
+        return None
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))),
+                   path.group(1) if path else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
@@ -40,12 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    debug = bool(os.environ.get("SCHEDSEARCH_DEBUG"))
     try:
         return int(args.handler(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as exc:
-        if os.environ.get("SCHEDSEARCH_DEBUG"):
+        if debug:
             raise
         print(f"schedsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an OSError (or one in disguise) under an output path, else raised
+        err = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
+        line = output_error(err, args) if err is not None else None
+        if debug or line is None:
+            raise
+        print(f"schedsearch {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

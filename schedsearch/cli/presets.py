@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import comfy
-from ..presets import SHIPPED_DIR, available, load, read, user_dir
+from ..presets import SHIPPED_DIR, available, load, read, user_dir, user_path
 from ..report import preset_from_study
 from . import options
 
@@ -66,6 +66,12 @@ def list_presets(args) -> int:
         src = "shipped" if path.parent == SHIPPED_DIR else str(path)
         print(f"{name:<28} {p.family:<7} {p.nfe:>3}  {p.solver:<9} "
               f"{'on' if p.freeu is not None else 'off':<6} {src}")
+    # a shipped name always means the shipped preset; say so for user files that carry one
+    folder = user_dir()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if (SHIPPED_DIR / path.name).is_file():
+            print(f"{path.stem:<28} (ignored: the shipped {path.stem} wins; rename {path} to use "
+                  f"it by name, or give its path)")
     return 0
 
 
@@ -106,7 +112,16 @@ def export(args) -> int:
     if not args.storage and not (Path(args.out) / "study.db").is_file():
         raise FileNotFoundError(f"no study.db in {args.out}; is it a schedsearch run folder?")
     preset = preset_from_study(storage, args.study, args.name, args.trial)
-    path = preset.save(Path(args.to) if args.to else user_dir() / f"{args.name}.json")
+    if args.to:
+        path = preset.save(Path(args.to))
+    else:
+        target = user_path(preset)   # refuses a shipped name or another study's preset
+        try:
+            path = preset.save(target)
+        except OSError as exc:
+            raise ValueError(f"cannot write to the user preset folder {user_dir()} "
+                             f"({exc.strerror}): point $SCHEDSEARCH_PRESETS at a folder you can "
+                             f"write to, or give --to FILE") from None
     print_preset(preset, args.format)
     print(f"wrote {path}", file=sys.stderr)
     return 0

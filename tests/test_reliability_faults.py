@@ -1,0 +1,272 @@
+"""Faults at the command boundary are one line that says what to do, exit status 2: an output path
+that cannot be written (under a file, a read-only folder, no permission, a full disk), a study
+storage that cannot be opened, a preset folder that cannot be written, and a trial that does not
+exist. Everything is real: files and folders, small tmpfs mounts filled to the last byte, a closed
+TCP port, a PostgreSQL server where one is given, and the CLI in-process or in a subprocess."""
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from schedsearch import presets, slots
+from schedsearch.cli import main
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy-study"
+SAMPLE = ["sample", "--steps", "2", "--seeds", "0", "--prompt", "3", "--no-progress"]
+
+
+def one_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"schedsearch {command}: error: "), err
+    return lines[0]
+
+
+def cli(*args, env=None, prefix=(), timeout=600):
+    """``schedsearch ARGS`` in a subprocess (optionally under ``prefix``, e.g. setpriv)."""
+    full = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    full.pop("SCHEDSEARCH_DEBUG", None)
+    return subprocess.run([*prefix, sys.executable, "-m", "schedsearch", *args], env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("SCHEDSEARCH_DEBUG", raising=False)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled to the last byte."""
+    disk = tmp_path / "full"
+    _mount_tmpfs(disk, "size=64k")
+    try:
+        with open(disk / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.fixture
+def read_only_fs(tmp_path):
+    disk = tmp_path / "ro"
+    _mount_tmpfs(disk, "ro,size=64k")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+# -- output folders and files ----------------------------------------------------------------------
+@pytest.mark.parametrize("command, below", [(SAMPLE, "sub"),
+                                            (["refstats", "--testbed", "digits"], "")])
+def test_an_output_under_a_regular_file_is_one_line(tmp_path, capsys, command, below):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    out = blocker / below / "out" if below else blocker / "out"
+    assert main([*command, "--out", str(out)]) == 2
+    line = one_line(capsys, command[0])
+    assert f"'{blocker}' is a file, not a folder" in line and "choose another --out" in line
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_refstats_output_that_is_a_folder_is_one_line(tmp_path, capsys):
+    assert main(["refstats", "--testbed", "digits", "--out", str(tmp_path)]) == 2
+    line = one_line(capsys, "refstats")
+    assert f"cannot write '{tmp_path}': it is a folder, not a file" in line
+    assert os.listdir(tmp_path) == []     # no temporary file left behind
+
+
+def test_an_output_on_a_read_only_file_system_is_one_line(read_only_fs, capsys):
+    assert main([*SAMPLE, "--out", str(read_only_fs / "samples")]) == 2
+    line = one_line(capsys, "sample")
+    assert f"'{read_only_fs / 'samples'}'" in line and "read-only file system" in line
+
+
+def test_an_output_in_a_folder_without_write_permission_is_one_line(tmp_path):
+    """A real EACCES: root drops the capability that lets it write anywhere (setpriv)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    prefix = ()
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: permissions are not enforced")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ("setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--")
+    try:
+        r = cli(*SAMPLE, "--out", str(locked / "samples"), prefix=prefix)
+    finally:
+        locked.chmod(0o755)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"schedsearch sample: error: permission denied for '{locked / 'samples'}'; choose another "
+        f"--out in a folder you can write to, or change its permissions"]
+
+
+@pytest.mark.parametrize("command, target", [
+    (SAMPLE, "samples"),                                     # many files: PNGs, grid, JSON
+    (["refstats", "--testbed", "digits"], "ref.safetensors"),  # one file, written by safetensors
+])
+def test_a_full_disk_names_the_path_and_says_to_free_space(full_disk, capsys, command, target):
+    out = full_disk / target
+    assert main([*command, "--out", str(out)]) == 2
+    line = one_line(capsys, command[0])
+    assert f"no space left on the disk holding '{out}'" in line
+    assert "free some space there or choose another --out" in line
+    assert not [p for p in full_disk.rglob(".*.tmp")]   # atomic writes left no temporary file
+
+
+# -- the study storage ----------------------------------------------------------------------------
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_postgres_server_is_one_line_with_the_password_hidden(tmp_path, capsys):
+    url = f"postgresql://alice:s3cret@127.0.0.1:{_closed_port()}/db"
+    with pytest.raises(ValueError) as info:
+        slots.make_storage(url)
+    msg = str(info.value)
+    assert "s3cret" not in msg and "postgresql://alice:***@127.0.0.1" in msg
+    assert "Connection refused" in msg and "start the database server" in msg
+    assert main(["run", "--storage", url, "--out", str(tmp_path)]) == 2
+    line = one_line(capsys, "run")
+    assert "cannot open the study storage postgresql://alice:***@127.0.0.1" in line
+    assert "s3cret" not in line
+
+
+def test_a_missing_database_driver_says_what_to_install(tmp_path, capsys):
+    try:
+        import MySQLdb  # noqa: F401
+        pytest.skip("MySQLdb is installed here")
+    except ImportError:
+        pass
+    assert main(["run", "--storage", "mysql://u:pw@h/db", "--out", str(tmp_path)]) == 2
+    line = one_line(capsys, "run")
+    assert "mysql://u:***@h/db" in line and "MySQLdb is not installed" in line
+    assert "pip install pymysql and use mysql+pymysql://" in line
+
+
+def test_an_unknown_database_url_is_one_line():
+    with pytest.raises(ValueError, match=r"--storage nosuchdb://x: not a database URL"):
+        slots.make_storage("nosuchdb://x")
+
+
+def _postgres():
+    url = os.environ.get("SCHEDSEARCH_TEST_POSTGRES")
+    if not url:
+        pytest.skip("no PostgreSQL server: set SCHEDSEARCH_TEST_POSTGRES (.ci/run does)")
+    return url
+
+
+def test_a_database_that_does_not_exist_on_a_running_server_is_one_line():
+    url = _postgres().rsplit("/", 1)[0] + "/no_such_database_here"
+    with pytest.raises(ValueError, match=r'database "no_such_database_here" does not exist\); '
+                                         r"start the database server"):
+        slots.make_storage(url)
+
+
+def _open(url):
+    slots.make_storage(url)
+
+
+def test_workers_creating_the_schema_at_once_all_succeed():
+    """The retry for the concurrent-schema-creation race still works (a fresh database, six
+    processes creating Optuna's tables at the same moment)."""
+    import multiprocessing
+
+    import psycopg
+
+    url = _postgres()
+    db = f"ss_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {db}")
+    fresh = url.rsplit("/", 1)[0] + "/" + db
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        pool.map(_open, [fresh] * 6)
+    optuna.create_study(storage=slots.make_storage(fresh), study_name="s")
+
+
+# -- presets: the export command and the study's export -------------------------------------------
+@pytest.fixture
+def legacy(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(LEGACY / "study.db", out / "study.db")
+    return out
+
+
+def test_export_of_a_trial_that_does_not_exist_says_which_do(legacy, capsys):
+    study = optuna.load_study(study_name="legacy-gmm", storage=f"sqlite:///{legacy / 'study.db'}")
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)      # trial 4 failed
+    base = ["export", "--study", "legacy-gmm", "--name", "x", "--out", str(legacy),
+            "--to", str(legacy / "x.json")]
+    assert main([*base, "--trial", "99"]) == 2
+    assert one_line(capsys, "export").endswith(
+        "study 'legacy-gmm' has no trial 99: its trials are 0-4 (completed: 0-3)")
+    assert main([*base, "--trial", "4"]) == 2
+    assert one_line(capsys, "export").endswith(
+        "trial 4 of 'legacy-gmm' did not complete (it is FAIL); completed trials: 0-3")
+    assert not (legacy / "x.json").exists()
+
+
+@pytest.mark.parametrize("folder", ["a file", "a folder under a file", "read-only"])
+def test_export_into_an_unwritable_preset_folder_is_one_line(legacy, tmp_path, monkeypatch, capsys,
+                                                             request, folder):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    target = {"a file": blocker, "a folder under a file": blocker / "presets"}.get(folder)
+    if folder == "read-only":
+        target = request.getfixturevalue("read_only_fs")
+    monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(target))
+    assert main(["export", "--study", "legacy-gmm", "--name", "mine", "--out", str(legacy)]) == 2
+    line = one_line(capsys, "export")
+    assert f"cannot write to the user preset folder {target}" in line
+    assert "point $SCHEDSEARCH_PRESETS at a folder you can write to, or give --to FILE" in line
+
+
+def test_the_studys_export_keeps_its_results_and_returns_a_warning(tmp_path, monkeypatch):
+    """report.export_preset: the study's own preset is written; a user folder that cannot be
+    written is a warning line for the caller, not an exception that would lose the study's end."""
+    from types import SimpleNamespace
+
+    from schedsearch.report import export_preset
+    from schedsearch.study import RunOptions
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(blocker))
+    pick = {"key": "best", "fid": 1.0, "fid_heldout": 2.0, "kid_heldout": 0.1}
+    best = SimpleNamespace(number=3, params={"p1": 7.0})
+    ctx = SimpleNamespace(provenance=lambda: presets.provenance(model="gmm"))
+    opts = RunOptions(out=tmp_path / "run", progress=False)
+    written = export_preset(pick, presets.load("sd15-5"), best, ctx, opts, "mystudy")
+    assert presets.read(written["preset"]).provenance["trial"] == 3
+    assert "user_preset" not in written
+    assert written["warning"].startswith(f"preset not copied to the user preset folder {blocker}")
+    assert "point $SCHEDSEARCH_PRESETS at a folder you can write to" in written["warning"]
+    assert written["warning"].endswith(f"the study's preset is in {written['preset']}")
