@@ -30,8 +30,10 @@ class StudyConfig:
     n_heldout: int = 200
     checkpoints: Optional[list] = None      # growing subset sizes for pruning; None: n/4, n/2, n
     batch_size: int = 200
-    trials: int = 32
-    sampler: str = "tpe"
+    trials: int = 48
+    refine: float = 0.5                     # share of the trials in the local (CMA-ES) stage
+    warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
+    sampler: str = "tpe"                    # the global stage's sampler
     seed: int = 0
     pruner: str = "median"
     objectives: list = field(default_factory=lambda: ["fid"])
@@ -39,6 +41,8 @@ class StudyConfig:
     baselines: list = field(default_factory=lambda: list(ALL_BASELINES))
     teacher_steps: int = 100
     distill_samples: int = 16
+    heldout_sets: int = 1                   # disjoint held-out seed sets the winner is checked on
+    bootstrap: int = 1000                   # resamples of the paired bootstrap CIs
     ref_stats: Optional[str] = None
     extractor: Optional[str] = None
     inception: Optional[str] = None
@@ -51,10 +55,20 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget must be an integer >= 1 (model calls per image), got {self.budget!r}")
-        for key in ("n_search", "n_heldout", "batch_size", "trials"):
+        for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap"):
             v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        if self.guidance is not None and not (isinstance(self.guidance, (int, float))
+                                              and not isinstance(self.guidance, bool)
+                                              and 0 < self.guidance < 100):
+            raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
+        if not (isinstance(self.refine, (int, float)) and 0 <= self.refine < 1):
+            raise ValueError(f"refine (the share of trials in the local stage) must lie in [0, 1), "
+                             f"got {self.refine!r}")
+        if isinstance(self.warm_start, bool) or not isinstance(self.warm_start, int) \
+                or self.warm_start < 0:
+            raise ValueError(f"warm_start must be an integer >= 0, got {self.warm_start!r}")
         bad = [b for b in self.baselines if b not in ALL_BASELINES]
         if bad:
             raise ValueError(f"unknown baselines {bad}; choose from {', '.join(ALL_BASELINES)}")
@@ -65,7 +79,7 @@ class StudyConfig:
             raise ValueError("the clip objective needs local CLIP weights: set clip: /path/to/clip")
         if self.pruner not in ("median", "none"):
             raise ValueError(f"pruner must be median or none, got {self.pruner!r}")
-        Space(dict(self.space))  # validates the ranges now, not at trial 1
+        Space(dict(self.space)).check(self.budget)  # the ranges now, not at trial 1
         if self.checkpoints is not None:
             cps = sorted(int(c) for c in self.checkpoints)
             if not cps or cps[0] < 2 or cps[-1] > self.n_search:
@@ -91,6 +105,14 @@ class StudyConfig:
             raise ValueError(f"unknown study config keys: {', '.join(sorted(unknown))}; "
                              f"known keys: {', '.join(sorted(known))}")
         return cls(**data)
+
+    def stages(self) -> tuple[int, int]:
+        """Trials of the global stage and of the local one (none for a multi-objective study:
+        CMA-ES refines one objective)."""
+        if len(self.objectives) > 1:
+            return self.trials, 0
+        local = int(round(self.trials * self.refine))
+        return self.trials - local, local
 
     def resolved_checkpoints(self) -> list[int]:
         if self.checkpoints:

@@ -10,6 +10,7 @@ from .config import StudyConfig
 from .metrics import ScoreResult, Scorer, scoring_setup
 from .metrics.features import ClipScore
 from .presets import Preset
+from .sampler import sample
 from .space import Target
 
 
@@ -26,9 +27,14 @@ class Context:
         self.guidance = (config.guidance if config.guidance is not None
                          else models.default_guidance(self.family))
         source = self.prompt_source = config.prompts or models.default_prompts(self.model)
-        self.search_set, self.heldout_set = prompts.split(
-            source, config.n_search, config.n_heldout, config.prompt_seed,
-            caption_column=config.caption_column)
+        # the search subset, then K disjoint held-out sets further down the same prompt list
+        # (new prompts where the source has them, new seeds always)
+        n, h, k = config.n_search, config.n_heldout, config.heldout_sets
+        full = prompts.load(source, n + k * h, config.prompt_seed,
+                            caption_column=config.caption_column)
+        self.search_set = full.take(0, n)
+        self.heldout_sets = [full.take(n + i * h, n + (i + 1) * h) for i in range(k)]
+        self.heldout_set = self.heldout_sets[0]
         self.freeu_ok = self.model.unet is not None
         self.extractor, self.ref = scoring_setup(
             self.model, extractor=config.extractor, inception=config.inception,
@@ -45,9 +51,12 @@ class Context:
                       guidance=self.guidance, freeu_ok=self.freeu_ok)
 
     def scorer(self, which: str, guidance: float) -> Scorer:
+        """The scorer of the search subset (``"search"``) or of held-out set k (``"heldout"``,
+        ``"heldout:k"``)."""
         key = (which, guidance)
         if key not in self._scorers:
-            pset = self.search_set if which == "search" else self.heldout_set
+            pset = (self.search_set if which == "search"
+                    else self.heldout_sets[int(which.partition(":")[2] or 0)])
             cps = self.config.resolved_checkpoints() if which == "search" else (len(pset),)
             self._scorers[key] = Scorer(self.model, self.extractor, self.ref, pset,
                                         guidance=guidance, batch_size=self.config.batch_size,
@@ -55,13 +64,24 @@ class Context:
         return self._scorers[key]
 
     def score(self, preset: Preset, which: str = "search", on_checkpoint=None,
-              keep_images: int = 0) -> ScoreResult:
+              keep_images: int = 0, keep_features: bool = False) -> ScoreResult:
         return self.scorer(which, preset.guidance).score(
             preset.sigmas, solver=preset.solver, freeu=preset.freeu, on_checkpoint=on_checkpoint,
-            keep_images=keep_images)
+            keep_images=keep_images, keep_features=keep_features)
+
+    def sample_first(self, preset: Preset, n: int):
+        """The first ``n`` images of the search subset with ``preset`` (as scoring samples them:
+        the same prompts, seeds and batch give the same images bit for bit)."""
+        k = min(n, len(self.search_set))
+        out = sample(self.model, preset.sigmas, self.search_set.prompts[:k],
+                     self.search_set.seeds[:k], solver=preset.solver, guidance=preset.guidance,
+                     freeu=preset.freeu, batch_size=self.config.batch_size)
+        return out.images
 
     def provenance(self) -> dict:
         return presets.provenance(
             model=self.config.model, model_fingerprint=self.model.fingerprint(),
-            prompts=self.search_set.as_json(), heldout=self.heldout_set.as_json(),
+            prompts=self.search_set.as_json(),
+            heldout=[h.as_json() for h in self.heldout_sets] if len(self.heldout_sets) > 1
+            else self.heldout_set.as_json(),
             extractor=self.extractor.name)

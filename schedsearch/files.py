@@ -38,6 +38,17 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
     return path
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure a file can be written in it — before any work
+    whose result would go there (an OSError names the path; the CLI turns it into one line)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+    return folder
+
+
 def cache_dir(*parts: str) -> Path:
     """``$SCHEDSEARCH_CACHE`` (default ``~/.cache/schedsearch``), joined with ``parts``."""
     root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",

@@ -1,9 +1,17 @@
-"""Serialise the first-time set-up of a local sqlite database between processes.
+"""Local sqlite databases used by several processes: their first-time set-up serialised, and
+their commits made cheap.
 
 Two workers started together on a fresh ``sqlite:///`` store both try to create its tables (MLflow
 runs alembic migrations, Optuna creates its schema) and one of them fails. An exclusive ``flock``
 on a file beside the database makes the second wait until the first is done. Server databases
 (PostgreSQL, MySQL) handle this themselves; for them this is a no-op.
+
+A study commits a few dozen times per trial (every suggested parameter, report, attribute and
+MLflow call is a transaction). With sqlite's default rollback journal each commit waits for the
+disk (~10 ms here, a third of a digits trial). ``sqlite_wal`` switches every sqlite connection of
+this process to the write-ahead log with ``synchronous=NORMAL``: readers and one writer work at
+once across processes, and a commit no longer syncs the disk (a power cut may lose the last
+commits, never corrupt the file — an interrupted trial is re-run anyway).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sqlite3
 
 
 @contextlib.contextmanager
@@ -18,6 +27,7 @@ def sqlite_init_lock(url: str):
     if not url.startswith("sqlite:///"):
         yield
         return
+    sqlite_wal()
     path = url[len("sqlite:///"):]
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path + ".lock", "a") as f:
@@ -26,3 +36,25 @@ def sqlite_init_lock(url: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_WAL = False
+
+
+def sqlite_wal() -> None:
+    """Every sqlite connection this process opens from now on uses WAL and normal sync."""
+    global _WAL
+    if _WAL:
+        return
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def _pragmas(connection, record):  # noqa: ARG001 — SQLAlchemy's listener signature
+        if isinstance(connection, sqlite3.Connection):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+    _WAL = True

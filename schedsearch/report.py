@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import optuna
 
 from . import files, presets, slots
 from .config import ALL_BASELINES
 from .freeu import FreeUPlan
+from .metrics.paired import PairedBootstrap, compare_sets
 from .presets import Preset
-from .tracking import ROLE, Tracker
+from .tracking import ROLE, Tracker, log_result
 
 
 def result_json(res) -> dict:
@@ -52,14 +55,53 @@ def collect_baselines(studies: slots.Studies, family: str = "any") -> dict:
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 99)))
 
 
-def heldout(study: optuna.Study, ctx, attr: str, preset: Preset) -> dict:
-    """The held-out score of ``preset``, computed once per study and kept in its storage."""
-    stored = study.user_attrs.get(attr)
+def heldout(study: optuna.Study, ctx, presets_: dict, winner: str) -> tuple[dict, dict]:
+    """Held-out scores of ``presets_`` (key → preset; ``winner`` is the searched winner's key)
+    on the study's K disjoint held-out seed sets, and for every other key the paired difference
+    FID(winner) − FID(key) with its bootstrap CI (docs/scoring.md). Computed once per study and
+    kept in its storage (``heldout:<key>``, ``ci:<winner>:<key>``); a resumed study with a new
+    winner scores only what it lacks."""
+    k = ctx.config.heldout_sets
+    held = {key: _stored_heldout(study.user_attrs.get(f"heldout:{key}"), k) for key in presets_}
+    cis = {key: study.user_attrs.get(f"ci:{winner}:{key}") for key in presets_ if key != winner}
+    need = {key for key, h in held.items() if h is None}
+    if any(c is None for c in cis.values()):
+        need |= {winner} | {key for key, c in cis.items() if c is None}
+    feats = {}
+    for key in sorted(need):
+        results = [ctx.score(presets_[key], which=f"heldout:{i}", keep_features=True)
+                   for i in range(k)]
+        feats[key] = [r.features for r in results]
+        held[key] = {"fid": float(np.mean([r.fid for r in results])),
+                     "kid": _mean([r.kid for r in results]),
+                     "sets": [{"fid": r.fid, "kid": r.kid, "n": r.n} for r in results]}
+        study.set_user_attr(f"heldout:{key}", held[key])
+    missing = [key for key, c in cis.items() if c is None]
+    if missing:
+        boots = [PairedBootstrap(ctx.ref.mu, ctx.ref.sigma, len(ctx.heldout_sets[i]),
+                                 ctx.config.bootstrap, seed=0, set_index=i) for i in range(k)]
+        a = [b.resampled_fids(f) for b, f in zip(boots, feats[winner])]
+        fid_a = [s["fid"] for s in held[winner]["sets"]]
+        for key in missing:
+            b_fids = [b.resampled_fids(f) for b, f in zip(boots, feats[key])]
+            cis[key] = compare_sets(boots, a, b_fids, fid_a,
+                                    [s["fid"] for s in held[key]["sets"]]).as_json()
+            study.set_user_attr(f"ci:{winner}:{key}", cis[key])
+    return held, cis
+
+
+def _stored_heldout(stored: Optional[dict], k: int) -> Optional[dict]:
+    """A stored held-out score if it covers the K sets asked for (0.1.0 stored one set, flat)."""
     if stored is None:
-        res = ctx.score(preset, which="heldout")
-        stored = {"fid": res.fid, "kid": res.kid, "n": res.n}
-        study.set_user_attr(attr, stored)
-    return stored
+        return None
+    sets = stored.get("sets") or [{"fid": stored["fid"], "kid": stored["kid"],
+                                   "n": stored.get("n")}]
+    return {**stored, "sets": sets} if len(sets) == k else None
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def recommend(rows: list[dict]) -> dict:
@@ -73,55 +115,114 @@ def recommend(rows: list[dict]) -> dict:
 
 
 def comparison_markdown(rows: list[dict]) -> str:
+    """The comparison table: search and held-out FID, KID, the winner's paired held-out
+    difference to each row with its 95% CI (negative: the winner is better), and the ratio to
+    Karras at the budget."""
     ref = next((r for r in rows if r["key"] == "karras"), None)
-    head = "| schedule | NFE | solver | FID (search) | FID (held-out) | KID (held-out) |"
+    head = ("| schedule | NFE | solver | FID (search) | FID (held-out) | KID (held-out) | "
+            "best − this, held-out (95% CI) |")
     if ref:
         head += " held-out vs Karras@budget |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        kid = "n/a" if r["kid_heldout"] is None else f"{r['kid_heldout']:.4f}"
         line = (f"| {'★ ' if r.get('recommended') else ''}{r['name']} | {r['nfe']} | "
-                f"{r['solver']} | {r['fid']:.3f} | {r['fid_heldout']:.3f} | "
-                f"{r['kid_heldout']:.4f} |")
+                f"{r['solver']} | {r['fid']:.3f} | {r['fid_heldout']:.3f} | {kid} | "
+                f"{_ci_text(r.get('vs_best'))} |")
         if ref:
             line += f" {r['fid_heldout'] / ref['fid_heldout']:.2f}× |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def _row(key: str, preset: Preset, fid: float, held: dict) -> dict:
-    return {"name": preset.name, "key": key, "nfe": preset.nfe, "fid": fid,
-            "fid_heldout": held["fid"], "kid_heldout": held["kid"], "solver": preset.solver}
+def _ci_text(ci: Optional[dict]) -> str:
+    if ci is None:
+        return "—"
+    text = f"{ci['delta']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+    return f"**{text}**" if ci["excludes_zero"] else text
 
 
-def comparison(studies: slots.Studies, ctx, best: optuna.trial.FrozenTrial) -> tuple[list, dict]:
-    """The rows (winner first, then every baseline) with search and held-out scores, and the
-    presets they stand for."""
-    study = studies.trials
-    winner = stored_preset(best.user_attrs["candidate"], ctx.family)
-    winner = winner.replace(name=f"best (trial {best.number})")
-    chosen = {"best": winner}
-    rows = [_row("best", winner, best.values[0],
-                 heldout(study, ctx, f"heldout:trial{best.number}", winner))]
+def _row(key: str, preset: Preset, fid: float, held: dict, ci: Optional[dict]) -> dict:
+    row = {"name": preset.name, "key": key, "nfe": preset.nfe, "fid": fid,
+           "fid_heldout": held["fid"], "kid_heldout": held["kid"], "solver": preset.solver}
+    if len(held["sets"]) > 1:
+        row["fid_heldout_sets"] = [s["fid"] for s in held["sets"]]
+    if ci is not None:   # FID(winner) − FID(this row) on the held-out images, paired
+        overall = ci["overall"]
+        row["vs_best"] = {"delta": overall["delta"], "lo": overall["lo"], "hi": overall["hi"],
+                          "excludes_zero": overall["excludes_zero"], "sets": ci["sets"],
+                          "resamples": overall["resamples"], "method": overall["method"]}
+    return row
+
+
+@dataclass(frozen=True)
+class Done:
+    """A completed trial of either stage, under the number it is shown with (the local stage's
+    trials are numbered after the global stage's slots)."""
+
+    number: int
+    trial: optuna.trial.FrozenTrial
+
+    @property
+    def value(self) -> float:
+        return self.trial.values[0]
+
+    @property
+    def params(self) -> dict:
+        """The point's parameters (a local-stage trial stores its absolute ones)."""
+        return self.trial.user_attrs.get("candidate", {}).get("params") or self.trial.params
+
+
+def completed(studies: slots.Studies) -> list[Done]:
+    """Every completed trial of both stages."""
+    offset = studies.first_refine_number
+    return ([Done(t.number, t) for t in slots.trials_of(studies.trials, slots.COMPLETE)]
+            + [Done(t.number + offset, t) for t in slots.trials_of(studies.refine, slots.COMPLETE)])
+
+
+def comparison(studies: slots.Studies, ctx, best: Done) -> tuple[list, dict]:
+    """The rows (winner first, then every baseline) with search and held-out scores and the
+    paired CIs of the winner against each baseline, and the presets they stand for."""
+    winner = stored_preset(best.trial.user_attrs["candidate"], ctx.family)
+    chosen = {"best": winner.replace(name=f"best (trial {best.number})")}
+    fids = {"best": best.value}
     for key, b in collect_baselines(studies, ctx.family).items():
-        chosen[key] = b["preset"]
-        rows.append(_row(key, b["preset"], b["fid"],
-                         heldout(study, ctx, f"heldout:{key}", b["preset"])))
+        chosen[key], fids[key] = b["preset"], b["fid"]
+    # stored under the trial's number, so a resumed study with another winner scores it anew
+    names = {key: (f"trial{best.number}" if key == "best" else key) for key in chosen}
+    held, cis = heldout(studies.trials, ctx, {names[k]: p for k, p in chosen.items()},
+                        names["best"])
+    rows = [_row(key, chosen[key], fids[key], held[names[key]], cis.get(names[key]))
+            for key in chosen]
     return rows, chosen
 
 
 def export_preset(pick: dict, preset: Preset, best, ctx, opts, name: str) -> dict:
     """Write the recommended preset next to the study and, by name, to the user preset folder;
-    returns the paths written."""
+    returns the paths written. The study's own file is written first; a copy the user folder
+    refuses (a shipped name, another study's preset, a folder that cannot be written) becomes a
+    "warning" line for the caller to print, and the study goes on."""
     scores = {"fid_search": pick["fid"], "fid_heldout": pick["fid_heldout"],
               "kid_heldout": pick["kid_heldout"]}
     origin = ({"trial": best.number, "params": best.params} if pick["key"] == "best" else
               {"baseline": pick["key"], "best_trial": best.number,
                "note": "a baseline beat every searched schedule at this NFE on the search subset"})
-    prov = {**ctx.provenance(), "study": name, **origin, "scores": scores}
+    storage = opts.storage or f"sqlite:///{(Path(opts.out) / 'study.db').resolve()}"
+    prov = {**ctx.provenance(), "study": name, "storage": slots.redact(storage), **origin,
+            "scores": scores}
     preset = preset.replace(name=name, provenance=prov)
     written = {"preset": str(preset.save(Path(opts.out) / f"{name}.preset.json"))}
     if opts.export_user_preset:
-        written["user_preset"] = str(preset.save(presets.user_dir() / f"{name}.json"))
+        try:
+            written["user_preset"] = str(preset.save(presets.user_path(preset)))
+        except ValueError as exc:
+            written["warning"] = f"preset not copied to the user preset folder: {exc}"
+        except OSError as exc:
+            written["warning"] = (f"preset not copied to the user preset folder "
+                                  f"{presets.user_dir()} ({exc.strerror}): point "
+                                  f"$SCHEDSEARCH_PRESETS at a folder you can write to")
+        if "warning" in written:
+            written["warning"] += f"; the study's preset is in {written['preset']}"
     return written
 
 
@@ -130,43 +231,48 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
     """Compare, recommend, export and log; returns the study's summary."""
     config, study = ctx.config, studies.trials
     multi = len(config.objectives) > 1
-    complete = slots.trials_of(study, slots.COMPLETE)
-    summary = {"study": name, "budget": config.budget, "trials": slots.counts(study),
+    complete = completed(studies)
+    summary = {"study": name, "budget": config.budget,
+               "trials": {"global": slots.counts(study), "local": slots.counts(studies.refine)},
                "model": config.model, "out": str(opts.out), "rows": []}
     if not complete:
         echo("no trial completed yet; nothing to compare")
         return summary
-    best = min(study.best_trials if multi else [study.best_trial], key=lambda t: t.values[0])
-    rows, chosen = comparison(studies, ctx, best)
-    summary.update(rows=rows, best_trial=best.number, best_params=best.params)
     if multi:
+        front = {t.number for t in study.best_trials}
+        best = min((d for d in complete if d.number in front), key=lambda d: d.value)
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
                                    for t in study.best_trials]
+    else:
+        best = min(complete, key=lambda d: (d.value, d.number))
+    rows, chosen = comparison(studies, ctx, best)
+    summary.update(rows=rows, best_trial=best.number, best_params=best.params)
     pick = recommend(rows)
     pick["recommended"] = True
     summary["recommended"] = pick["key"]
     summary.update(export_preset(pick, chosen[pick["key"]], best, ctx, opts, name))
-    log_study_run(tracker, parent, summary, rows, best, chosen, complete, studies, opts)
+    log_study_run(tracker, parent, summary, rows, best, chosen, complete, studies, ctx, opts)
     files.atomic_write(Path(opts.out) / "summary.json",
                        json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
-def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best, chosen: dict,
-                  complete: list, studies: slots.Studies, opts) -> None:
+def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best: Done,
+                  chosen: dict, complete: list, studies: slots.Studies, ctx, opts) -> None:
     """The study's MLflow run: comparison table, summary, preset, held-out metrics, the best and
-    recommended runs tagged, figures; FINISHED once no slot is left."""
+    recommended runs tagged, their artifacts and the study's figures; FINISHED once no slot is
+    left."""
     table = comparison_markdown(rows)
     files.atomic_write(Path(opts.out) / "comparison.md", table + "\n")
     tracker.log_text(parent, table, "comparison.md")
     tracker.log_json(parent, summary, "summary.json")
     tracker.log_file(parent, summary["preset"], "preset")
-    tracker.log_metrics(parent, {"best_fid": best.values[0],
+    tracker.log_metrics(parent, {"best_fid": best.value,
                                  "best_fid_heldout": rows[0]["fid_heldout"],
                                  **{f"{r['key']}_fid_heldout": r["fid_heldout"] for r in rows[1:]}})
     children = tracker.children(parent)
     # the run this store holds for the best trial (a store made anew for an old study has none)
-    best_run = best.user_attrs.get("mlflow_run_id")
+    best_run = best.trial.user_attrs.get("mlflow_run_id")
     if best_run not in {run.info.run_id for run in children}:
         best_run = None
     for run in children:  # a resumed study may have a new winner
@@ -175,14 +281,36 @@ def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best
     if best_run:
         tracker.tag(best_run, {ROLE: "best", "schedsearch.best": "true"})
     pick = next(r for r in rows if r.get("recommended"))
-    rec_run = (best_run if pick["key"] == "best"
-               else tracker.find_child(parent, "baseline", pick["name"]))
-    if rec_run:
-        tracker.tag(rec_run, {"schedsearch.recommended": "true"})
+    runs = {r["key"]: best_run if r["key"] == "best"
+            else tracker.find_child(parent, "baseline", r["name"]) for r in rows}
+    if runs.get(pick["key"]):
+        tracker.tag(runs[pick["key"]], {"schedsearch.recommended": "true"})
+    for r in rows:   # held-out scores on the runs themselves, so they can be table columns
+        if runs.get(r["key"]):
+            ci = r.get("vs_best") or {}
+            tracker.log_metrics(runs[r["key"]], {
+                "fid_heldout": r["fid_heldout"], "kid_heldout": r["kid_heldout"],
+                "best_minus_this_heldout": ci.get("delta"), "ci_lo": ci.get("lo"),
+                "ci_hi": ci.get("hi")})
     if opts.artifacts:
+        log_artifacts(tracker, runs, chosen, ctx)
         log_figures(tracker, parent, summary, chosen, complete, studies.trials)
-    if not slots.busy(studies):
+    if not slots.busy(*studies.all()):
         tracker.client.set_terminated(parent, "FINISHED")
+
+
+def log_artifacts(tracker: Tracker, runs: dict, chosen: dict, ctx) -> None:
+    """Schedule plot, sample grid, preset and the first images for the winner and every
+    baseline — only these, at the end, so trials spend their time in model calls. The images are
+    sampled again: the same prompts and seeds give the same images bit for bit."""
+    shown = (ctx.search_set.prompts, ctx.search_set.seeds)
+    for key, run in runs.items():
+        if run is None or tracker.has_artifact(run, "preset.json"):
+            continue
+        preset = chosen[key]
+        images = ctx.sample_first(preset, 16)
+        logged = preset.replace(provenance={**ctx.provenance(), **preset.provenance})
+        log_result(tracker, run, logged, images, shown)
 
 
 def log_figures(tracker: Tracker, parent: str, summary: dict, chosen: dict, complete: list,
@@ -192,7 +320,7 @@ def log_figures(tracker: Tracker, parent: str, summary: dict, chosen: dict, comp
 
     others = {k: p for k, p in chosen.items() if k != "best"}
     fids = {r["name"]: r["fid"] for r in summary["rows"][1:]}
-    tracker.log_figure(parent, plots.fid_vs_trial([(t.number, t.values[0]) for t in complete],
+    tracker.log_figure(parent, plots.fid_vs_trial([(d.number, d.value) for d in complete],
                                                   fids), "fid_vs_trial.png")
     winner = chosen["best"]
     curves = {p.name: [float(s) for s in p.sigmas] for p in [winner, *others.values()]}
@@ -218,33 +346,69 @@ def importances(study: optuna.Study) -> dict:
         return {}
 
 
+def _spans(numbers) -> str:
+    """0-3, 5, 7-9"""
+    runs: list[list[int]] = []
+    for n in sorted(numbers):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def _stored_trials(storage, study: optuna.Study) -> list[tuple[int, optuna.trial.FrozenTrial]]:
+    """(shown number, trial) of every trial of both stages (0.1.0 studies have one stage)."""
+    out = [(t.number, t) for t in slots.trials_of(study)]
+    try:
+        refine = slots.load(storage, f"{study.study_name}:refine")
+    except ValueError:
+        return out
+    offset = int(study.user_attrs.get("slots") or 0)
+    return out + [(t.number + offset, t) for t in slots.trials_of(refine)]
+
+
+def _pick_trial(storage, study: optuna.Study, number: Optional[int]) -> Done:
+    trials = _stored_trials(storage, study)
+    done = [Done(n, t) for n, t in trials if t.state == slots.COMPLETE]
+    if number is None:
+        if not done:
+            raise ValueError(f"study {study.study_name!r} has no completed trial yet")
+        if len(study.directions) > 1:    # the Pareto front's best FID, as the report takes it
+            front = {t.number for t in study.best_trials}
+            done = [d for d in done if d.number in front]
+        return min(done, key=lambda d: (d.value, d.number))
+    matches = [(n, t) for n, t in trials if n == number]
+    completed_ = _spans(d.number for d in done)
+    if not matches:
+        raise ValueError(f"study {study.study_name!r} has no trial {number}: its trials are "
+                         f"{_spans(n for n, _ in trials)} (completed: {completed_})")
+    if matches[0][1].state != slots.COMPLETE:
+        raise ValueError(f"trial {number} of {study.study_name!r} did not complete (it is "
+                         f"{matches[0][1].state.name}); completed trials: {completed_}")
+    return Done(*matches[0])
+
+
 def preset_from_study(storage_url: str, study_name: str, name: str,
                       trial_number: Optional[int] = None) -> Preset:
-    """A trial's preset (default: the best) from the study storage alone (no model needed)."""
+    """A trial's preset (default: the best of both stages) from the study storage alone (no
+    model needed)."""
     storage = slots.make_storage(storage_url)
     try:
         study = slots.load(storage, study_name)
     except ValueError:
         raise ValueError(f"no study named {study_name!r} in {slots.redact(storage_url)}") from None
-    if trial_number is None:
-        try:
-            trial = min(study.best_trials, key=lambda t: t.values[0])
-        except ValueError:
-            raise ValueError(f"study {study_name!r} has no completed trial yet") from None
-    else:
-        matches = [t for t in slots.trials_of(study) if t.number == trial_number]
-        if not matches or matches[0].state != slots.COMPLETE:
-            raise ValueError(f"trial {trial_number} of {study_name!r} did not complete")
-        trial = matches[0]
+    pick = _pick_trial(storage, study, trial_number)
     cfg = study.user_attrs.get("config", {})
-    held = study.user_attrs.get(f"heldout:trial{trial.number}")
-    scores = {"fid_search": trial.values[0], **({"fid_heldout": held["fid"],
-                                                 "kid_heldout": held["kid"]} if held else {})}
+    held = study.user_attrs.get(f"heldout:trial{pick.number}")
+    scores = {"fid_search": pick.value, **({"fid_heldout": held["fid"],
+                                             "kid_heldout": held["kid"]} if held else {})}
     # the family the study recorded; studies of 0.1.0 recorded none: a testbed's name is its
     # family, anything else stays "any" rather than a guess from the model string
     family = study.user_attrs.get("family") or (cfg.get("model") if cfg.get("model") in
                                                  ("digits", "gmm") else "any")
-    return stored_preset(trial.user_attrs["candidate"], family).replace(
+    return stored_preset(pick.trial.user_attrs["candidate"], family).replace(
         name=name, family=family,
-        provenance=presets.provenance(study=study_name, trial=trial.number, scores=scores,
-                                      params=trial.params, model=cfg.get("model"), config=cfg))
+        provenance=presets.provenance(study=study_name, storage=slots.redact(storage_url),
+                                      trial=pick.number, scores=scores, params=pick.params,
+                                      model=cfg.get("model"), config=cfg))

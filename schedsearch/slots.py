@@ -19,6 +19,7 @@ import contextlib
 import random
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -37,10 +38,26 @@ COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialSt
 
 def make_storage(url: str, heartbeat: float = 10.0, grace: float = 30.0):
     """An Optuna RDB storage (sqlite, PostgreSQL, MySQL) with heartbeats, so trials of killed
-    workers are detected, failed and re-queued (RetryHeartbeatStaleTrialCallback)."""
+    workers are detected, failed and re-queued (RetryHeartbeatStaleTrialCallback). An unreachable
+    server, a missing driver or an unknown URL is a ValueError naming the URL, password hidden."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
     if "://" not in url:
         raise ValueError(f"--storage must be a database URL such as sqlite:///study.db or "
                          f"postgresql://user:pass@host/db, got {url!r}")
+    shown, scheme = redact(url), url.split("://", 1)[0].lower()
+
+    def connects() -> bool:  # does even a plain connection fail?
+        engine = sqlalchemy.create_engine(url)
+        try:
+            with engine.connect():
+                return True
+        except SQLAlchemyError:
+            return False
+        finally:
+            engine.dispose()
+
     for attempt in range(6):
         try:
             with sqlite_init_lock(url), warnings.catch_warnings():
@@ -51,12 +68,32 @@ def make_storage(url: str, heartbeat: float = 10.0, grace: float = 30.0):
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                         max_retry=3),
                     engine_kwargs={"pool_pre_ping": True})
-        except SQLAlchemyError:
+        except ImportError as exc:  # Optuna re-raises the driver's ModuleNotFoundError
+            fix = ("pip install pymysql and use mysql+pymysql://..." if scheme.startswith("mysql")
+                   else 'pip install "psycopg[binary]" and use postgresql+psycopg://...'
+                   if scheme.startswith("postgres") else "install the driver SQLAlchemy names")
+            driver = getattr(exc.__cause__, "name", None) or "module"
+            raise ValueError(f"--storage {shown}: its database driver {driver} is not "
+                             f"installed; {fix}") from None
+        except ArgumentError as exc:
+            raise ValueError(f"--storage {shown}: not a database URL SQLAlchemy can use "
+                             f"({str(exc).splitlines()[0]})") from None
+        except SQLAlchemyError as exc:
             # workers on other machines creating the schema at the same moment collide once
-            # ("type already exists"); the next attempt finds the schema in place
-            if attempt == 5:
+            # ("type already exists"); the next attempt finds the schema in place. A server that
+            # refuses a plain connection too will not get better by retrying.
+            if attempt < 5 and not (isinstance(exc, OperationalError) and not connects()):
+                time.sleep(0.5 + random.random() * (attempt + 1))
+                continue
+            if not isinstance(exc, OperationalError):
                 raise
-            time.sleep(0.5 + random.random() * (attempt + 1))
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            password = sqlalchemy.engine.make_url(url).password
+            reason = reason.replace(str(password), "***") if password else reason
+            fix = ("check that its folder exists and is writable" if scheme.startswith("sqlite")
+                   else "start the database server, or check the host, port, database, user and "
+                        "password in the URL")
+            raise ValueError(f"cannot open the study storage {shown} ({reason}); {fix}") from None
 
 
 def redact(url: str) -> str:
@@ -64,23 +101,40 @@ def redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':')[0]}:***@{host}"
+        user, has_password, _ = cred.partition(":")
+        return f"{scheme}://{user}{':***' if has_password else ''}@{host}"
     return url
 
 
 @dataclass
 class Studies:
-    """The study's two slot queues in one storage: trials, and baselines (``<name>:baselines``,
-    one slot per baseline group). Both go through the same claim / heartbeat / stale-recovery
-    path, so with many workers every baseline is scored once and the trial numbers count trials
-    only."""
+    """The study's slot queues in one storage: the global stage (``<name>``), the local stage
+    (``<name>:refine``, CMA-ES around the global stage's incumbent) and the baselines
+    (``<name>:baselines``, one slot per baseline group). All go through the same claim /
+    heartbeat / stale-recovery path, so with many workers every slot runs once."""
 
     trials: optuna.Study
+    refine: optuna.Study
     baselines: optuna.Study
     storage: object
 
     def all(self):
-        return (self.baselines, self.trials)
+        return (self.baselines, self.trials, self.refine)
+
+    @property
+    def first_refine_number(self) -> int:
+        """Trials of the local stage are shown numbered after the global stage's."""
+        return int(self.trials.user_attrs.get("slots") or 0)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A claimed slot: its study, trial id and number, and what the study stored with it."""
+
+    study: str
+    trial_id: int
+    number: int
+    user_attrs: dict
 
 
 def create_or_load(storage, name: str, **kwargs) -> tuple[optuna.Study, bool]:
@@ -110,25 +164,41 @@ def wait_for(get: Callable, seconds: float):
         time.sleep(0.5)
 
 
-def claim(study: optuna.Study, storage) -> Optional[optuna.Trial]:
-    """Take one WAITING slot (lowest number first); None when none is left."""
+def claim(study: optuna.Study, storage, accept: Optional[Callable[[dict], bool]] = None
+          ) -> Optional[Slot]:
+    """Take one WAITING slot (lowest number first) whose user attributes ``accept`` takes;
+    None when there is none."""
     sid = storage.get_study_id_from_name(study.study_name)
     for ft in storage.get_all_trials(sid, deepcopy=False, states=(WAITING,)):
+        if accept is not None and not accept(ft.user_attrs):
+            continue
         tid = storage.get_trial_id_from_study_id_trial_number(sid, ft.number)
         try:
             if storage.set_trial_state_values(tid, state=RUNNING):
                 storage.record_heartbeat(tid)
-                return optuna.Trial(study, tid)
+                return Slot(study.study_name, tid, ft.number, dict(ft.user_attrs))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
 
 
+def open_trial(study: optuna.Study, storage, slot: Slot, *, sampler,
+               fixed: Optional[dict] = None) -> optuna.Trial:
+    """The claimed slot as an ``optuna.Trial`` of ``study`` whose suggestions come from
+    ``sampler`` (seeded per slot by the caller, so workers never draw the same points) and, for
+    the parameters in ``fixed``, are those values (how a warm-start slot gets its point once the
+    baselines are known)."""
+    if fixed:
+        storage.set_trial_system_attr(slot.trial_id, "fixed_params", fixed)
+    study.sampler = sampler
+    study.get_trials(deepcopy=False)   # the study's cached storage learns the claimed trial
+    return optuna.Trial(study, slot.trial_id)
+
+
 @contextlib.contextmanager
-def heartbeat(storage, trial: optuna.Trial, interval: float) -> Iterator[None]:
+def heartbeat(storage, trial_id: int, interval: float) -> Iterator[None]:
     """Record the trial's heartbeat from a thread while the body runs."""
     stop = threading.Event()
-    trial_id = trial._trial_id
 
     def beat():
         while not stop.wait(interval):
@@ -146,11 +216,6 @@ def heartbeat(storage, trial: optuna.Trial, interval: float) -> Iterator[None]:
         thread.join()
 
 
-def user_attrs(storage, trial: optuna.Trial) -> dict:
-    """A claimed trial's user attributes as stored now."""
-    return storage.get_trial(trial._trial_id).user_attrs
-
-
 def fail_stale(study: optuna.Study) -> None:
     """Fail (and, through the storage's callback, re-queue) trials whose heartbeat went stale."""
     with warnings.catch_warnings():
@@ -163,9 +228,9 @@ def trials_of(study: optuna.Study, *states) -> list:
     return study.get_trials(deepcopy=False, states=states or None)
 
 
-def busy(studies: Studies, *states) -> bool:
-    """Whether any slot of either queue is in ``states`` (default: waiting or running)."""
-    return any(trials_of(st, *(states or (WAITING, RUNNING))) for st in studies.all())
+def busy(*studies: optuna.Study, states=(WAITING, RUNNING)) -> bool:
+    """Whether any slot of these studies is in ``states`` (default: waiting or running)."""
+    return any(trials_of(st, *states) for st in studies)
 
 
 def counts(study: optuna.Study) -> dict:
@@ -189,12 +254,15 @@ def finished_slots(study: optuna.Study) -> int:
 
 # -- opening a study ------------------------------------------------------------------------------
 def open_studies(storage, name: str, *, directions: list, sampler, pruner, identity: dict,
-                 attrs: dict, trials: int, seeds: list, baseline_groups: list) -> Studies:
+                 attrs: dict, plan: list, refine_slots: int, baseline_groups: list,
+                 grace: float = 30.0) -> Studies:
     """Create the study (or join it) and make sure its slots exist.
 
     ``identity``: what the study measures; joining a study stored with another identity is
-    refused. ``attrs``: user attributes written by the creator. ``seeds``: (why, params) of the
-    first slots. ``baseline_groups``: lists of baseline keys, one slot each.
+    refused. ``attrs``: user attributes written by the creator. ``plan``: the global stage's
+    slots in order, each the user attributes and fixed parameters ``(attrs, params)`` it is
+    enqueued with. ``refine_slots``: slots of the local stage. ``baseline_groups``: lists of
+    baseline keys, one slot each.
     """
     study, created = create_or_load(storage, name, directions=directions, sampler=sampler,
                                     pruner=pruner)
@@ -203,43 +271,75 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
         for k, v in attrs.items():
             study.set_user_attr(k, v)
     else:
-        stored = wait_for(lambda: study.user_attrs.get("identity"), 60)
-        if stored is not None and stored != identity:
-            diff = {k: (stored.get(k), identity.get(k)) for k in identity
-                    if stored.get(k) != identity.get(k)}
-            raise ValueError(
-                f"study {name!r} already exists with a different setup: "
-                + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                + ". Re-run with the same settings to continue it, or pass --study-name NEW.")
+        _check_identity(study, identity)
+    refine, _ = create_or_load(storage, f"{name}:refine", directions=directions[:1],
+                               sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
     base, _ = create_or_load(storage, f"{name}:baselines", directions=["minimize"],
                              sampler=optuna.samplers.RandomSampler(seed=0))
-    studies = Studies(study, base, storage)
-    _ensure_trial_slots(study, created, trials, seeds)
-    have = {tuple(t.user_attrs.get("baselines", ())) for t in trials_of(base)}
-    for group in baseline_groups:
-        if tuple(group) not in have:
-            base.enqueue_trial({}, user_attrs={"baselines": list(group)})
-    return studies
+    ensure_slots(study, plan, grace)
+    ensure_slots(refine, [({}, {})] * refine_slots, grace)
+    ensure_slots(base, [({"baselines": list(g)}, {}) for g in baseline_groups], grace,
+                 key=lambda attrs: tuple(attrs.get("baselines", ())))
+    return Studies(study, refine, base, storage)
 
 
-def _ensure_trial_slots(study: optuna.Study, created: bool, n: int, seeds: list) -> None:
-    """The creator enqueues all trial slots, the first ones holding the seed trials; a re-run that
-    asks for more trials adds the difference (extend a study from one worker at a time)."""
-    if not created:
-        slots = wait_for(lambda: study.user_attrs.get("slots"), 60)
-        if slots is not None and n > slots:
-            for _ in range(n - slots):
-                study.enqueue_trial({})
-            study.set_user_attr("slots", n)
-        elif slots is None:
-            if trials_of(study):
-                raise ValueError(f"study {study.study_name!r} has trials but no slot count; it was "
-                                 f"not created by schedsearch run")
-            created = True  # the creator died before enqueuing: take over
-    if created:
-        seeds = seeds[:n]
-        for why, params in seeds:
-            study.enqueue_trial(params, user_attrs={"seeded_from": why})
-        for _ in range(n - len(seeds)):
-            study.enqueue_trial({})
-        study.set_user_attr("slots", n)
+def _check_identity(study: optuna.Study, identity: dict) -> None:
+    stored = wait_for(lambda: study.user_attrs.get("identity"), 60)
+    if stored is not None and stored != identity:
+        diff = {k: (stored.get(k), identity.get(k)) for k in identity
+                if stored.get(k) != identity.get(k)}
+        raise ValueError(
+            f"study {study.study_name!r} already exists with a different setup: "
+            + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            + ". Re-run with the same settings to continue it, or pass --study-name NEW.")
+
+
+def _slot_keys(study: optuna.Study, key: Callable) -> set:
+    """The keys of the slots a study holds: its ``slot`` attribute, or for slots enqueued before
+    slots carried one (schedsearch 0.1.0: in order) their trial number; re-queued retries of a
+    killed trial share its key."""
+    out = set()
+    for t in trials_of(study):
+        if "failed_trial" in t.system_attrs and "slot" not in t.user_attrs:
+            continue
+        out.add(key(t.user_attrs) if key is not None else t.user_attrs.get("slot", t.number))
+    return out
+
+
+def ensure_slots(study: optuna.Study, plan: list, grace: float, key: Optional[Callable] = None
+                 ) -> None:
+    """Enqueue each slot of ``plan`` — ``(user_attrs, fixed_params)`` in order — that the study
+    does not hold yet, once. Slot k is identified by ``key(user_attrs)`` or else by its index,
+    stored as the ``slot`` attribute. Resumable at any point: a worker killed half-way leaves
+    the rest to the next one, which takes over once the first worker's lease on enqueueing is
+    older than ``grace`` seconds; two workers never enqueue at once."""
+    def missing():
+        have = _slot_keys(study, key)
+        return [(k, a, p) for k, (a, p) in enumerate(plan)
+                if (key(a) if key is not None else k) not in have]
+
+    while missing():
+        if not _take_lease(study, grace):
+            time.sleep(0.5)
+            continue
+        try:
+            for k, attrs, params in missing():
+                study.enqueue_trial(params, user_attrs={**attrs, "slot": k} if key is None
+                                    else dict(attrs))
+        finally:
+            study.set_user_attr("enqueuing", None)
+    if key is None:
+        study.set_user_attr("slots", max(len(plan), study.user_attrs.get("slots") or 0))
+
+
+def _take_lease(study: optuna.Study, grace: float) -> bool:
+    """Claim the right to enqueue: a user attribute naming this worker, unless another worker's
+    lease is fresher than ``grace``. After writing, wait a moment and read it back: of two
+    workers writing at once, the one whose write stands wins."""
+    held = study.user_attrs.get("enqueuing")
+    if held and time.time() - held["at"] < grace:
+        return False
+    me = {"by": uuid.uuid4().hex, "at": time.time()}
+    study.set_user_attr("enqueuing", me)
+    time.sleep(0.2 + 0.3 * random.random())
+    return (study.user_attrs.get("enqueuing") or {}).get("by") == me["by"]

@@ -1,15 +1,24 @@
 """The search space: its ranges, how a trial samples a point of it, and the preset that point is.
 
-A point is (p1, p2, stop, final denoise, solver, FreeU switch, start t_aug and b1, b2, s1, s2,
-FreeU variant[, guidance]) — the schedule family of "Hyperparameters are all you need" (Li, 2025;
-docs/schedules.md). Its σ list always spends exactly the budget: with a final denoise the paper
-schedule gets budget − 1 steps and σ = 0 is appended, so no candidate can miss the budget.
-``Space.suggest`` samples a point through an Optuna trial and returns the ``Preset`` that is
-scored; ``Space.preset`` rebuilds the same preset from stored trial parameters.
+A point is a schedule family with its parameters, an end, a solver, a FreeU plan (switch, start
+t_aug, b1, b2, s1, s2, variant) and, when opened, the guidance (docs/search.md):
+
+* ``paper`` — the family of "Hyperparameters are all you need" (Li, 2025; docs/schedules.md):
+  p1, p2, stop; ending at 0 spends one of the budget's calls on a final denoise;
+* ``knots`` — a free-form σ list at exactly the budget (``schedules.knots``): σ_max, then the
+  interior points as stick-breaking fractions ``knot_1 …`` of the log-σ range, ending at 0 or at
+  a free σ_end > 0 (the last fraction). Every baseline is a point of it (``schedules.knot_fractions``).
+
+Every point spends exactly the budget. ``Space.suggest`` samples a point through an Optuna trial
+and returns the ``Preset`` that is scored; ``Space.preset`` is the one function from parameters
+to a preset, for new trials and stored ones alike. ``Space.refine`` is the local stage: offsets
+around an incumbent's continuous parameters, searched by CMA-ES in a box whose centre is the
+incumbent.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,18 +31,27 @@ from .noise import NoiseTable
 from .presets import Preset
 
 FREEU_KEYS = ("b1", "b2", "s1", "s2")
+FAMILIES = ("paper", "knots")
+# One model call per step and exact on any σ list: the solvers a budget can be spent on.
+SEARCHED_SOLVERS = ("dpmpp_1s", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm")
 
 DEFAULT_SPACE = {
-    "p1": [2.0, 14.0],          # stop-ramp exponent (paper: 5, 7, 12)
-    "p2": [0.6, 2.5],           # t-grid exponent (paper: 1.2)
-    "stop": [1.0, 8.0],         # stopping index, real-valued (paper: 2, 3)
-    "solver": ["dpmpp_1s", "dpmpp_2m"],
-    "final_denoise": [False, True],
+    "family": list(FAMILIES),
+    "p1": [2.0, 14.0],          # paper: stop-ramp exponent (paper: 5, 7, 12)
+    "p2": [0.6, 2.5],           # paper: t-grid exponent (paper: 1.2)
+    "stop": [1.0, 8.0],         # paper: stopping index, real-valued (paper: 2, 3)
+    "knots": [0.001, 0.999],    # knots: the range of every stick-breaking fraction
+    "end": list(schedules.KNOT_ENDS),
+    "solver": list(SEARCHED_SOLVERS),
     "freeu": True,              # search t_aug and the FreeU values (UNet models only)
     "b1": [1.0, 1.6], "b2": [1.0, 1.6], "s1": [0.2, 1.0], "s2": [0.1, 1.0],
     "freeu_variant": ["diffusers", "original"],
     "guidance": None,           # fixed per study; a [lo, hi] range opens it
 }
+# The local stage moves a knot fraction by up to REFINE_LOGIT in logit space and any other
+# continuous parameter by up to a quarter of its range: the incumbent's neighbourhood.
+REFINE_LOGIT = 1.5
+REFINE_SHARE = 0.25
 
 
 def _range(space: dict, key: str) -> tuple[float, float]:
@@ -41,6 +59,14 @@ def _range(space: dict, key: str) -> tuple[float, float]:
     if not (isinstance(v, (list, tuple)) and len(v) == 2 and v[0] <= v[1]):
         raise ValueError(f"search space {key!r} must be [low, high], got {v!r}")
     return float(v[0]), float(v[1])
+
+
+def _choices(space: dict, key: str, allowed) -> list:
+    v = space[key]
+    if not isinstance(v, (list, tuple)) or not v or any(c not in allowed for c in v):
+        raise ValueError(f"search space {key!r} must be a non-empty list of "
+                         f"{', '.join(map(str, allowed))}; got {v!r}")
+    return list(v)
 
 
 @dataclass(frozen=True)
@@ -66,37 +92,70 @@ class Space:
         if unknown:
             raise ValueError(f"unknown search-space keys: {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(DEFAULT_SPACE)}")
-        self.ranges = {**DEFAULT_SPACE, **self.ranges}
-        r = self.ranges
+        self.ranges = r = {**DEFAULT_SPACE, **self.ranges}
+        _choices(r, "family", FAMILIES)
+        _choices(r, "end", schedules.KNOT_ENDS)
+        _choices(r, "freeu_variant", ("diffusers", "original"))
         if _range(r, "p1")[0] <= 0 or _range(r, "p2")[0] <= 0:
             raise ValueError("search space: p1 and p2 must stay > 0")
         if _range(r, "stop")[0] < 1:
             raise ValueError("search space: stop must stay >= 1")
+        lo, hi = _range(r, "knots")
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"search space: knot fractions must lie strictly inside (0, 1), "
+                             f"got {r['knots']!r}")
         for k in FREEU_KEYS:
             if _range(r, k)[0] <= 0:
                 raise ValueError(f"search space: FreeU {k} must stay > 0 (diffusers treats 0 as off)")
-        for s in r["solver"]:
-            solvers.canonical(s)
+        names = [solvers.canonical(s) for s in r["solver"]] if r["solver"] else []
+        bad = [s for s in names if s not in SEARCHED_SOLVERS]
+        if not names or bad:
+            raise ValueError(f"search space: solver must be a non-empty list of "
+                             f"{', '.join(SEARCHED_SOLVERS)} (one model call per step), got "
+                             f"{r['solver']!r}")
+        r["solver"] = names
         if r["guidance"] is not None:
             _range(r, "guidance")
 
+    def check(self, budget: int) -> None:
+        """Refuse a space that has nothing to search at this budget."""
+        if "knots" in self.ranges["family"] and budget < 2:
+            raise ValueError("search space: the knots family needs a budget of 2 or more (at 1 "
+                             "there is no free σ); use space: {family: [paper]} at budget 1")
+        if self.ranges["end"] == ["zero"] and budget < 2:
+            raise ValueError("search space: ending at 0 spends the only model call on the final "
+                             "denoise; allow end: [sigma] at budget 1")
+
+    # -- the global stage ----------------------------------------------------------------------
     def suggest(self, trial, target: Target, nfe_range: Optional[tuple[int, int]] = None
                 ) -> Preset:
         """Sample a point through ``trial`` and return the preset it stands for."""
         r = self.ranges
-        params = {}
+        params: dict = {}
         budget = target.budget
         if nfe_range is not None:
             budget = params["nfe"] = trial.suggest_int("nfe", *nfe_range)
-        final_choices = [c for c in r["final_denoise"] if budget > 1 or not c]
-        params["final_denoise"] = bool(trial.suggest_categorical("final_denoise", final_choices))
-        for k in ("p1", "p2", "stop"):
-            params[k] = trial.suggest_float(k, *_range(r, k))
-        params["solver"] = trial.suggest_categorical(
-            "solver", [solvers.canonical(s) for s in r["solver"]])
+        family = params["family"] = trial.suggest_categorical("family", r["family"])
+        # the same choices in every trial (Optuna's categorical space is fixed); the one empty
+        # combination, the paper family ending at 0 with a single call, is refused by check()
+        params["end"] = end = trial.suggest_categorical("end", r["end"])
+        if family == "paper":
+            for k in ("p1", "p2", "stop"):
+                params[k] = trial.suggest_float(k, *_range(r, k))
+        else:
+            for i in range(1, budget + (end == "sigma")):
+                params[f"knot_{i}"] = trial.suggest_float(f"knot_{i}", *_range(r, "knots"))
+        params["solver"] = trial.suggest_categorical("solver", r["solver"])
+        params.update(self._suggest_freeu(trial, target, budget))
+        if r["guidance"] is not None:
+            params["guidance"] = trial.suggest_float("guidance", *_range(r, "guidance"))
+        return self.preset(params, target, name=f"trial {trial.number}")
+
+    def _suggest_freeu(self, trial, target: Target, budget: int) -> dict:
         # An explicit on/off switch rather than "t_aug = budget means off": FreeU is then off in
         # half the random start-up trials instead of 1/(budget+1), and TPE learns the switch
         # directly — FreeU values tuned for one UNet can ruin another.
+        r, params = self.ranges, {}
         if target.freeu_ok and r["freeu"]:
             params["freeu"] = trial.suggest_categorical("freeu", [False, True])
             if params["freeu"]:
@@ -104,17 +163,21 @@ class Space:
                 params.update({k: trial.suggest_float(k, *_range(r, k)) for k in FREEU_KEYS})
                 params["freeu_variant"] = trial.suggest_categorical(
                     "freeu_variant", list(r["freeu_variant"]))
-        if r["guidance"] is not None:
-            params["guidance"] = trial.suggest_float("guidance", *_range(r, "guidance"))
-        return self.preset(params, target, name=f"trial {trial.number}")
+        return params
 
     @staticmethod
     def preset(params: dict, target: Target, name: str = "trial") -> Preset:
-        """The preset of a point given by its parameters (a trial's ``params``)."""
+        """The preset of a point given by its parameters (a trial's ``params``; studies of
+        schedsearch 0.1.0 stored the paper family only, with ``final_denoise``)."""
         budget = int(params.get("nfe", target.budget))
-        final = bool(params.get("final_denoise", False))
-        spec = {"name": "paper", "steps": budget - int(final), "p1": params["p1"],
-                "p2": params["p2"], "stop": params["stop"], "final_denoise": final}
+        end = params.get("end") or ("zero" if params.get("final_denoise") else "sigma")
+        if params.get("family", "paper") == "paper":
+            spec = {"name": "paper", "steps": budget - (end == "zero"), "p1": params["p1"],
+                    "p2": params["p2"], "stop": params["stop"], "final_denoise": end == "zero"}
+        else:
+            n = budget - (end == "zero")
+            spec = {"name": "knots", "end": end,
+                    "fractions": [params[f"knot_{i}"] for i in range(1, n + 1)]}
         plan = None
         if params.get("freeu") and all(k in params for k in FREEU_KEYS):
             t_aug = params.get("t_aug")
@@ -130,7 +193,9 @@ class Space:
     def seed_trials(self, target: Target) -> list[tuple[str, dict]]:
         """The trials a study starts from, with why: the paper's preset nearest the budget as
         published, and its schedule alone (DPM++2M, no FreeU) — two informed points before the
-        sampler's random start-up."""
+        sampler's random start-up (when the space holds the paper family)."""
+        if "paper" not in self.ranges["family"]:
+            return []
         name = presets.nearest_paper_preset(target.family, target.budget)
         first = self._paper_params(name, target)
         plain = {**{k: v for k, v in first.items()
@@ -140,8 +205,8 @@ class Space:
         seeds = [("paper preset", first)]
         if plain != first:
             seeds.append(("paper schedule, DPM++2M, no FreeU", plain))
-        allowed = [solvers.canonical(x) for x in self.ranges["solver"]]
-        return [(why, p) for why, p in seeds if p["solver"] in allowed]
+        return [(why, p) for why, p in seeds
+                if p["solver"] in self.ranges["solver"] and p["end"] in self.ranges["end"]]
 
     def _paper_params(self, name: str, target: Target) -> dict:
         """The paper preset's hyperparameters transplanted to this budget, as trial params.
@@ -151,18 +216,41 @@ class Space:
         """
         s = schedules.PAPER_SETTINGS[name]
         preset = presets.paper_preset(name)
-        params = {"final_denoise": False, "p1": s["p1"], "p2": s["p2"],
+        params = {"family": "paper", "end": "sigma", "p1": s["p1"], "p2": s["p2"],
                   "stop": schedules.equivalent_stop(s["steps"], s["M"], s["k"]),
                   "solver": preset.solver}
-        if target.freeu_ok and self.ranges["freeu"]:
-            plan = preset.freeu
-            on = [i for i, st in enumerate(plan.steps) if st is not None] if plan else []
-            params["freeu"] = bool(on) and on[0] < target.budget
-            if params["freeu"]:
-                params["t_aug"] = on[0]
-                params.update(plan.steps[on[0]].as_dict())
-                params["freeu_variant"] = plan.variant
+        params.update(self._freeu_params(preset.freeu, target))
         return self._clamp(params)
+
+    def _freeu_params(self, plan: Optional[FreeUPlan], target: Target) -> dict:
+        if not (target.freeu_ok and self.ranges["freeu"]):
+            return {}
+        on = [i for i, st in enumerate(plan.steps) if st is not None] if plan else []
+        if not on or on[0] >= target.budget:
+            return {"freeu": False}
+        return {"freeu": True, "t_aug": on[0], **plan.steps[on[0]].as_dict(),
+                "freeu_variant": plan.variant}
+
+    def warm_params(self, preset: Preset, solver: str, target: Target) -> Optional[dict]:
+        """A preset's σ list as a point of the knots family, run with ``solver`` and no FreeU
+        (None when the space cannot hold it: another family only, an end it excludes, or a
+        fraction outside the knots range)."""
+        r = self.ranges
+        floor = schedules.KNOT_FLOOR * target.table.sigma_min
+        try:
+            fractions, end = schedules.knot_fractions(preset.sigmas, sigma_max=target.table.sigma_max,
+                                                      sigma_floor=floor)
+        except ValueError:
+            return None
+        lo, hi = _range(r, "knots")
+        if "knots" not in r["family"] or end not in r["end"] or solver not in r["solver"] \
+                or not all(lo <= f <= hi for f in fractions):
+            return None
+        params = {"family": "knots", "end": end,
+                  **{f"knot_{i}": f for i, f in enumerate(fractions, 1)}, "solver": solver}
+        if target.freeu_ok and r["freeu"]:
+            params["freeu"] = False
+        return params
 
     def _clamp(self, params: dict) -> dict:
         """Enqueued params must lie inside the distributions, or Optuna rejects them."""
@@ -175,9 +263,36 @@ class Space:
             out["freeu_variant"] = self.ranges["freeu_variant"][0]
         return out
 
+    # -- the local stage -----------------------------------------------------------------------
+    def refine(self, trial, incumbent: dict, target: Target) -> tuple[Preset, dict]:
+        """Sample offsets ``d_<name>`` in [-1, 1] for each continuous parameter of the
+        incumbent's point (its categorical choices stay) and return the preset and the absolute
+        parameters. z = 0 is the incumbent itself: CMA-ES's default start, the box centre."""
+        params = dict(incumbent)
+        for key in self.continuous(incumbent):
+            z = trial.suggest_float(f"d_{key}", -1.0, 1.0)
+            params[key] = self._moved(key, incumbent[key], z)
+        return self.preset(params, target, name=f"trial {trial.number}"), params
+
+    def continuous(self, params: dict) -> list[str]:
+        keys = [k for k in params if k in ("p1", "p2", "stop") or k.startswith("knot_")]
+        if params.get("freeu"):
+            keys += [k for k in FREEU_KEYS if k in params]
+        if self.ranges["guidance"] is not None and "guidance" in params:
+            keys.append("guidance")
+        return keys
+
+    def _moved(self, key: str, value: float, z: float) -> float:
+        if key.startswith("knot_"):
+            lo, hi = _range(self.ranges, "knots")
+            logit = math.log(value / (1 - value)) + REFINE_LOGIT * z
+            return min(max(1 / (1 + math.exp(-logit)), lo), hi)
+        lo, hi = _range(self.ranges, key)
+        return min(max(value + z * REFINE_SHARE * (hi - lo), lo), hi)
+
 
 def make_sampler(name: str, seed: int, multi_objective: bool):
-    """The Optuna sampler that explores the space."""
+    """The Optuna sampler of the global stage."""
     if name == "tpe":
         with warnings.catch_warnings():  # group=True is "experimental" but handles our conditional space
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -192,3 +307,8 @@ def make_sampler(name: str, seed: int, multi_objective: bool):
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"--sampler must be tpe, cmaes, gp or random, got {name!r}")
+
+
+def refine_sampler(seed: int):
+    """The local stage's sampler: CMA-ES from the box centre (the incumbent)."""
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)

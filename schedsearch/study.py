@@ -1,12 +1,17 @@
-"""``run_study``: config → context → slots → work loop (baselines, then trials) → report.
+"""``run_study``: config → context → slots → work loop (baselines, global stage, local stage) →
+report.
 
 One call runs one worker of a study: it loads the model and prompt sets (``context``), opens or
-joins the study's slot queues (``slots``), scores every baseline slot and trial slot it can claim,
-logging each to MLflow (``tracking``), and ends with the comparison and the preset (``report``).
+joins the study's slot queues (``slots``), scores every slot it can claim — the baselines first,
+then the global stage (the paper's seeds, the best baselines re-run as free-form trials with
+every searched solver, then the sampler's own points), then the local stage (CMA-ES around the
+global stage's best) — logging each to MLflow (``tracking``), and ends with the comparison and
+the preset (``report``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -20,8 +25,8 @@ from . import baselines, report, slots, solvers
 from .config import StudyConfig, config_json, default_study_name, identity
 from .context import Context
 from .metrics import ScoreError
-from .space import Space, make_sampler
-from .tracking import Tracker, log_result, run_params, tracking_uri_for
+from .space import Space, make_sampler, refine_sampler
+from .tracking import Tracker, run_params, tracking_uri_for
 from .version import __version__
 
 __all__ = ["RunOptions", "StudyConfig", "default_study_name", "run_study"]
@@ -52,7 +57,7 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     storage = slots.make_storage(storage_url, opts.heartbeat, opts.grace)
     ctx = Context(config, echo)
     ctx.artifacts = opts.artifacts
-    studies = open_studies(storage, name, ctx)
+    studies = open_studies(storage, name, ctx, opts.grace)
 
     tracker = Tracker(tracking_uri_for(out), name, out / "mlartifacts")
     parent = tracker.study_run(name, {"config": json.dumps(config_json(config)),
@@ -60,11 +65,13 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
                                {"schedsearch.version": __version__, "schedsearch.budget": config.budget})
     recover(studies, tracker, parent)
 
-    echo(f"study {name}: {config.trials} trials at {config.budget} NFE on {ctx.model.name} "
-         f"({len(ctx.search_set)} search images, {len(ctx.heldout_set)} held-out)")
+    n1, n2 = config.stages()
+    echo(f"study {name}: {config.trials} trials ({n1} global, {n2} local) at {config.budget} NFE "
+         f"on {ctx.model.name} ({len(ctx.search_set)} search images, "
+         f"{len(ctx.heldout_set)} held-out)")
     echo(f"  storage {slots.redact(storage_url)}; MLflow {tracker.uri}")
     deadline = None if not opts.timeout else time.time() + opts.timeout
-    work(studies, ctx, tracker, parent, opts, deadline)
+    Worker(studies, ctx, tracker, parent, opts).work(deadline)
     recover(studies, tracker, parent)   # runs of workers that died while this one waited
     summary = report.finalize(studies, ctx, tracker, parent, opts, name, echo)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -75,19 +82,36 @@ def _multi(config: StudyConfig) -> bool:
     return len(config.objectives) > 1
 
 
-def open_studies(storage, name: str, ctx: Context) -> slots.Studies:
-    """Create or join the study's slot queues with this config's sampler, pruner and seeds."""
+def _pruner(config: StudyConfig):
+    if config.pruner == "median" and not _multi(config):
+        return optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def warm_slots(config: StudyConfig, space: Space) -> int:
+    """Slots that re-run the best baselines as free-form trials, one per (baseline, solver)."""
+    if "nfe" in config.objectives or "knots" not in space.ranges["family"]:
+        return 0
+    return config.warm_start * len(space.ranges["solver"])
+
+
+def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots.Studies:
+    """Create or join the study's slot queues: the global stage's plan (seeds, warm starts, the
+    sampler's own points), the local stage's slots and one slot per baseline group."""
     config = ctx.config
     multi = _multi(config)
     directions = ["minimize"] + (["maximize"] if "clip" in config.objectives else
                                  ["minimize"] if multi else [])
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
-              if config.pruner == "median" and not multi else optuna.pruners.NopPruner())
-    seeds = ([] if "nfe" in config.objectives
-             else Space(dict(config.space)).seed_trials(ctx.target))
+    space = Space(dict(config.space))
+    n1, n2 = config.stages()
+    seeds = [] if "nfe" in config.objectives else space.seed_trials(ctx.target)
+    plan = [({"seeded_from": why}, params) for why, params in seeds][:n1]
+    plan += [({"warm": k}, {}) for k in range(min(warm_slots(config, space), n1 - len(plan)))]
+    plan += [({}, {})] * (n1 - len(plan))
     return slots.open_studies(
-        storage, name, directions=directions, sampler=make_sampler(config.sampler, config.seed, multi),
-        pruner=pruner, identity=identity(config), trials=config.trials, seeds=seeds,
+        storage, name, directions=directions,
+        sampler=make_sampler(config.sampler, config.seed, multi), pruner=_pruner(config),
+        identity=identity(config), plan=plan, refine_slots=n2, grace=grace,
         attrs={"config": config_json(config), "schedsearch_version": __version__,
                "family": ctx.family},
         baseline_groups=baseline_groups(config.baselines))
@@ -110,66 +134,140 @@ def recover(studies: slots.Studies, tracker: Tracker, parent: str) -> None:
     # A worker killed between claiming a trial and creating its MLflow run leaves no run to close:
     # log one, so the dashboard shows every interrupted trial, as Optuna does.
     logged = {r.data.tags.get("schedsearch.trial") for r in tracker.children(parent)}
-    for t in slots.trials_of(studies.trials, slots.FAIL):
-        if "fail_reason" not in t.user_attrs and str(t.number) not in logged:
-            run = tracker.child(parent, f"trial {t.number}", "trial", dict(t.params),
-                                {"schedsearch.trial": t.number})
-            tracker.end(run, "INTERRUPTED", "the worker stopped (killed, crashed or interrupted) "
-                        "before this trial had an MLflow run; the trial was marked failed")
+    for st, offset in ((studies.trials, 0), (studies.refine, studies.first_refine_number)):
+        for t in slots.trials_of(st, slots.FAIL):
+            if "fail_reason" not in t.user_attrs and str(t.number + offset) not in logged:
+                run = tracker.child(parent, f"trial {t.number + offset}", "trial", dict(t.params),
+                                    {"schedsearch.trial": t.number + offset})
+                tracker.end(run, "INTERRUPTED", "the worker stopped (killed, crashed or "
+                            "interrupted) before this trial had an MLflow run; the trial was "
+                            "marked failed")
 
 
-def work(studies: slots.Studies, ctx: Context, tracker: Tracker, parent: str, opts: RunOptions,
-         deadline: Optional[float]) -> None:
-    """Claim and run slots until none is left — baselines first, then trials — then wait for
-    other workers' slots (a dead worker's slot comes back after the grace period and is run here)."""
-    config = ctx.config
-    bar = tqdm(total=config.trials, initial=min(slots.finished_slots(studies.trials), config.trials),
-               desc="trials", unit="trial", disable=not opts.progress, dynamic_ncols=True)
-    _show_best(bar, studies.trials, _multi(config))
-    space = Space(dict(config.space))
-    try:
-        while deadline is None or time.time() < deadline:
-            for st in studies.all():
-                slots.fail_stale(st)
-            slot = slots.claim(studies.baselines, studies.storage)
-            if slot is not None:
-                with slots.heartbeat(studies.storage, slot, opts.heartbeat):
-                    evaluate_baselines(slot, studies.baselines, ctx, tracker, parent, bar.write)
-                continue
-            trial = slots.claim(studies.trials, studies.storage)
-            if trial is not None:
-                with slots.heartbeat(studies.storage, trial, opts.heartbeat):
-                    state = evaluate_trial(trial, studies.trials, ctx, tracker, parent, space)
-                bar.update(1)
-                _show_best(bar, studies.trials, _multi(config))
-                if state == "FAIL":
-                    reason = slots.user_attrs(studies.storage, trial).get("fail_reason")
-                    bar.write(f"  trial {trial.number} failed: {reason}")
-                continue
-            if not slots.busy(studies, slots.RUNNING):
-                return
-            time.sleep(min(5.0, max(0.5, opts.heartbeat)))
-    finally:
-        bar.close()
+def slot_seed(seed: int, stage: int, number: int) -> int:
+    """The sampler seed of one slot: reproducible, and different for every slot, so workers
+    sharing a study never draw the same points."""
+    return (seed * 1_000_003 + stage * 10_007 + number) % (2 ** 31 - 1)
 
 
-def _show_best(bar, study: optuna.Study, multi: bool) -> None:
-    try:
-        if multi:
-            bar.set_postfix_str(f"pareto front {len(study.best_trials)}")
+class Worker:
+    """One process's part of the study: claim a slot, run it, repeat."""
+
+    def __init__(self, studies: slots.Studies, ctx: Context, tracker: Tracker, parent: str,
+                 opts: RunOptions):
+        self.studies, self.ctx, self.tracker, self.parent, self.opts = (
+            studies, ctx, tracker, parent, opts)
+        self.space = Space(dict(ctx.config.space))
+        self.multi = _multi(ctx.config)
+
+    def work(self, deadline: Optional[float]) -> None:
+        """Claim and run slots until none is left — baselines, then the global stage (warm-start
+        slots once the baselines are scored), then the local stage once the global one is done —
+        then wait for other workers' slots (a dead worker's slot comes back after the grace period
+        and is run here)."""
+        st, config = self.studies, self.ctx.config
+        done = slots.finished_slots(st.trials) + slots.finished_slots(st.refine)
+        self.bar = tqdm(total=config.trials, initial=min(done, config.trials), desc="trials",
+                        unit="trial", disable=not self.opts.progress, dynamic_ncols=True)
+        self._show_best()
+        try:
+            while deadline is None or time.time() < deadline:
+                for study in st.all():
+                    slots.fail_stale(study)
+                if not self._step():
+                    if not slots.busy(*st.all()):
+                        return
+                    time.sleep(min(5.0, max(0.5, self.opts.heartbeat)))
+        finally:
+            self.bar.close()
+
+    def _step(self) -> bool:
+        """Claim and run one slot; False when no slot can be claimed now."""
+        st = self.studies
+        slot = slots.claim(st.baselines, st.storage)
+        if slot is not None:
+            with slots.heartbeat(st.storage, slot.trial_id, self.opts.heartbeat):
+                evaluate_baselines(slot, st.baselines, st.storage, self.ctx, self.tracker,
+                                   self.parent, self.bar.write)
+            return True
+        scored = not slots.busy(st.baselines)
+        slot = slots.claim(st.trials, st.storage, accept=lambda a: scored or "warm" not in a)
+        if slot is not None:
+            self._trial(slot, stage=1)
+            return True
+        if slots.busy(st.trials):
+            return False
+        slot = slots.claim(st.refine, st.storage)
+        if slot is not None:
+            self._trial(slot, stage=2)
+            return True
+        return False
+
+    def _trial(self, slot: slots.Slot, stage: int) -> None:
+        st, config = self.studies, self.ctx.config
+        seed = slot_seed(config.seed, stage, slot.number)
+        if stage == 1:
+            sampler = make_sampler(config.sampler, seed, self.multi)
+            fixed = self._warm(slot.user_attrs["warm"]) if "warm" in slot.user_attrs else None
+            nfe_range = (1, config.budget) if "nfe" in config.objectives else None
+            make = lambda trial: (self.space.suggest(trial, self.ctx.target, nfe_range), None)  # noqa: E731
+            study, number = st.trials, slot.number
         else:
-            bar.set_postfix_str(f"best FID {study.best_value:.3f} (trial {study.best_trial.number})")
-    except ValueError:
-        pass
+            fixed, study = None, st.refine
+            number = st.first_refine_number + slot.number
+            incumbent = incumbent_trial(st.trials)
+            if incumbent is None:   # nothing of the global stage completed: keep exploring
+                sampler = make_sampler(config.sampler, seed, self.multi)
+                make = lambda trial: (self.space.suggest(trial, self.ctx.target), None)  # noqa: E731
+            else:
+                sampler, params = refine_sampler(seed), dict(incumbent.params)
+                make = lambda trial: self.space.refine(trial, params, self.ctx.target)  # noqa: E731
+        trial = slots.open_trial(study, st.storage, slot, sampler=sampler, fixed=fixed)
+        with slots.heartbeat(st.storage, slot.trial_id, self.opts.heartbeat):
+            state = evaluate_trial(trial, study, self.ctx, self.tracker, self.parent, make,
+                                   number, stage)
+        self.bar.update(1)
+        self._show_best()
+        if state == "FAIL":
+            reason = st.storage.get_trial(slot.trial_id).user_attrs.get("fail_reason")
+            self.bar.write(f"  trial {number} failed: {reason}")
+
+    def _warm(self, k: int) -> Optional[dict]:
+        """The k-th warm start: the best same-NFE baselines, each with every searched solver."""
+        config, target = self.ctx.config, self.ctx.target
+        scored = report.collect_baselines(self.studies, self.ctx.family)
+        ranked = sorted((b for b in scored.values() if b["preset"].nfe == config.budget),
+                        key=lambda b: b["fid"])[:config.warm_start]
+        solvers_ = self.space.ranges["solver"]
+        if k // len(solvers_) >= len(ranked):
+            return None
+        base = ranked[k // len(solvers_)]["preset"]
+        return self.space.warm_params(base, solvers_[k % len(solvers_)], target)
+
+    def _show_best(self) -> None:
+        best = best_trial(self.studies, self.multi)
+        if best is not None:
+            fid, number = best
+            self.bar.set_postfix_str(f"best FID {fid:.3f} (trial {number})")
 
 
-def _logged(preset, ctx: Context, name: str):
-    """The preset as a run logs it: under ``name``, with the study's provenance."""
-    return preset.replace(name=name, provenance={**ctx.provenance(), **preset.provenance})
+def incumbent_trial(study: optuna.Study) -> Optional[optuna.trial.FrozenTrial]:
+    """The global stage's best trial, which the local stage refines (None if none completed)."""
+    done = slots.trials_of(study, slots.COMPLETE)
+    return min(done, key=lambda t: (t.values[0], t.number)) if done else None
 
 
-def evaluate_baselines(slot, study: optuna.Study, ctx: Context, tracker: Tracker, parent: str,
-                       echo) -> None:
+def best_trial(studies: slots.Studies, multi: bool = False) -> Optional[tuple[float, int]]:
+    """(FID, shown trial number) of the best completed trial of both stages."""
+    offset = studies.first_refine_number
+    found = [(t.values[0], t.number + off) for st, off in ((studies.trials, 0),
+                                                            (studies.refine, offset))
+             for t in slots.trials_of(st, slots.COMPLETE)]
+    return min(found) if found else None
+
+
+def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Context,
+                       tracker: Tracker, parent: str, echo) -> None:
     """Score the baselines of one slot and log each like a trial."""
     keys = list(slot.user_attrs["baselines"])
     try:
@@ -182,64 +280,78 @@ def evaluate_baselines(slot, study: optuna.Study, ctx: Context, tracker: Tracker
             res = ctx.score(preset, keep_images=16)
             results[key] = {"preset": preset.to_json(), **report.result_json(res)}
             run = tracker.child(parent, preset.name, "baseline", run_params(preset))
-            log_result(tracker, run, _logged(preset, ctx, preset.name), res,
-                       artifacts=ctx.artifacts, shown=_shown(ctx))
-            tracker.end(run, "COMPLETE")
+            tracker.finish(run, preset, res, "COMPLETE")
             echo(f"  baseline {preset.name:<34} NFE {preset.nfe:>3}  FID {res.fid:8.3f}")
     except BaseException as exc:
-        slot.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-        study.tell(slot, state=optuna.trial.TrialState.FAIL)
+        with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
+            storage.set_trial_user_attr(slot.trial_id, "fail_reason",
+                                        f"{type(exc).__name__}: {exc}")
+            study.tell(slot.number, state=optuna.trial.TrialState.FAIL)
         if isinstance(exc, Exception):
             echo(f"  baseline {', '.join(keys)} failed: {exc}")
             return
         raise
-    slot.set_user_attr("results", results)
-    study.tell(slot, min((r["fid"] for r in results.values()), default=float("nan")))
+    with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
+        storage.set_trial_user_attr(slot.trial_id, "results", results)
+        study.tell(slot.number, min((r["fid"] for r in results.values()), default=float("nan")))
 
 
-def _shown(ctx: Context) -> tuple:
-    return ctx.search_set.prompts, ctx.search_set.seeds
+@contextlib.contextmanager
+def _unless_taken_over(echo, what: str):
+    """A slot this worker held too long without a heartbeat (a stalled machine) was failed and
+    re-queued by another worker: its result is dropped — the re-queued copy runs — instead of
+    stopping this worker."""
+    try:
+        yield
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+        if "finished" not in str(exc).lower() and "cannot tell" not in str(exc).lower():
+            raise
+        echo(f"  {what}: the slot was taken over by another worker (no heartbeat within the "
+             f"grace period); this result is dropped, the re-queued slot runs instead")
 
 
-def evaluate_trial(trial, study: optuna.Study, ctx: Context, tracker: Tracker, parent: str,
-                   space: Space) -> str:
-    """Sample the trial's candidate, score it (pruning on nested subsets), log it; returns the
-    trial's final state name."""
+def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, tracker: Tracker,
+                   parent: str, make: Callable, number: int, stage: int) -> str:
+    """Build the trial's preset (``make(trial) -> (preset, absolute params or None)``), score it
+    (pruning on nested subsets), log it; returns the trial's final state name."""
     config, multi = ctx.config, _multi(ctx.config)
-    nfe_range = (1, config.budget) if "nfe" in config.objectives else None
     run = None
     try:
-        preset = space.suggest(trial, ctx.target, nfe_range)
-        trial.set_user_attr("candidate", preset.to_json())
-        run = tracker.child(parent, preset.name, "trial", {**trial.params, **run_params(preset)},
-                            {"schedsearch.trial": trial.number})
+        preset, params = make(trial)
+        preset = preset.replace(name=f"trial {number}")
+        trial.set_user_attr("candidate", {**preset.to_json(), "stage": stage,
+                                          **({"params": params} if params else {})})
+        run = tracker.child(parent, preset.name, "trial",
+                            {**(params or trial.params), **run_params(preset)},
+                            {"schedsearch.trial": number, "schedsearch.stage": stage})
         trial.set_user_attr("mlflow_run_id", run)
+
+        partial: dict = {}
 
         def on_checkpoint(n, fid):
             if multi or n >= config.n_search:
                 return  # the full-n value is the objective, not an intermediate one
+            partial[n] = fid
             trial.report(fid, n)
-            tracker.log_metrics(run, {"fid_partial": fid}, step=int(n))
             if trial.should_prune():
                 raise optuna.TrialPruned(f"FID {fid:.3f} at n = {n} is worse than the median "
                                          f"of earlier trials")
 
-        res = ctx.score(preset, on_checkpoint=on_checkpoint, keep_images=16)
+        res = ctx.score(preset, on_checkpoint=on_checkpoint)
     except optuna.TrialPruned as exc:
+        tracker.log_series(run, "fid_partial", partial)
         return _end(study, trial, tracker, run, "PRUNED", str(exc))
     except (ScoreError, solvers.NonFiniteError, ValueError) as exc:
-        trial.set_user_attr("fail_reason", str(exc))
         return _end(study, trial, tracker, run, "FAIL", str(exc))
     except BaseException as exc:  # interrupted: leave nothing RUNNING behind
         _end(study, trial, tracker, run, "INTERRUPTED", f"{type(exc).__name__}: {exc}")
         raise
     values = [res.fid] + ([res.clip] if "clip" in config.objectives else
                           [float(preset.nfe)] if multi else [])
-    trial.set_user_attr("result", report.result_json(res))
-    log_result(tracker, run, _logged(preset, ctx, f"{study.study_name}-trial{trial.number}"), res,
-               artifacts=ctx.artifacts, shown=_shown(ctx))
-    study.tell(trial, values if multi else values[0])
-    tracker.end(run, "COMPLETE")
+    with _unless_taken_over(print, f"trial {number}"):
+        trial.set_user_attr("result", report.result_json(res))
+        study.tell(trial, values if multi else values[0])
+    tracker.finish(run, preset, res, "COMPLETE")
     return "COMPLETE"
 
 
@@ -247,8 +359,10 @@ def _end(study, trial, tracker: Tracker, run: Optional[str], state: str, reason:
     """Tell Optuna and MLflow how a trial ended without a score."""
     optuna_state = (optuna.trial.TrialState.PRUNED if state == "PRUNED"
                     else optuna.trial.TrialState.FAIL)
-    study.tell(trial, state=optuna_state)
+    with _unless_taken_over(print, f"trial {trial.number}"):
+        if state == "FAIL":   # a reason: the slot counts as done (interrupted ones are re-run)
+            trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=optuna_state)
     if run:
         tracker.end(run, state, reason)
     return state
-

@@ -127,6 +127,20 @@ class Tracker:
         if items:
             self.client.log_batch(run_id, metrics=items)
 
+    def finish(self, run_id: str, preset: Preset, res, state: str = "COMPLETE") -> None:
+        """End a scored run with one batch of metrics and tags, then its status: FID, KID, NFE,
+        CLIP, seconds per stage and FID by subset size (``fid_partial`` by n)."""
+        from mlflow.entities import Metric, RunTag  # mlflow: heavy
+
+        ts = int(time.time() * 1000)
+        values = {"fid": res.fid, "kid": res.kid, "nfe": preset.nfe, "clip": res.clip,
+                  **{f"seconds_{k}": v for k, v in res.seconds.items()}}
+        metrics = [Metric(k, float(v), ts, 0) for k, v in values.items()
+                   if v is not None and v == v]
+        metrics += [Metric("fid_partial", float(v), ts, int(n)) for n, v in sorted(res.fid_at.items())]
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(STATE, state)])
+        self.client.set_terminated(run_id, status=_STATUS.get(state, "KILLED"))
+
     def tag(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag  # mlflow: heavy
 
@@ -138,8 +152,7 @@ class Tracker:
         if reason:
             tags[REASON] = reason
         self.tag(run_id, tags)
-        status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
-        self.client.set_terminated(run_id, status=status)
+        self.client.set_terminated(run_id, status=_STATUS.get(state, "KILLED"))
 
     # -- artifacts ----------------------------------------------------------------------------------
     def log_json(self, run_id: str, obj, path: str) -> None:
@@ -164,6 +177,9 @@ class Tracker:
             save_file(tensors, str(local), metadata=metadata)
             self.client.log_artifact(run_id, str(local), _artifact_dir(path))
 
+    def has_artifact(self, run_id: str, path: str) -> bool:
+        return any(a.path == path for a in self.client.list_artifacts(run_id))
+
     def log_file(self, run_id: str, local: str | os.PathLike, artifact_dir: str | None = None
                  ) -> None:
         self.client.log_artifact(run_id, str(local), artifact_dir)
@@ -181,6 +197,7 @@ class Tracker:
         return closed
 
 
+_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 INTERRUPTED = ("the worker running this trial stopped before it finished (killed or crashed); the "
                "trial was marked failed and re-queued")
 
@@ -205,34 +222,21 @@ def run_params(preset: Preset) -> dict:
             **{k: prov[k] for k in ("distilled", "grid_indices") if k in prov}}
 
 
-def log_result(tracker: Tracker, run: str, preset: Preset, res, *, artifacts: bool,
-               shown: Optional[tuple] = None) -> None:
-    """Scores, time per stage and FID at each subset size; with ``artifacts`` also the schedule
-    plot, a sample grid (a scatter for vector testbeds), the preset, and the first images as
-    safetensors with their prompts and seeds (``shown``), so anyone can check that the preset
-    reproduces them bit for bit."""
+def log_result(tracker: Tracker, run: str, preset: Preset, images, shown: tuple) -> None:
+    """A run's artifacts: the schedule plot, a sample grid (a scatter for vector testbeds), the
+    preset, and the first images as safetensors with their prompts and seeds (``shown``), so
+    anyone can check that the preset reproduces them bit for bit."""
     from . import plots  # matplotlib: only when artifacts are drawn
 
-    metrics = {"fid": res.fid, "kid": res.kid, "nfe": preset.nfe}
-    if res.clip is not None:
-        metrics["clip"] = res.clip
-    metrics.update({f"seconds_{k}": v for k, v in res.seconds.items()})
-    tracker.log_metrics(run, metrics)
-    tracker.log_series(run, "fid_partial", res.fid_at)
-    if not artifacts:
-        return
     tracker.log_figure(run, plots.schedules({preset.name: [float(s) for s in preset.sigmas]},
                                             title=f"{preset.name}: σ schedule"), "schedule.png")
-    images = res.images
-    if images is not None and len(images):
-        if images.ndim == 4:
-            scale = max(1, 128 // images.shape[-1])
-            tracker.log_image(run, grid(images, nrow=8, scale=scale), "samples.png")
-        else:
-            tracker.log_figure(run, plots.scatter(images.numpy()), "samples.png")
+    if images.ndim == 4:
+        scale = max(1, 128 // images.shape[-1])
+        tracker.log_image(run, grid(images, nrow=8, scale=scale), "samples.png")
+    else:
+        tracker.log_figure(run, plots.scatter(images.numpy()), "samples.png")
     tracker.log_json(run, preset.to_json(), "preset.json")
-    if images is not None and len(images) and shown is not None:
-        prompts, seeds = shown
-        tracker.log_tensors(run, {"images": images.contiguous()}, "samples.safetensors",
-                            {"prompts": json.dumps(list(map(str, prompts[:len(images)]))),
-                             "seeds": json.dumps(list(seeds[:len(images)]))})
+    prompts, seeds = shown
+    tracker.log_tensors(run, {"images": images.contiguous()}, "samples.safetensors",
+                        {"prompts": json.dumps(list(map(str, prompts[:len(images)]))),
+                         "seeds": json.dumps(list(seeds[:len(images)]))})

@@ -34,12 +34,18 @@ def test_the_winner_is_recommended_unless_a_same_nfe_row_beats_it_on_the_search_
     assert recommend(rows)["key"] == "ays4"
 
 
-def test_the_comparison_table_marks_the_recommendation_and_the_karras_ratio():
-    rows = [row("best", 5, 7.0, held=8.0), row("karras", 5, 8.0, held=10.0)]
+def test_the_comparison_table_marks_the_recommendation_the_ci_and_the_karras_ratio():
+    rows = [row("best", 5, 7.0, held=8.0), row("karras", 5, 8.0, held=10.0),
+            row("ays", 5, 7.2, held=8.1)]
     rows[0]["recommended"] = True
+    rows[1]["vs_best"] = {"delta": -2.0, "lo": -2.6, "hi": -1.5, "excludes_zero": True}
+    rows[2]["vs_best"] = {"delta": -0.1, "lo": -0.4, "hi": 0.2, "excludes_zero": False}
     table = comparison_markdown(rows).splitlines()
-    assert table[0].endswith("held-out vs Karras@budget |")
-    assert table[2].startswith("| ★ best | 5 | dpmpp_2m | 7.000 | 8.000 | 0.0000 | 0.80× |")
+    assert table[0].endswith("| best − this, held-out (95% CI) | held-out vs Karras@budget |")
+    assert table[2] == "| ★ best | 5 | dpmpp_2m | 7.000 | 8.000 | 0.0000 | — | 0.80× |"
+    # a CI that excludes zero is bold: the difference is beyond the noise of the proxy
+    assert table[3].endswith("| **-2.000 [-2.600, -1.500]** | 1.00× |")
+    assert table[4].endswith("| -0.100 [-0.400, +0.200] | 0.81× |")
 
 
 @pytest.fixture
@@ -66,13 +72,14 @@ def test_a_study_of_schedsearch_0_1_resumes_keeps_its_trials_and_adds_the_new_on
               optuna.load_study(study_name="legacy-gmm", storage=url).get_trials()}
     assert len(before) == 4
     config = StudyConfig.from_dict(dict(model="gmm", budget=4, n_search=64, n_heldout=64,
-                                        batch_size=64, trials=6, baselines=["karras", "ays"]))
+                                        batch_size=64, trials=6, refine=0.0,
+                                        baselines=["karras", "ays"]))
     summary = run_study(config, RunOptions(out=legacy, study_name="legacy-gmm", progress=False,
                                            artifacts=False, export_user_preset=False),
                         echo=lambda *_: None)
     trials = optuna.load_study(study_name="legacy-gmm", storage=url).get_trials()
     assert sorted(t.number for t in trials) == list(range(6))
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert all(t.state.is_finished() for t in trials)   # new ones may be pruned
     for t in trials[:4]:
         assert (t.params, t.values) == before[t.number]
     # the old baselines (stored in 0.1.0's flat form) are compared, not scored again

@@ -29,7 +29,8 @@ def cli(*args, env=None, **kw):
 
 @pytest.mark.parametrize("budget", [1, 2, 3, 5, 8])
 def test_every_candidate_spends_exactly_the_budget(budget):
-    space = Space()
+    # at one model call: the paper family stopping at σ_stop is what the space holds
+    space = Space({"family": ["paper"], "end": ["sigma"]} if budget == 1 else {})
     target = Target(budget=budget, table=SD, family="sd15", guidance=3.0, freeu_ok=True)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=budget))
     for _ in range(60):
@@ -60,6 +61,15 @@ def test_default_config_is_the_shipped_digits_study():
     (dict(space={"b2": [0.0, 1.5]}), "FreeU b2 must stay > 0"),
     (dict(space={"stop": [0.5, 3.0]}), "stop must stay >= 1"),
     (dict(space={"warp": [1, 2]}), "unknown search-space keys: warp"),
+    (dict(space={"p1": [9.0, 3.0]}), r"'p1' must be \[low, high\]"),
+    (dict(space={"family": ["knots", "spline"]}), "'family' must be a non-empty list of paper, knots"),
+    (dict(space={"solver": ["dpmpp_2m", "heun"]}), "one model call per step"),
+    (dict(space={"solver": ["rk45"]}), "solver must be one of"),
+    (dict(space={"knots": [0.0, 0.9]}), r"strictly inside \(0, 1\)"),
+    (dict(budget=1), "knots family needs a budget of 2 or more"),
+    (dict(guidance=0), r"guidance must be a number in \(0, 100\)"),
+    (dict(refine=1.0), r"refine .* must lie in \[0, 1\)"),
+    (dict(heldout_sets=0), "heldout_sets must be an integer >= 1"),
     (dict(checkpoints=[1000]), "checkpoints must lie in"),
     (dict(colour="red"), "unknown study config keys: colour"),
 ])
@@ -83,18 +93,39 @@ def test_study_compares_winner_and_baselines_on_search_and_heldout(finished):
     assert set(rows) == {"best", "karras", "paper", "ays"}
     for r in rows.values():
         assert r["nfe"] == 5 and r["fid"] > 0 and r["fid_heldout"] > 0
-    study = optuna.load_study(study_name="gmm-5nfe", storage=f"sqlite:///{out / 'study.db'}")
-    trials = study.get_trials()
-    base = optuna.load_study(study_name="gmm-5nfe:baselines", storage=f"sqlite:///{out / 'study.db'}")
+    url = f"sqlite:///{out / 'study.db'}"
+    trials = optuna.load_study(study_name="gmm-5nfe", storage=url).get_trials()
+    local = optuna.load_study(study_name="gmm-5nfe:refine", storage=url).get_trials()
+    base = optuna.load_study(study_name="gmm-5nfe:baselines", storage=url)
     assert sorted(tuple(t.user_attrs["baselines"]) for t in base.get_trials()) == \
         [("ays",), ("karras",), ("paper",)]
-    assert len(trials) == 5 and sorted(t.number for t in trials) == list(range(5))
-    assert all(t.state.is_finished() for t in trials)
-    best = min((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
-    assert rows["best"]["fid"] == best.value and summary["best_trial"] == best.number
+    # 5 trials: 3 in the global stage, 2 in the local one (numbered 3 and 4)
+    assert [t.number for t in trials] == [0, 1, 2] and [t.number for t in local] == [0, 1]
+    assert all(t.state.is_finished() for t in trials + local)
+    done = [(t.value, t.number) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done += [(t.value, t.number + 3) for t in local if t.state == optuna.trial.TrialState.COMPLETE]
+    assert (rows["best"]["fid"], summary["best_trial"]) == min(done)
     # the first trial is the paper's preset (sd15-5 hyperparameters at this budget)
     assert trials[0].params["p1"] == 5.0 and trials[0].params["stop"] == pytest.approx(2.0)
-    assert trials[0].params["solver"] == "dpmpp_1s"
+    assert trials[0].params["solver"] == "dpmpp_1s" and trials[0].params["family"] == "paper"
+    # the third is the best baseline as a free-form point, run with the first searched solver
+    best_base = min(("karras", "paper", "ays"), key=lambda k: rows[k]["fid"])
+    warm = trials[2]
+    assert warm.user_attrs["warm"] == 0 and warm.params["family"] == "knots"
+    assert warm.params["solver"] == "dpmpp_1s"
+    stored = [b.user_attrs["results"][best_base]["preset"]["sigmas"] for b in base.get_trials()
+              if best_base in b.user_attrs["results"]][0]
+    assert warm.user_attrs["candidate"]["sigmas"] == pytest.approx(stored, rel=1e-9)
+    # the local stage moves the global stage's best continuous parameters, keeping its choices
+    incumbent = min((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
+                    key=lambda t: t.value)
+    for t in local:
+        assert t.user_attrs["candidate"]["stage"] == 2
+        moved = t.user_attrs["candidate"]["params"]
+        assert {k: v for k, v in moved.items() if not isinstance(v, float)} == \
+            {k: v for k, v in incumbent.params.items() if not isinstance(v, float)}
+        assert set(t.params) == {f"d_{k}" for k, v in incumbent.params.items()
+                                 if isinstance(v, float)}
     table = (out / "comparison.md").read_text()
     assert "karras dpm++2m @5" in table and "FID (held-out)" in table
 
@@ -113,12 +144,17 @@ def test_mlflow_holds_every_trial_and_baseline(finished):
     assert len(roles["study"]) == 1 and len(roles["baseline"]) == 3 and len(roles["best"]) == 1
     assert len(roles["trial"]) + 1 == 5
     parent = roles["study"][0].info.run_id
+    artifacts = {"schedule.png", "samples.png", "preset.json", "samples.safetensors"}
     for r in roles["trial"] + roles["best"] + roles["baseline"]:
         assert r.data.tags["mlflow.parentRunId"] == parent
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
         if r.data.tags["schedsearch.state"] == "COMPLETE":
             assert {"fid", "kid", "nfe"} <= set(r.data.metrics)
-            names = {a.path for a in client.list_artifacts(r.info.run_id)}
-            assert {"schedule.png", "samples.png", "preset.json", "samples.safetensors"} <= names
+        # artifacts for the winner and the baselines only: trials spend their time sampling
+        if r.data.tags["schedsearch.role"] in ("best", "baseline"):
+            assert artifacts <= names
+        else:
+            assert not names
     parent_files = {a.path for a in client.list_artifacts(parent)}
     assert {"comparison.md", "summary.json", "fid_vs_trial.png", "schedules.png"} <= parent_files
 
@@ -242,7 +278,7 @@ def test_a_diverging_candidate_fails_with_its_reason_and_the_study_goes_on(tmp_p
     monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
     cfg = StudyConfig.from_dict(dict(model="digits", budget=3, trials=3, n_search=16, n_heldout=16,
                                      batch_size=16, baselines=["karras"], checkpoints=[8],
-                                     space={"b1": [1e30, 1e31], "b2": [1e30, 1e31]}))
+                                     refine=0.0, space={"b1": [1e30, 1e31], "b2": [1e30, 1e31]}))
     summary = run_study(cfg, RunOptions(out=tmp_path / "run", progress=False, export_user_preset=False),
                         echo=lambda *_: None)
     study = optuna.load_study(study_name="digits-3nfe", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
@@ -265,8 +301,8 @@ def test_the_recommendation_is_a_baseline_when_one_beats_every_trial(tmp_path):
     from schedsearch import schedules
 
     cfg = StudyConfig.from_dict({**SMALL, "trials": 3, "baselines": ["karras", "karras20"],
-                                 "space": {"p2": [0.6, 0.61], "p1": [2.0, 2.1], "stop": [7.9, 8.0],
-                                           "final_denoise": [False]}})
+                                 "space": {"family": ["paper"], "p2": [0.6, 0.61],
+                                           "p1": [2.0, 2.1], "stop": [7.9, 8.0], "end": ["sigma"]}})
     summary = run_study(cfg, RunOptions(out=tmp_path, progress=False, export_user_preset=False),
                         echo=lambda *_: None)
     rows = {r["key"]: r for r in summary["rows"]}
@@ -289,7 +325,7 @@ def test_a_trial_claimed_by_a_worker_that_died_before_logging_it_still_shows_in_
     from schedsearch.context import Context
     from schedsearch.study import open_studies
 
-    cfg = StudyConfig.from_dict({**SMALL, "trials": 3, "baselines": ["karras"]})
+    cfg = StudyConfig.from_dict({**SMALL, "trials": 3, "refine": 0.0, "baselines": ["karras"]})
     url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
     storage = slots.make_storage(url, heartbeat=1, grace=2)
     studies = open_studies(storage, name, Context(cfg, echo=lambda *_: None))

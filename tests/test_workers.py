@@ -4,6 +4,7 @@ PostgreSQL: set SCHEDSEARCH_TEST_POSTGRES to a server URL (``.ci/run`` starts on
 SCHEDSEARCH_REQUIRE_POSTGRES=1 so a missing server fails instead of skipping).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -32,14 +33,23 @@ def finish(proc, timeout=600):
 
 
 def check_exact(storage, name, n):
-    study = optuna.load_study(study_name=name, storage=storage)
-    trials = study.get_trials()
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers))
-    assert not [t for t in trials if not t.state.is_finished()], [t.state for t in trials]
+    """Exactly n slots ran to an end over both stages, each number once, nothing left running,
+    and no two trials evaluated the same point."""
+    trials, part_global = [], None
+    for suffix in ("", ":refine"):
+        study = optuna.load_study(study_name=name + suffix, storage=storage)
+        part = study.get_trials()
+        part_global = part if part_global is None else part_global
+        numbers = [t.number for t in part]
+        assert len(numbers) == len(set(numbers))
+        assert not [t for t in part if not t.state.is_finished()], [t.state for t in part]
+        trials += part
     done = [t for t in trials if t.state != optuna.trial.TrialState.FAIL or "fail_reason" in t.user_attrs]
     assert len(done) == n, [(t.number, t.state.name) for t in trials]
-    return trials
+    points = [json.dumps(t.user_attrs["candidate"]["sigmas"]) + t.user_attrs["candidate"]["solver"]
+              for t in done if "candidate" in t.user_attrs]
+    assert len(points) == len(set(points)), "two trials evaluated the same point"
+    return trials[:len(part_global)], trials[len(part_global):]
 
 
 def postgres_url():
@@ -63,8 +73,12 @@ def test_two_workers_finish_exactly_the_requested_trials(tmp_path, backend):
     procs = [worker(tmp_path / "out", "--storage", storage, "--study-name", name, "--trials", "8")
              for _ in range(2)]
     logs = [finish(p) for p in procs]
-    trials = check_exact(storage, name, 8)
-    assert sorted(t.number for t in trials) == list(range(8))
+    global_, local = check_exact(storage, name, 8)
+    assert [t.number for t in global_] == [0, 1, 2, 3] == [t.number for t in local]
+    trials = global_ + local
+    # every warm-start slot ran once (the 2 best baselines × 5 solvers, cut to the free slots)
+    warm = [t.user_attrs["warm"] for t in trials if "warm" in t.user_attrs]
+    assert sorted(warm) == list(range(len(warm))) and warm
     base = optuna.load_study(study_name=f"{name}:baselines", storage=storage)
     assert sorted(tuple(t.user_attrs["baselines"]) for t in base.get_trials()) == [("ays",), ("karras",)]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in base.get_trials())
@@ -105,8 +119,8 @@ def test_killed_study_resumes_with_finished_trials_intact(tmp_path):
     assert study.get_trials()[victim].state == optuna.trial.TrialState.RUNNING
 
     finish(worker(out, "--trials", "6", "--n-search", "512"))
-    trials = check_exact(storage, "gmm-4nfe", 6)
-    by_number = {t.number: t for t in trials}
+    trials, local = check_exact(storage, "gmm-4nfe", 6)
+    by_number = {t.number: t for t in trials}   # the victim was a trial of the global stage
     for number, (state, values, params) in kept.items():   # finished trials kept as they were
         assert by_number[number].state == state and by_number[number].values == values
         assert by_number[number].params == params

@@ -141,6 +141,10 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
     p.add_argument("--sigma-max", type=float, default=None, help="karras/logsnr: highest σ")
     p.add_argument("--sigmas", default=None,
                    help="explicit: comma-separated σ list, descending, optional final 0")
+    p.add_argument("--fractions", default=None,
+                   help="knots: comma-separated stick-breaking fractions in (0, 1) (docs/search.md)")
+    p.add_argument("--end", choices=["zero", "sigma"], default="zero",
+                   help="knots: a last step to σ = 0 (default) or stop at the last fraction's σ")
     p.add_argument("--noise-config", default=None, metavar="FILE",
                    help="a diffusers scheduler_config.json for a model whose noise table is not "
                         "Stable Diffusion's (default: the model's own table)")
@@ -166,6 +170,9 @@ def sampling(p, *, default_schedule: str, default_steps: int) -> None:
     p.add_argument("--preset", metavar="NAME|FILE",
                    help="a preset (schedsearch presets list, or a .json file): its σ list, "
                         "solver, FreeU plan and guidance, instead of --schedule/--solver/--freeu")
+    p.add_argument("--allow-outside-table", action="store_true",
+                   help="run a σ list that reaches above the model's noise table (its σ_max) "
+                        "or below half its σ_min; refused by default")
     guidance(p)
     p.set_defaults(default_schedule=default_schedule, default_steps=default_steps)
 
@@ -220,6 +227,15 @@ def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
         except ValueError:
             raise ValueError(f"--sigmas must be comma-separated numbers, got {args.sigmas!r}") from None
         return {"name": "explicit", "sigmas": values}
+    if name == "knots":
+        if not args.fractions:
+            raise ValueError("schedule 'knots' needs --fractions, e.g. --fractions 0.2,0.15,0.3")
+        try:
+            values = [float(v) for v in args.fractions.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"--fractions must be comma-separated numbers, got "
+                             f"{args.fractions!r}") from None
+        return {"name": "knots", "fractions": values, "end": args.end}
     if args.steps is None:
         raise ValueError(f"schedule {name!r} needs --steps N")
     spec = {"name": name, "steps": args.steps}
@@ -273,7 +289,7 @@ def preset_from_args(args, model):
         name = args.schedule or args.default_schedule
         if name not in NAMES:
             raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
-        if args.steps is None and name not in (*schedules.PAPER_SETTINGS, "explicit"):
+        if args.steps is None and name not in (*schedules.PAPER_SETTINGS, "explicit", "knots"):
             args.steps = args.default_steps
         spec = schedule_spec(args, name, model.family)
         sigmas = schedules.build(spec, noise_table(args) or model.table)
@@ -284,7 +300,8 @@ def preset_from_args(args, model):
         preset = Preset(name=name, family="any", sigmas=sigmas,
                         solver=solvers.canonical(args.solver or "dpmpp_2m"), freeu=plan,
                         schedule=spec)
-    preset, notes = fit(preset, model, args.guidance)
+    preset, notes = fit(preset, model, args.guidance,
+                        allow_outside_table=getattr(args, "allow_outside_table", False))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return preset

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .. import models
+from ..files import check_writable
 from ..metrics import features
 from ..metrics.fid import folder_features, list_images
 from ..metrics.refstats import RefStats, default_refstats
@@ -47,19 +48,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-
     if args.n is not None and args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
+    if args.out:   # before the features whose statistics would go there
+        if os.path.isdir(args.out):
+            raise IsADirectoryError(21, "is a folder; --out names the statistics file", args.out)
+        check_writable(os.path.dirname(os.path.abspath(args.out)))
     device = args.device or str(models.default_device())
     if args.images:
         if not args.out:
             raise ValueError("--images needs --out FILE (where to write the statistics)")
         ext = features.build(args.extractor or "inception", device=device,
                              inception_path=args.inception, batch_size=args.batch_size)
-        files = list_images(args.images)
-        n = len(files) if args.n is None else args.n
-        if n > len(files):
-            raise ValueError(f"--n {n}: {args.images!r} holds only {len(files)} images")
+        found = list_images(args.images)
+        n = len(found) if args.n is None else args.n
+        if n > len(found):
+            raise ValueError(f"--n {n}: {args.images!r} holds only {len(found)} images")
         feats = folder_features(args.images, ext, args.batch_size, num=n)
         ref = RefStats.from_features(feats, extractor=ext, source=os.path.abspath(args.images),
                                      keep_features=not args.no_features)

@@ -91,15 +91,36 @@ def run(args) -> int:
         print(comparison_markdown(summary["rows"]))
         print()
         print(f"best trial: {summary['best_trial']}  {json.dumps(summary['best_params'])}")
-        rec = next(r for r in summary["rows"] if r.get("recommended"))
-        if summary["recommended"] == "best":
-            print(f"★ recommended: the best trial (FID {rec['fid']:.3f}, held-out {rec['fid_heldout']:.3f})")
-        else:
-            print(f"★ recommended: {rec['name']} — a baseline beat every searched schedule at "
-                  f"{rec['nfe']} NFE on the search subset (FID {rec['fid']:.3f}, held-out "
-                  f"{rec['fid_heldout']:.3f})")
+        for line in verdict(summary["rows"]):
+            print(line)
         print(f"preset: {summary['preset']}")
         if summary.get("user_preset"):
             print(f"        also saved as '{name}' (schedsearch presets show {name})")
+        if summary.get("warning"):
+            print(f"warning: {summary['warning']}")
     print(f"dashboard: schedsearch ui --out {out}   (then open http://127.0.0.1:5000)")
     return 0
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """What to use, and whether the held-out check says the winner is better than the best
+    same-NFE baseline beyond the noise of the proxy."""
+    rec = next(r for r in rows if r.get("recommended"))
+    best = rows[0]
+    if rec["key"] == "best":
+        lines = [f"★ recommended: the best trial (FID {rec['fid']:.3f}, held-out "
+                 f"{rec['fid_heldout']:.3f})"]
+    else:
+        lines = [f"★ recommended: {rec['name']} — a baseline beat every searched schedule at "
+                 f"{rec['nfe']} NFE on the search subset (FID {rec['fid']:.3f}, held-out "
+                 f"{rec['fid_heldout']:.3f})"]
+    rivals = [r for r in rows[1:] if r["nfe"] == best["nfe"] and r.get("vs_best")]
+    if rivals:
+        top = min(rivals, key=lambda r: r["fid"])
+        ci = top["vs_best"]
+        word = ("better than" if ci["hi"] < 0 else "worse than" if ci["lo"] > 0
+                else "not distinguishable from")
+        lines.append(f"  held-out: the best trial is {word} {top['name']}, the best baseline at "
+                     f"{best['nfe']} NFE: FID difference {ci['delta']:+.3f}, 95% CI "
+                     f"[{ci['lo']:+.3f}, {ci['hi']:+.3f}] over {ci['sets']} seed set(s)")
+    return lines

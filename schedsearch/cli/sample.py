@@ -160,11 +160,11 @@ def run(args) -> int:
     t_start = time.perf_counter()
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    files.check_writable(args.out)   # before the sampling whose images would go there
     model = options.load_model(args)
     t_loaded = time.perf_counter()
     preset = options.preset_from_args(args, model)
     prompts, seeds, columns, source = _jobs(args, model)
-    os.makedirs(args.out, exist_ok=True)
     with tqdm(total=len(prompts), desc=f"sampling {model.name}", unit="img",
               disable=args.no_progress, file=sys.stderr) as bar:
         out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver,

@@ -54,14 +54,21 @@ def _quiet():
 _SMALL_WORK = 1 << 25
 
 
+_CONTROLLER = None
+
+
 def _blas_threads(work: float):
     if work >= _SMALL_WORK:
         return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits  # optional: comes with scikit-learn
-    except ImportError:  # threadpoolctl comes with scikit-learn; without it, keep the default
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # optional: comes with scikit-learn
+        except ImportError:  # without it, keep the default
+            return contextlib.nullcontext()
+        # finding the BLAS libraries scans the process's modules (~20 ms): once, not per call
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
