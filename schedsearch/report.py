@@ -55,6 +55,13 @@ def collect_baselines(studies: slots.Studies, family: str = "any") -> dict:
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], 99)))
 
 
+def failed_baselines(studies: slots.Studies) -> dict:
+    """Baselines whose slot failed for a reason of their own (a teacher that could not be
+    computed, a diverging schedule): reported with the reason, never silently left out."""
+    return {", ".join(t.user_attrs.get("baselines", ())): t.user_attrs["fail_reason"]
+            for t in slots.trials_of(studies.baselines, slots.FAIL) if "fail_reason" in t.user_attrs}
+
+
 def heldout(study: optuna.Study, ctx, presets_: dict, winner: str) -> tuple[dict, dict]:
     """Held-out scores of ``presets_`` (key → preset; ``winner`` is the searched winner's key)
     on the study's K disjoint held-out seed sets, and for every other key the paired difference
@@ -235,8 +242,13 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
     summary = {"study": name, "budget": config.budget,
                "trials": {"global": slots.counts(study), "local": slots.counts(studies.refine)},
                "model": config.model, "out": str(opts.out), "rows": []}
+    summary["failed_baselines"] = failed_baselines(studies)
     if not complete:
-        echo("no trial completed yet; nothing to compare")
+        summary["fail_reasons"] = sorted({t.user_attrs["fail_reason"] for st in (study, studies.refine)
+                                          for t in slots.trials_of(st, slots.FAIL)
+                                          if "fail_reason" in t.user_attrs})
+        if not slots.busy(*studies.all()):
+            tracker.client.set_terminated(parent, "FAILED")
         return summary
     if multi:
         front = {t.number for t in study.best_trials}
@@ -262,7 +274,8 @@ def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best
     """The study's MLflow run: comparison table, summary, preset, held-out metrics, the best and
     recommended runs tagged, their artifacts and the study's figures; FINISHED once no slot is
     left."""
-    table = comparison_markdown(rows)
+    table = comparison_markdown(rows) + "".join(
+        f"\n\nbaseline {k} failed: {why}" for k, why in summary["failed_baselines"].items())
     files.atomic_write(Path(opts.out) / "comparison.md", table + "\n")
     tracker.log_text(parent, table, "comparison.md")
     tracker.log_json(parent, summary, "summary.json")

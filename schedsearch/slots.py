@@ -216,6 +216,15 @@ def heartbeat(storage, trial_id: int, interval: float) -> Iterator[None]:
         thread.join()
 
 
+def requeue(study: optuna.Study, number: int) -> None:
+    """Put an interrupted slot back in the queue with what it had drawn (the same record the
+    storage's stale-heartbeat callback makes for a worker that died), so the exact slot count
+    holds when a worker stops on an error that is not the candidate's fault (Ctrl-C, a full
+    disk)."""
+    frozen = next(t for t in trials_of(study) if t.number == number)
+    optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, frozen)
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail (and, through the storage's callback, re-queue) trials whose heartbeat went stale."""
     with warnings.catch_warnings():

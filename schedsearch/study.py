@@ -282,14 +282,17 @@ def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Cont
             run = tracker.child(parent, preset.name, "baseline", run_params(preset))
             tracker.finish(run, preset, res, "COMPLETE")
             echo(f"  baseline {preset.name:<34} NFE {preset.nfe:>3}  FID {res.fid:8.3f}")
-    except BaseException as exc:
+    except Exception as exc:   # the baseline's own failure: reported, not retried
         with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
             storage.set_trial_user_attr(slot.trial_id, "fail_reason",
                                         f"{type(exc).__name__}: {exc}")
             study.tell(slot.number, state=optuna.trial.TrialState.FAIL)
-        if isinstance(exc, Exception):
-            echo(f"  baseline {', '.join(keys)} failed: {exc}")
-            return
+        echo(f"  baseline {', '.join(keys)} failed: {exc}")
+        return
+    except BaseException:      # interrupted: back in the queue for the next worker
+        with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
+            study.tell(slot.number, state=optuna.trial.TrialState.FAIL)
+            slots.requeue(study, slot.number)
         raise
     with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
         storage.set_trial_user_attr(slot.trial_id, "results", results)
@@ -343,8 +346,10 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
         return _end(study, trial, tracker, run, "PRUNED", str(exc))
     except (ScoreError, solvers.NonFiniteError, ValueError) as exc:
         return _end(study, trial, tracker, run, "FAIL", str(exc))
-    except BaseException as exc:  # interrupted: leave nothing RUNNING behind
+    except BaseException as exc:  # interrupted: nothing left RUNNING, the slot back in the queue
         _end(study, trial, tracker, run, "INTERRUPTED", f"{type(exc).__name__}: {exc}")
+        with _unless_taken_over(print, f"trial {number}"):
+            slots.requeue(study, trial.number)
         raise
     values = [res.fid] + ([res.clip] if "clip" in config.objectives else
                           [float(preset.nfe)] if multi else [])

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import StudyConfig, default_study_name
 from ..report import comparison_markdown
 from ..study import RunOptions, run_study
-from . import options
+from . import UserError, options
 
 
 def register(sub) -> None:
@@ -75,7 +75,6 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-
     config, name = config_from_args(args)
     out = Path(args.out or Path("schedsearch-runs") / name)
     opts = RunOptions(out=out, storage=args.storage, study_name=name, timeout=args.timeout,
@@ -86,18 +85,23 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
-    if summary.get("rows"):
-        print()
-        print(comparison_markdown(summary["rows"]))
-        print()
-        print(f"best trial: {summary['best_trial']}  {json.dumps(summary['best_params'])}")
-        for line in verdict(summary["rows"]):
-            print(line)
-        print(f"preset: {summary['preset']}")
-        if summary.get("user_preset"):
-            print(f"        also saved as '{name}' (schedsearch presets show {name})")
-        if summary.get("warning"):
-            print(f"warning: {summary['warning']}")
+    for key, why in summary.get("failed_baselines", {}).items():
+        print(f"warning: baseline {key} failed and is missing from the comparison: {why}")
+    if not summary.get("rows"):
+        reasons = summary.get("fail_reasons") or ["none finished (stopped by --timeout?)"]
+        raise UserError(f"no trial of study {name!r} completed; failures: {'; '.join(reasons[:3])}"
+                        f" — see {out} and the MLflow runs")
+    print()
+    print(comparison_markdown(summary["rows"]))
+    print()
+    print(f"best trial: {summary['best_trial']}  {json.dumps(summary['best_params'])}")
+    for line in verdict(summary["rows"]):
+        print(line)
+    print(f"preset: {summary['preset']}")
+    if summary.get("user_preset"):
+        print(f"        also saved as '{name}' (schedsearch presets show {name})")
+    if summary.get("warning"):
+        print(f"warning: {summary['warning']}")
     print(f"dashboard: schedsearch ui --out {out}   (then open http://127.0.0.1:5000)")
     return 0
 
