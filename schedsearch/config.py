@@ -33,6 +33,7 @@ class StudyConfig:
     trials: int = 48
     refine: float = 0.5                     # share of the trials in the local (CMA-ES) stage
     warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
+    rerank: int = 4                         # best trials re-scored on fresh seeds before one wins
     sampler: str = "tpe"                    # the global stage's sampler
     seed: int = 0
     pruner: str = "median"
@@ -66,9 +67,10 @@ class StudyConfig:
         if not (isinstance(self.refine, (int, float)) and 0 <= self.refine < 1):
             raise ValueError(f"refine (the share of trials in the local stage) must lie in [0, 1), "
                              f"got {self.refine!r}")
-        if isinstance(self.warm_start, bool) or not isinstance(self.warm_start, int) \
-                or self.warm_start < 0:
-            raise ValueError(f"warm_start must be an integer >= 0, got {self.warm_start!r}")
+        for key in ("warm_start", "rerank"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {v!r}")
         bad = [b for b in self.baselines if b not in ALL_BASELINES]
         if bad:
             raise ValueError(f"unknown baselines {bad}; choose from {', '.join(ALL_BASELINES)}")

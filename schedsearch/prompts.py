@@ -35,6 +35,12 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def reseeded(self, offset: int) -> "PromptSet":
+        """The same prompts with other seeds (each moved by ``offset``): fresh noise for the same
+        conditioning, e.g. a validation set that never meets a search or held-out seed."""
+        return PromptSet(self.prompts, tuple(s + offset for s in self.seeds),
+                         f"{self.source}+seeds{offset:+d}")
+
     def take(self, start: int, stop: int) -> "PromptSet":
         if stop > len(self):
             raise ValueError(f"asked for prompts {start}..{stop} of a set of {len(self)}; "

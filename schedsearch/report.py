@@ -21,7 +21,7 @@ from .config import ALL_BASELINES
 from .freeu import FreeUPlan
 from .metrics.paired import PairedBootstrap, compare_sets
 from .presets import Preset
-from .tracking import ROLE, Tracker, log_result
+from .tracking import NAME, ROLE, Tracker, log_result
 
 
 def result_json(res) -> dict:
@@ -113,12 +113,13 @@ def _mean(values: list) -> Optional[float]:
 
 def recommend(rows: list[dict]) -> dict:
     """The row to use: the searched winner (key "best"), unless a row spending the same NFE
-    scored better on the search subset. Chosen on the search subset, never on held-out, so the
-    held-out column stays an honest check; the user never gets a preset that loses to a known
-    schedule."""
+    scored as well or better on the search subset (a tie goes to the known schedule — the warm
+    start re-runs the best baseline, so the search can find exactly it). Chosen on the search
+    subset, never on held-out, so the held-out column stays an honest check; the user never gets
+    a preset that loses to a known schedule."""
     best = next(r for r in rows if r["key"] == "best")
     same_nfe = [r for r in rows if r["key"] == "best" or r["nfe"] == best["nfe"]]
-    return min(same_nfe, key=lambda r: r["fid"])
+    return min(same_nfe, key=lambda r: (r["fid"], r["key"] == "best"))
 
 
 def comparison_markdown(rows: list[dict]) -> str:
@@ -187,6 +188,29 @@ def completed(studies: slots.Studies) -> list[Done]:
             + [Done(t.number + offset, t) for t in slots.trials_of(studies.refine, slots.COMPLETE)])
 
 
+def winner(study: optuna.Study, ctx, complete: list[Done]) -> Done:
+    """The best trial, chosen with less luck than its search FID alone: the ``rerank`` best are
+    scored again on the search prompts with fresh seeds (the validation set), and the one with the
+    lowest mean of the two FIDs wins. With dozens of noisy candidates the lowest search FID is
+    partly chance (its held-out FID comes out higher); a second look halves that part. Scores are
+    kept in the study, so a resumed study re-scores only new contenders."""
+    ranked = sorted(complete, key=lambda d: (d.value, d.number))
+    top = ranked[:ctx.config.rerank]
+    if len(top) < 2:
+        return ranked[0]
+
+    def mean(d: Done) -> float:
+        attr = f"validation:trial{d.number}"
+        val = study.user_attrs.get(attr)
+        if val is None:
+            val = ctx.score(stored_preset(d.trial.user_attrs["candidate"], ctx.family),
+                            which="validation").fid
+            study.set_user_attr(attr, val)
+        return (d.value + val) / 2
+
+    return min(top, key=lambda d: (mean(d), d.number))
+
+
 def comparison(studies: slots.Studies, ctx, best: Done) -> tuple[list, dict]:
     """The rows (winner first, then every baseline) with search and held-out scores and the
     paired CIs of the winner against each baseline, and the presets they stand for."""
@@ -201,6 +225,9 @@ def comparison(studies: slots.Studies, ctx, best: Done) -> tuple[list, dict]:
                         names["best"])
     rows = [_row(key, chosen[key], fids[key], held[names[key]], cis.get(names[key]))
             for key in chosen]
+    validation = studies.trials.user_attrs.get(f"validation:trial{best.number}")
+    if validation is not None:
+        rows[0]["fid_validation"] = validation
     return rows, chosen
 
 
@@ -213,7 +240,7 @@ def export_preset(pick: dict, preset: Preset, best, ctx, opts, name: str) -> dic
               "kid_heldout": pick["kid_heldout"]}
     origin = ({"trial": best.number, "params": best.params} if pick["key"] == "best" else
               {"baseline": pick["key"], "best_trial": best.number,
-               "note": "a baseline beat every searched schedule at this NFE on the search subset"})
+               "note": "no searched schedule beat this baseline at this NFE on the search subset"})
     storage = opts.storage or f"sqlite:///{(Path(opts.out) / 'study.db').resolve()}"
     prov = {**ctx.provenance(), "study": name, "storage": slots.redact(storage), **origin,
             "scores": scores}
@@ -256,7 +283,8 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
                                    for t in study.best_trials]
     else:
-        best = min(complete, key=lambda d: (d.value, d.number))
+        best = winner(studies.trials, ctx, complete)
+        study.set_user_attr("winner", best.number)   # what export picks without --trial
     rows, chosen = comparison(studies, ctx, best)
     summary.update(rows=rows, best_trial=best.number, best_params=best.params)
     pick = recommend(rows)
@@ -283,21 +311,7 @@ def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best
     tracker.log_metrics(parent, {"best_fid": best.value,
                                  "best_fid_heldout": rows[0]["fid_heldout"],
                                  **{f"{r['key']}_fid_heldout": r["fid_heldout"] for r in rows[1:]}})
-    children = tracker.children(parent)
-    # the run this store holds for the best trial (a store made anew for an old study has none)
-    best_run = best.trial.user_attrs.get("mlflow_run_id")
-    if best_run not in {run.info.run_id for run in children}:
-        best_run = None
-    for run in children:  # a resumed study may have a new winner
-        if run.data.tags.get(ROLE) == "best" and run.info.run_id != best_run:
-            tracker.tag(run.info.run_id, {ROLE: "trial", "schedsearch.best": "false"})
-    if best_run:
-        tracker.tag(best_run, {ROLE: "best", "schedsearch.best": "true"})
-    pick = next(r for r in rows if r.get("recommended"))
-    runs = {r["key"]: best_run if r["key"] == "best"
-            else tracker.find_child(parent, "baseline", r["name"]) for r in rows}
-    if runs.get(pick["key"]):
-        tracker.tag(runs[pick["key"]], {"schedsearch.recommended": "true"})
+    runs = mark_runs(tracker, parent, rows, best)
     for r in rows:   # held-out scores on the runs themselves, so they can be table columns
         if runs.get(r["key"]):
             ci = r.get("vs_best") or {}
@@ -305,11 +319,59 @@ def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best
                 "fid_heldout": r["fid_heldout"], "kid_heldout": r["kid_heldout"],
                 "best_minus_this_heldout": ci.get("delta"), "ci_lo": ci.get("lo"),
                 "ci_hi": ci.get("hi")})
+    tracker.describe(parent, describe_study(summary, table, ctx))
+    tracker.describe(None, f"schedsearch study **{summary['study']}**: the best "
+                           f"{summary['budget']}-call sampling schedule for {ctx.config.model}. "
+                           f"The run `{summary['study']}` holds the comparison; each trial and "
+                           f"baseline is a run under it.")
     if opts.artifacts:
         log_artifacts(tracker, runs, chosen, ctx)
         log_figures(tracker, parent, summary, chosen, complete, studies.trials)
     if not slots.busy(*studies.all()):
         tracker.client.set_terminated(parent, "FINISHED")
+
+
+def mark_runs(tracker: Tracker, parent: str, rows: list, best: Done) -> dict:
+    """Tag and name the winner's run ("best (trial N)") and the recommended one ("★ ..."), put
+    back the names of runs a resumed study no longer ranks first; key → run id of each row."""
+    children = tracker.children(parent)
+    # the run this store holds for the best trial (a store made anew for an old study has none)
+    best_run = best.trial.user_attrs.get("mlflow_run_id")
+    if best_run not in {run.info.run_id for run in children}:
+        best_run = None
+    runs = {r["key"]: best_run if r["key"] == "best"
+            else tracker.find_child(parent, "baseline", r["name"]) for r in rows}
+    pick = next(r for r in rows if r.get("recommended"))
+    for run in children:  # a resumed study may have a new winner or recommendation
+        tags = run.data.tags
+        if run.info.run_id not in runs.values() and (tags.get(ROLE) == "best" or
+                                                     tags.get("schedsearch.recommended") == "true"):
+            tracker.tag(run.info.run_id, {ROLE: tags.get(ROLE) if tags.get(ROLE) != "best"
+                                          else "trial", "schedsearch.best": "false",
+                                          "schedsearch.recommended": "false"})
+            tracker.rename(run.info.run_id, tags.get(NAME, run.info.run_name))
+    if best_run:
+        tracker.tag(best_run, {ROLE: "best", "schedsearch.best": "true"})
+    for r in rows:
+        if runs.get(r["key"]):
+            star = "★ " if r is pick else ""
+            tracker.rename(runs[r["key"]], star + r["name"])
+            if star:
+                tracker.tag(runs[r["key"]], {"schedsearch.recommended": "true"})
+    return runs
+
+
+def describe_study(summary: dict, table: str, ctx) -> str:
+    """The study run's description in the MLflow UI: what it is, the recommendation, the table."""
+    pick = next(r for r in summary["rows"] if r.get("recommended"))
+    trials = sum(summary["trials"]["global"].values()) + sum(summary["trials"]["local"].values())
+    return (f"**{summary['study']}** — the best {summary['budget']}-call schedule for "
+            f"`{ctx.config.model}`, searched over {trials} trials (the winner: "
+            f"{summary['rows'][0]['name']}).\n\n★ recommended: **{pick['name']}** (FID {pick['fid']:.3f} on the search "
+            f"subset, {pick['fid_heldout']:.3f} held-out). Preset: `{summary['preset']}`.\n\n"
+            f"{table}\n\n*best − this*: FID of the winner minus FID of the row on the same "
+            f"held-out prompts and seeds, with a 95% paired bootstrap interval; negative means the "
+            f"winner is better, **bold** when the interval excludes zero.")
 
 
 def log_artifacts(tracker: Tracker, runs: dict, chosen: dict, ctx) -> None:
@@ -384,6 +446,8 @@ def _stored_trials(storage, study: optuna.Study) -> list[tuple[int, optuna.trial
 def _pick_trial(storage, study: optuna.Study, number: Optional[int]) -> Done:
     trials = _stored_trials(storage, study)
     done = [Done(n, t) for n, t in trials if t.state == slots.COMPLETE]
+    if number is None and study.user_attrs.get("winner") in {d.number for d in done}:
+        number = study.user_attrs["winner"]   # the winner the study's report chose
     if number is None:
         if not done:
             raise ValueError(f"study {study.study_name!r} has no completed trial yet")

@@ -281,8 +281,11 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
             study.set_user_attr(k, v)
     else:
         _check_identity(study, identity)
+    # no pruning in the local stage: CMA-ES learns only from complete trials, and a pruned
+    # sample would be a wasted point of its generation
     refine, _ = create_or_load(storage, f"{name}:refine", directions=directions[:1],
-                               sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
+                               sampler=optuna.samplers.RandomSampler(seed=0),
+                               pruner=optuna.pruners.NopPruner())
     base, _ = create_or_load(storage, f"{name}:baselines", directions=["minimize"],
                              sampler=optuna.samplers.RandomSampler(seed=0))
     ensure_slots(study, plan, grace)

@@ -310,5 +310,7 @@ def make_sampler(name: str, seed: int, multi_objective: bool):
 
 
 def refine_sampler(seed: int):
-    """The local stage's sampler: CMA-ES from the box centre (the incumbent)."""
-    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    """The local stage's sampler: CMA-ES from the box centre (the incumbent), from its first
+    trial on (no random start-up point: the global stage was the exploration)."""
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=0,
+                                        warn_independent_sampling=False)

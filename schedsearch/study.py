@@ -141,7 +141,7 @@ def recover(studies: slots.Studies, tracker: Tracker, parent: str) -> None:
                                     {"schedsearch.trial": t.number + offset})
                 tracker.end(run, "INTERRUPTED", "the worker stopped (killed, crashed or "
                             "interrupted) before this trial had an MLflow run; the trial was "
-                            "marked failed")
+                            "marked failed", f"trial {t.number + offset}")
 
 
 def slot_seed(seed: int, stage: int, number: int) -> int:
@@ -343,11 +343,12 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
         res = ctx.score(preset, on_checkpoint=on_checkpoint)
     except optuna.TrialPruned as exc:
         tracker.log_series(run, "fid_partial", partial)
-        return _end(study, trial, tracker, run, "PRUNED", str(exc))
+        return _end(study, trial, tracker, run, "PRUNED", str(exc), f"trial {number}")
     except (ScoreError, solvers.NonFiniteError, ValueError) as exc:
-        return _end(study, trial, tracker, run, "FAIL", str(exc))
+        return _end(study, trial, tracker, run, "FAIL", str(exc), f"trial {number}")
     except BaseException as exc:  # interrupted: nothing left RUNNING, the slot back in the queue
-        _end(study, trial, tracker, run, "INTERRUPTED", f"{type(exc).__name__}: {exc}")
+        _end(study, trial, tracker, run, "INTERRUPTED", f"{type(exc).__name__}: {exc}",
+             f"trial {number}")
         with _unless_taken_over(print, f"trial {number}"):
             slots.requeue(study, trial.number)
         raise
@@ -360,7 +361,8 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
     return "COMPLETE"
 
 
-def _end(study, trial, tracker: Tracker, run: Optional[str], state: str, reason: str) -> str:
+def _end(study, trial, tracker: Tracker, run: Optional[str], state: str, reason: str,
+         name: Optional[str] = None) -> str:
     """Tell Optuna and MLflow how a trial ended without a score."""
     optuna_state = (optuna.trial.TrialState.PRUNED if state == "PRUNED"
                     else optuna.trial.TrialState.FAIL)
@@ -369,5 +371,5 @@ def _end(study, trial, tracker: Tracker, run: Optional[str], state: str, reason:
             trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=optuna_state)
     if run:
-        tracker.end(run, state, reason)
+        tracker.end(run, state, reason, name)
     return state

@@ -144,15 +144,29 @@ class Tracker:
     def tag(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag  # mlflow: heavy
 
-        self.client.log_batch(run_id, tags=[RunTag(k, _clip(v, 5000)) for k, v in _str(tags).items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, _clip(v, 8000)) for k, v in _str(tags).items()])
 
-    def end(self, run_id: str, state: str, reason: str | None = None) -> None:
-        """state: COMPLETE, PRUNED, FAIL or INTERRUPTED; MLflow status follows."""
+    def end(self, run_id: str, state: str, reason: str | None = None,
+            name: str | None = None) -> None:
+        """state: COMPLETE, PRUNED, FAIL or INTERRUPTED; MLflow status follows, and a run that
+        did not complete says so in its name ("trial 12 (pruned)"), which every view shows."""
         tags = {STATE: state}
         if reason:
             tags[REASON] = reason
+        if name and state in _SUFFIX:
+            tags["mlflow.runName"] = f"{name} ({_SUFFIX[state]})"
         self.tag(run_id, tags)
         self.client.set_terminated(run_id, status=_STATUS.get(state, "KILLED"))
+
+    def describe(self, run_id: Optional[str], text: str) -> None:
+        """Markdown shown as the run's description (or, with ``run_id`` None, the experiment's)."""
+        if run_id is None:
+            self.client.set_experiment_tag(self.experiment_id, NOTE, text)
+        else:
+            self.tag(run_id, {NOTE: text})
+
+    def rename(self, run_id: str, name: str) -> None:
+        self.tag(run_id, {"mlflow.runName": name})
 
     # -- artifacts ----------------------------------------------------------------------------------
     def log_json(self, run_id: str, obj, path: str) -> None:
@@ -192,12 +206,14 @@ class Tracker:
         closed = 0
         for run in self.children(parent_id, status="RUNNING"):
             if run.info.run_id not in alive:
-                self.end(run.info.run_id, "INTERRUPTED", INTERRUPTED)
+                self.end(run.info.run_id, "INTERRUPTED", INTERRUPTED, run.data.tags.get(NAME))
                 closed += 1
         return closed
 
 
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
+_SUFFIX = {"PRUNED": "pruned", "FAIL": "failed", "INTERRUPTED": "interrupted"}
+NOTE = "mlflow.note.content"   # what the MLflow UI renders as a run's or experiment's description
 INTERRUPTED = ("the worker running this trial stopped before it finished (killed or crashed); the "
                "trial was marked failed and re-queued")
 

@@ -27,7 +27,9 @@ def test_the_winner_is_recommended_unless_a_same_nfe_row_beats_it_on_the_search_
     assert recommend(rows)["key"] == "best"
     rows[1]["fid"] = 6.5
     assert recommend(rows)["key"] == "karras"
-    rows[1]["fid"] = 7.0          # a tie keeps the searched winner
+    rows[1]["fid"] = 7.0          # a tie goes to the known schedule
+    assert recommend(rows)["key"] == "karras"
+    rows[1]["fid"] = 7.01
     assert recommend(rows)["key"] == "best"
     # the best trial of an "fid,nfe" study may spend fewer calls than the budget: compare there
     rows = [row("best", 4, 7.0), row("karras", 5, 6.0), row("ays4", 4, 6.9)]

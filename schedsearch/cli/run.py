@@ -102,7 +102,7 @@ def run(args) -> int:
         print(f"        also saved as '{name}' (schedsearch presets show {name})")
     if summary.get("warning"):
         print(f"warning: {summary['warning']}")
-    print(f"dashboard: schedsearch ui --out {out}   (then open http://127.0.0.1:5000)")
+    print(f"dashboard: schedsearch ui --out {out}   (it prints the runs table's URL)")
     return 0
 
 
@@ -115,7 +115,7 @@ def verdict(rows: list[dict]) -> list[str]:
         lines = [f"★ recommended: the best trial (FID {rec['fid']:.3f}, held-out "
                  f"{rec['fid_heldout']:.3f})"]
     else:
-        lines = [f"★ recommended: {rec['name']} — a baseline beat every searched schedule at "
+        lines = [f"★ recommended: {rec['name']} — no searched schedule beat this baseline at "
                  f"{rec['nfe']} NFE on the search subset (FID {rec['fid']:.3f}, held-out "
                  f"{rec['fid_heldout']:.3f})"]
     rivals = [r for r in rows[1:] if r["nfe"] == best["nfe"] and r.get("vs_best")]

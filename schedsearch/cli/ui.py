@@ -9,21 +9,43 @@ import socket
 import subprocess
 import sys
 import time
+import webbrowser
 from pathlib import Path
 
-from . import UserError
+from . import UserError, options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ui", help="open the MLflow dashboard of a run folder",
-                       description="Serve the MLflow UI for a study's tracking store (trials and "
-                                   "baselines side by side) on 127.0.0.1.")
+    p = options.command(
+        sub, "ui", help="open the MLflow dashboard of a run folder",
+        description="Serve the MLflow UI for a study's tracking store on 127.0.0.1 and print (and "
+                    "open, where a browser exists) the study's runs table sorted by FID: every "
+                    "trial and baseline side by side, the recommended run marked ★, the study "
+                    "run's description holding the comparison.",
+        examples=["schedsearch ui --out schedsearch-runs/digits-5nfe",
+                  "schedsearch ui --out schedsearch-runs/digits-5nfe --port 5001 --no-browser"])
     p.add_argument("--out", default=None, help="the run folder (holds mlflow.db); default: the "
                                                "newest folder under schedsearch-runs/")
     p.add_argument("--tracking-uri", help="any MLflow tracking URI instead of --out")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--no-browser", action="store_true", help="print the URL, open no browser")
     p.set_defaults(handler=run)
+
+
+def runs_url(uri: str, host: str, port: int) -> str:
+    """The study's runs table in Model-training mode sorted by FID (MLflow 3 opens experiments in
+    its GenAI view otherwise); the server's root when the store holds no study."""
+    from mlflow.tracking import MlflowClient  # mlflow: heavy
+
+    exps = [e for e in MlflowClient(tracking_uri=uri).search_experiments()
+            if e.name != "Default"]
+    root = f"http://{host}:{port}/"
+    if not exps:
+        return root
+    newest = max(exps, key=lambda e: e.last_update_time or 0)
+    return (f"{root}#/experiments/{newest.experiment_id}/runs?workflowType=machine_learning"
+            f"&orderByKey=metrics.%60fid%60&orderByAsc=true")
 
 
 def server_command(uri: str, artifacts: Path, host: str, port: int) -> list[str]:
@@ -44,8 +66,10 @@ def run(args) -> int:
         uri, artifacts = f"sqlite:///{db.resolve()}", out / "mlartifacts"
     check_port(args.host, args.port)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    url = runs_url(uri, args.host, args.port)
     print(f"starting the MLflow server (store {uri}) ...", flush=True)
-    return serve(server_command(uri, artifacts, args.host, args.port), env, args.host, args.port)
+    return serve(server_command(uri, artifacts, args.host, args.port), env, args.host, args.port,
+                 url, browser=not args.no_browser)
 
 
 def check_port(host: str, port: int) -> None:
@@ -79,7 +103,8 @@ def _bind_problem(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host"
 
 
-def serve(cmd: list[str], env: dict, host: str, port: int) -> int:
+def serve(cmd: list[str], env: dict, host: str, port: int, url: str | None = None,
+          browser: bool = False) -> int:
     """Run the server in its own process group and take the whole group down with us: mlflow
     server starts uvicorn and job workers that would otherwise outlive a terminated parent. The
     URL is printed once the server answers, so a server that never came up shows no URL."""
@@ -99,7 +124,11 @@ def serve(cmd: list[str], env: dict, host: str, port: int) -> int:
         if not _wait_until_reachable(proc, host, port):
             raise UserError(f"the MLflow server exited with status {proc.returncode} before it "
                             f"served on {host}:{port}; its messages above say why")
-        print(f"MLflow UI on http://{host}:{port}  Ctrl-C to stop", flush=True)
+        url = url or f"http://{host}:{port}/"
+        print(f"MLflow UI: {url}\n  (Ctrl-C to stop; columns worth showing: fid, fid_heldout, "
+              f"best_minus_this_heldout, nfe and the params solver, schedsearch.role)", flush=True)
+        if browser and _has_screen():
+            webbrowser.open(url)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -119,6 +148,13 @@ def _wait_until_reachable(proc: subprocess.Popen, host: str, port: int) -> bool:
         except OSError:
             time.sleep(0.2)
     return False
+
+
+def _has_screen() -> bool:
+    """Only open a browser on a desktop: without a display, Python's webbrowser falls back to a
+    text browser that would take over the terminal the server logs to."""
+    return (sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY"))
+            or bool(os.environ.get("WAYLAND_DISPLAY")))
 
 
 def _newest_run() -> Path:
