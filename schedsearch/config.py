@@ -31,7 +31,7 @@ class StudyConfig:
     checkpoints: Optional[list] = None      # growing subset sizes for pruning; None: n/4, n/2, n
     batch_size: int = 200
     trials: int = 48
-    refine: float = 0.5                     # share of the trials in the local (CMA-ES) stage
+    refine: float = 0.6                     # share of the trials in the local (CMA-ES) stage
     warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
     rerank: int = 4                         # best trials re-scored on fresh seeds before one wins
     sampler: str = "tpe"                    # the global stage's sampler

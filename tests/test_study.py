@@ -355,3 +355,46 @@ def test_a_trial_claimed_by_a_worker_that_died_before_logging_it_still_shows_in_
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
     assert runs[0].data.tags["schedsearch.state"] == "INTERRUPTED"
     assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
+
+
+def test_a_failed_baseline_is_reported_with_its_reason_not_dropped(tmp_path):
+    """GITS and OSS need 16 distillation prompts that an 8-line prompt file does not have: their
+    slot fails with that reason, and the study says so wherever it shows the comparison."""
+    prompts = tmp_path / "labels.txt"
+    prompts.write_text("0\n1\n2\n3\n" * 2)
+    cfg = StudyConfig.from_dict({**SMALL, "prompts": str(prompts), "n_search": 4, "n_heldout": 4,
+                                 "checkpoints": [2], "trials": 2, "rerank": 0,
+                                 "baselines": ["karras", "gits", "oss"], "distill_samples": 16})
+    summary = run_study(cfg, RunOptions(out=tmp_path / "run", progress=False,
+                                        export_user_preset=False), echo=lambda *_: None)
+    assert set(summary["failed_baselines"]) == {"gits, oss"}
+    assert "holds only 8" in summary["failed_baselines"]["gits, oss"]
+    assert [r["key"] for r in summary["rows"]] == ["best", "karras"]
+    assert "baseline gits, oss failed:" in (tmp_path / "run" / "comparison.md").read_text()
+
+
+def test_a_study_where_no_trial_completes_exits_2_with_the_reason(tmp_path):
+    """The only trial is the paper preset with FreeU scales of 1e30: it diverges; the command
+    says why in one line and the study's MLflow run ends FAILED, not RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    r = cli("run", "--model", "digits", "--budget", "3", "--trials", "1", "--n-search", "16",
+            "--n-heldout", "16", "--batch-size", "16", "--baselines", "karras", "--no-progress",
+            "--no-user-preset", "--config", str(_config(tmp_path, refine=0.0, checkpoints=[8],
+                                                        space={"b1": [1e30, 1e31]})),
+            "--out", str(tmp_path / "run"), env={"SCHEDSEARCH_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("schedsearch run: error: no trial of study") and "non-finite" in line
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits-3nfe").experiment_id],
+                              "tags.`schedsearch.role` = 'study'")
+    assert runs[0].info.status == "FAILED"
+
+
+def _config(tmp_path, **keys):
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    return path
