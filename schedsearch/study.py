@@ -343,6 +343,8 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
         res = ctx.score(preset, on_checkpoint=on_checkpoint)
     except optuna.TrialPruned as exc:
         tracker.log_series(run, "fid_partial", partial)
+        with _unless_taken_over(print, f"trial {number}"):   # where its time went, for the cost
+            trial.set_user_attr("seconds", ctx.scorer("search", preset.guidance).last_seconds)
         return _end(study, trial, tracker, run, "PRUNED", str(exc), f"trial {number}")
     except (ScoreError, solvers.NonFiniteError, ValueError) as exc:
         return _end(study, trial, tracker, run, "FAIL", str(exc), f"trial {number}")

@@ -346,3 +346,21 @@ def test_bad_options(kwargs):
 def test_save_prefix_stays_in_the_output_folder():
     prefix = comfy.workflow(make(name="../my preset/x"))["9"]["inputs"]["filename_prefix"]
     assert prefix.startswith("schedsearch/") and ".." not in prefix and prefix.count("/") == 1
+
+
+def test_presets_show_prints_a_workflow_and_its_caveats(tmp_path):
+    """The CLI: the workflow JSON on stdout (valid against the node fixture), each caveat as a
+    `note:` line on stderr — sdxl-6's per-step FreeU plan has no stock node."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "schedsearch", "presets", "show", "sdxl-6",
+                        "--format", "comfy-workflow", "--checkpoint", "dreamshaper.safetensors"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    workflow = json.loads(r.stdout)
+    loaders = [n for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders[0]["inputs"]["ckpt_name"] == "dreamshaper.safetensors"
+    assert "FreeU" not in {n["class_type"] for n in workflow.values()}
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
+    assert notes and any("FreeU" in line for line in notes)

@@ -86,6 +86,7 @@ class Scorer:
         self.checkpoints = tuple(cps) + (self.n,)
         self.kid_subsets, self.kid_seed, self.frechet = int(kid_subsets), int(kid_seed), frechet
         self.clip = clip
+        self.last_seconds: dict = {}
         self._ref_trace = ref.trace
         import cleanfid.fid  # noqa: F401  (imports torchvision, ~3 s once: not a scoring cost)
         # the candidate-independent half of KID (subset draws, reference sums), done once
@@ -132,6 +133,9 @@ class Scorer:
         solver = solvers.canonical(solver)
         t_start = time.perf_counter()
         sec = dict.fromkeys(STAGES + (("clip",) if self.clip is not None else ()), 0.0)
+        # where the last call's time went, filled as it runs: a caller whose on_checkpoint stops
+        # the call early (a pruned trial) still gets the account
+        self.last_seconds = sec
         clip_scores: list[np.ndarray] = []
         feats: list[np.ndarray] = []
         kept: list[torch.Tensor] = []
@@ -151,6 +155,7 @@ class Scorer:
             if stop in self.checkpoints:
                 feats = [np.concatenate(feats)]
                 fid_at[stop] = self._checkpoint(feats[0], stop, sec)
+                sec["total"] = time.perf_counter() - t_start
                 if on_checkpoint is not None:
                     on_checkpoint(stop, fid_at[stop])
         t3 = time.perf_counter()
