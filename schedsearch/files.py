@@ -39,11 +39,20 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and make sure a file can be written in it — before any work
-    whose result would go there (an OSError names the path; the CLI turns it into one line)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    """Make sure files can be written in ``folder`` (created later, by the command that writes
+    there) — before any work whose result would go there. Probes the folder, or the nearest part
+    of its path that exists, with a temporary file it removes, so nothing is left behind on bad
+    input; an OSError names the path (the CLI turns it into one line)."""
+    folder = Path(folder).absolute()
+    probe_in = folder
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise NotADirectoryError(20, "not a folder", str(probe_in))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=probe_in)
+    except OSError as exc:   # name the folder asked for, not the probe
+        raise type(exc)(exc.errno, exc.strerror, str(folder)) from None
     os.close(fd)
     os.remove(probe)
     return folder

@@ -62,7 +62,7 @@ class Preset:
             raise ValueError("a preset needs a non-empty name")
         if self.family not in FAMILIES:
             raise ValueError(f"preset family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
-        self.sigmas = schedules.explicit(self.sigmas)
+        self.sigmas = schedules.flow_explicit(self.sigmas)   # a flow model's list starts at ∞
         self.solver = solvers.canonical(self.solver)
         if self.freeu is not None and len(self.freeu.steps) != self.steps:
             raise ValueError(f"the FreeU plan has {len(self.freeu.steps)} steps but the σ list has "

@@ -171,6 +171,7 @@ def run(args) -> int:
                      guidance=preset.guidance, freeu=preset.freeu, batch_size=args.batch_size,
                      progress=bar)
     t_sampled = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
     figure, names = _write(out.images, prompts, seeds, columns, model, args.out)
     t_written = time.perf_counter()
     steps = len(preset.sigmas) - 1

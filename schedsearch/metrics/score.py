@@ -129,7 +129,7 @@ class Scorer:
         n) and may raise to stop early; the exception propagates unchanged. ``on_batch(start,
         images)`` sees every batch of images (e.g. to save them). Raises ScoreError on non-finite
         samples or features."""
-        sigmas = schedules.explicit(sigmas)
+        sigmas = schedules.flow_explicit(sigmas)   # a flow model's list starts at ∞
         solver = solvers.canonical(solver)
         t_start = time.perf_counter()
         sec = dict.fromkeys(STAGES + (("clip",) if self.clip is not None else ()), 0.0)
