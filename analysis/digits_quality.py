@@ -1,13 +1,17 @@
-"""Measure the built-in digits testbed against its quality bar.
+"""Measure the built-in digits testbeds (``digits``, or its flow twin ``digits-flow``) against
+their quality bar.
 
-    python analysis/digits_quality.py [--guidance 2] [--sweep 1 1.5 3 4] [--threads N]
+    python analysis/digits_quality.py [--model digits|digits-flow] [--guidance 2]
+                                      [--sweep 1 1.5 3 4] [--threads N]
 
 The bar: the classifier recognises ≥ 97% of the held-out digits; 1,000 samples (100 per class,
-fixed seeds) from 50-step DPM++2M on a Karras schedule at the chosen guidance are recognised as
-the requested class ≥ 90% of the time, and their Fréchet distance to the held-out digits in the
-classifier's feature space is within 2× the train-vs-held-out distance. Also times one model call.
+fixed seeds) from 50-step DPM++2M at the chosen guidance are recognised as the requested class
+≥ 90% of the time, and their Fréchet distance to the held-out digits in the classifier's feature
+space is within 2× the train-vs-held-out distance. The schedule is a Karras one for ``digits`` and
+the model's own (uniform in t from σ = ∞) for ``digits-flow``. Also times one model call.
 
-Writes analysis/results/digits_quality.json and analysis/results/digits_samples.png.
+Writes analysis/results/<model>_quality.json and analysis/results/<model>_samples.png
+(digits_quality.json and digits_samples.png for ``digits``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from schedsearch import schedules
 from schedsearch.images import grid
 from schedsearch.models.digits import NUM_CLASSES, digits_data, load_classifier, load_digits, to_unit
+from schedsearch.models.digits_flow import load_digits_flow
 from schedsearch.sampler import sample
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,10 +56,19 @@ def frechet(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
                                   b.mean(0), np.cov(b, rowvar=False)))
 
 
+def schedule(model, steps: int) -> tuple[torch.Tensor, str]:
+    """The bar's σ list: Karras for digits, the flow model's own default (from σ = ∞) for
+    digits-flow, whose σ range has no finite top for a Karras ramp in σ."""
+    if model.table.kind == "flow":
+        return schedules.build({"name": "flow", "steps": steps}, model.table), f"flow({steps})"
+    return schedules.karras(steps), f"karras({steps})"
+
+
 def evaluate_guidance(model, classifier, guidance: float, per_class: int, steps: int,
                       heldout_features: torch.Tensor, batch_size: int) -> tuple[dict, torch.Tensor]:
     prompts, seeds = class_prompts(per_class)
-    out = sample(model, schedules.karras(steps), prompts, seeds, solver="dpmpp_2m",
+    sigmas, name = schedule(model, steps)
+    out = sample(model, sigmas, prompts, seeds, solver="dpmpp_2m",
                  guidance=guidance, batch_size=batch_size)
     predicted = classifier.predict(out.images)
     wanted = torch.tensor(prompts)
@@ -62,7 +76,7 @@ def evaluate_guidance(model, classifier, guidance: float, per_class: int, steps:
     per_class_rate = {str(c): float(hits[wanted == c].float().mean()) for c in range(NUM_CLASSES)}
     result = {
         "guidance": guidance, "n": len(prompts), "steps": steps, "solver": "dpmpp_2m",
-        "schedule": f"karras({steps})", "seeds": [seeds[0], seeds[-1]],
+        "schedule": name, "seeds": [seeds[0], seeds[-1]],
         "recognition_rate": float(hits.float().mean()), "recognition_per_class": per_class_rate,
         "frechet_vs_heldout": frechet(classifier.features(out.images), heldout_features),
         "sampling_seconds": round(sum(out.seconds.values()), 2),
@@ -92,6 +106,7 @@ def sample_grid(images: torch.Tensor, per_row: int = 10):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["digits", "digits-flow"], default="digits")
     p.add_argument("--guidance", type=float, default=2.0, help="the guidance the bar is judged at")
     p.add_argument("--sweep", type=float, nargs="*", default=[1.0, 1.5, 3.0, 4.0],
                    help="further guidance values, reported for context")
@@ -100,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--weights-dir", type=Path, default=None,
-                   help="a folder written by digits_train --out (default: the shipped weights)")
+                   help="a folder written by digits_train (or digits_flow_train) --out "
+                        "(default: the shipped weights)")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
@@ -109,7 +125,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_digits(device="cpu", weights_dir=args.weights_dir)
+    loader = load_digits_flow if args.model == "digits-flow" else load_digits
+    model = loader(device="cpu", weights_dir=args.weights_dir)
     classifier = load_classifier(device="cpu", weights_dir=args.weights_dir)
     train_images, _ = digits_data("train")
     heldout_images, _ = digits_data("heldout")
@@ -125,7 +142,8 @@ def main(argv=None) -> int:
 
     ratio = main_result["frechet_vs_heldout"] / reference
     report = {
-        "model": model.fingerprint(), "classifier": classifier.fingerprint(),
+        "model": model.fingerprint(), "family": model.family,
+        "classifier": classifier.fingerprint(),
         "classifier_feature_dim": classifier.dim,
         "heldout_accuracy": accuracy,
         "frechet_train_vs_heldout": reference,
@@ -144,10 +162,11 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "digits_quality.json", "w", encoding="utf-8") as f:
+    stem = args.model.replace("-", "_")
+    with open(args.out / f"{stem}_quality.json", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    sample_grid(images).save(args.out / "digits_samples.png")
+    sample_grid(images).save(args.out / f"{stem}_samples.png")
     print(json.dumps({k: report[k] for k in ("heldout_accuracy", "frechet_train_vs_heldout",
                                              "frechet_ratio", "passed", "seconds_per_call")},
                      indent=2))

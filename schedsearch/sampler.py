@@ -2,11 +2,14 @@
 
 Each image's initial noise comes from its own CPU generator (``seed``), so an image does not depend
 on the batch it is sampled in, nor on the device. The solver sees a closure over the model; the
-FreeU plan, the non-finite check and any caller hook ride on the solver's per-step hook.
+FreeU plan, the non-finite check and any caller hook ride on the solver's per-step hook. A σ list
+may start at ∞ (flow models): the state there is ε, and a flow model's own denoise and decode
+convert between its x_t and the VE state y, as the SD backend scales its UNet input.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -30,11 +33,15 @@ class Samples:
 
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], sigma: float) -> torch.Tensor:
-    """x_0 = σ_max · ε with ε drawn from a CPU generator per image (float32)."""
+    """x_0 = σ_0 · ε with ε drawn from a CPU generator per image (float32). At σ_0 = ∞ (a flow
+    model's t = 1) the solver state is ε itself, the limit of x/σ (see ``solvers``)."""
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     for row, seed in enumerate(seeds):
         torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)), out=out[row])
-    return out.mul_(float(sigma))
+    sigma = float(sigma)
+    if math.isinf(sigma) and sigma > 0:
+        return out
+    return out.mul_(sigma)
 
 
 class ModelCalls:
@@ -85,6 +92,9 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if math.isinf(float(sigmas[0])) and getattr(model.table, "kind", "ddpm") != "flow":
+        raise ValueError(f"a σ list starting at ∞ is for flow-matching models; {model.name} was "
+                         f"trained on a DDPM table that ends at σ_max = {model.table.sigma_max:g}")
     solve = solvers.get(solver)
     plan = freeu if freeu is not None and freeu.active else None
     if plan is not None and model.unet is None:

@@ -220,7 +220,9 @@ def knot_fractions(sigmas, *, sigma_max: float = SD.sigma_max,
     return [(a - b) / (a - floor) for a, b in zip(logs, logs[1:])], end
 
 
-NAMES = ("karras", "paper", "ays", "uniform", "logsnr", "explicit", "knots", *PAPER_SETTINGS)
+FLOW_NAMES = ("flow", "optimalsteps")   # flow-matching models only (build_flow, docs/flow.md)
+NAMES = ("karras", "paper", "ays", "uniform", "logsnr", "explicit", "knots", *PAPER_SETTINGS,
+         *FLOW_NAMES)
 
 
 def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
@@ -228,9 +230,13 @@ def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
     "stop": 2}``. The spec is the schedule's provenance; this is the one place that reads it."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"a schedule spec must be an object with a 'name'; got {spec!r}")
+    if getattr(table, "kind", "ddpm") == "flow":  # σ lists from ∞: see build_flow
+        return build_flow(spec, table)
     p = dict(spec)
     name = p.pop("name")
     _require(name in NAMES, f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
+    _require(name not in FLOW_NAMES, f"schedule {name!r} is for flow-matching models (SD3, FLUX, "
+             f"the flow testbeds); this model's noise table is {table.fingerprint()}")
     if name == "explicit":
         return explicit(p.get("sigmas", []))
     if name == "knots":
@@ -259,3 +265,164 @@ def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
 def equivalent_stop(steps: int, M: int, k: int) -> float:
     """The real ``stop`` whose closed form gives the same σ_stop as an explicit (M, k)."""
     return (steps + 1) * (M - 1) / k - steps
+
+
+# -- flow-matching models (docs/flow.md) ------------------------------------------------------------
+# A flow model's σ lists start at ∞ (t = 1, pure noise). The time shift t ↦ s·t/(1 + (s−1)·t) is
+# σ ↦ s·σ, so a shifted schedule is the unshifted one scaled by s.
+from .noise import flow_sigma, flow_t  # noqa: E402  (kept with the flow section it serves)
+
+# OptimalSteps (Pei, Hu, Gu): the noise levels of ComfyUI's OptimalStepsScheduler node
+# (comfy_extras/nodes_optimalsteps.py, comfyanonymous/ComfyUI at
+# 36d3468fce685fd8f4548347067097282216d4a5), copied from bebebe666/OptimalSteps. ComfyUI's
+# "sigma" of a flow model is its time t, so these are t values; the first is below 1.
+OPTIMAL_STEPS_T = {
+    "flux": [0.9968, 0.9886, 0.9819, 0.975, 0.966, 0.9471, 0.9158, 0.8287, 0.5512, 0.2808, 0.001],
+}
+
+
+def _flow_table(table):
+    _require(getattr(table, "kind", "ddpm") == "flow",
+             "this schedule is for flow-matching models; the model's noise table is "
+             f"{table.fingerprint()}")
+    return table
+
+
+def _from_t(t: np.ndarray, append_zero: bool) -> torch.Tensor:
+    """σ = t/(1−t) for unit times t, t = 1 → ∞ exactly."""
+    return _with_zero(np.atleast_1d(flow_sigma(np.asarray(t, dtype=np.float64))), append_zero)
+
+
+def flow_shifted(steps: int, table, shift: float | None = None) -> torch.Tensor:
+    """A flow model's default schedule as diffusers computes it (``FlowMatchEulerDiscreteScheduler.
+    set_timesteps``, the t-grid of the model's pipeline, its fixed or resolution-dependent shift),
+    as σ: ∞, …, then 0. ``shift`` replaces the table's s (1 gives the unshifted grid)."""
+    steps, table = _steps(steps), _flow_table(table)
+    if shift is not None:
+        import dataclasses  # only here: the flow section keeps to the end of this module
+
+        table = dataclasses.replace(table, shift=_positive("shift", shift), mu=None, name="")
+    return _from_t(table.default_t(steps), True)
+
+
+def optimal_steps(steps: int, model_type: str = "flux") -> torch.Tensor:
+    """ComfyUI's OptimalStepsScheduler (denoise 1): the table as is for 10 steps, else
+    ``steps + 1`` points log-linearly interpolated (its ``loglinear_interp``), the last set to 0;
+    as σ = t/(1−t). Its first t is 0.9968, so the list starts at σ ≈ 311, not at ∞."""
+    steps = _steps(steps)
+    key = str(model_type).lower()
+    _require(key in OPTIMAL_STEPS_T, f"model_type must be one of {', '.join(OPTIMAL_STEPS_T)}, "
+             f"got {model_type!r}")
+    t = np.asarray(OPTIMAL_STEPS_T[key], dtype=np.float64)
+    if steps + 1 != len(t):
+        xs, ys = np.linspace(0, 1, len(t)), np.log(t[::-1])
+        t = np.exp(np.interp(np.linspace(0, 1, steps + 1), xs, ys))[::-1].copy()
+    return _from_t(t[:-1], True)
+
+
+def flow_karras(steps: int, table, sigma_min: float | None = None,
+                sigma_max: float = math.inf, rho: float = 7.0) -> torch.Tensor:
+    """Karras' ρ-ramp on a flow model, in its time t as diffusers (``use_karras_sigmas``) and
+    ComfyUI's karras scheduler apply it there: t^(1/ρ) evenly from t(σ_max) (1 for σ_max = ∞)
+    to t(σ_min), then σ = 0. A ramp in σ^(1/ρ) cannot start at σ = ∞."""
+    steps, rho, table = _steps(steps), _positive("rho", rho), _flow_table(table)
+    lo = _positive("sigma_min", table.sigma_min if sigma_min is None else sigma_min)
+    hi = float(sigma_max)
+    _require(hi > lo and not math.isnan(hi), f"sigma_max must be > sigma_min = {lo:g}, got {hi!r}")
+    ramp = np.linspace(0, 1, steps) if steps > 1 else np.zeros(1)
+    top, bottom = flow_t(hi) ** (1 / rho), flow_t(lo) ** (1 / rho)
+    t = (top + ramp * (bottom - top)) ** rho
+    if steps > 1:  # exact end points, free of pow round-off (t = 1 must stay 1: σ = ∞)
+        t[-1] = flow_t(lo)
+    t[0] = flow_t(hi)
+    return _from_t(t, True)
+
+
+_finite_explicit = explicit   # flow_explicit's own reference, whatever callers rebind
+
+
+def flow_explicit(sigmas) -> torch.Tensor:
+    """An explicit σ list for a flow model: as ``explicit``, and the first value may be ∞."""
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.detach().cpu().double().tolist()
+    try:
+        s = [float(v) for v in sigmas]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"sigmas must be a list of numbers, got {sigmas!r}") from exc
+    if len(s) < 2 or s[0] != math.inf:
+        return _finite_explicit(s)
+    if len(s) == 2:
+        _require(math.isfinite(s[1]) and s[1] >= 0, f"sigmas[1] = {s[1]} must be a finite σ >= 0")
+        return torch.tensor(s, dtype=torch.float64)
+    return torch.cat([torch.tensor([math.inf], dtype=torch.float64), _finite_explicit(s[1:])])
+
+
+def flow_knots(fractions: Sequence[float], *, sigma_floor: float, end: str = "zero"
+               ) -> torch.Tensor:
+    """The free-form knots on a flow model: σ_0 = ∞ is fixed; the first fraction places σ_1 in
+    the model's time, t_1 = 1 − u_0·(1 − t_floor), since log σ has no finite top; the others
+    break the log-σ stick from σ_1 down to σ_floor as ``knots`` does. Every strictly decreasing
+    list from ∞ whose positive values stay above σ_floor is reachable, the model's default
+    schedule among them. ``end`` as in ``knots``; no fraction at all is the one step [∞, 0]."""
+    floor = _positive("sigma_floor", sigma_floor)
+    _require(end in KNOT_ENDS, f"knots end must be one of {KNOT_ENDS}, got {end!r}")
+    u = [float(f) for f in fractions]
+    for i, f in enumerate(u):
+        _require(math.isfinite(f) and 0 < f < 1, f"knot fraction {i} must lie in (0, 1), got {f!r}")
+    _require(len(u) >= (1 if end == "sigma" else 0), "a σ list ending above 0 needs at least one "
+             "fraction (its σ_end)")
+    if not u:
+        return _with_zero(np.array([math.inf]), True)
+    first = float(flow_sigma(1 - u[0] * (1 - flow_t(floor))))
+    if end == "sigma" and len(u) == 1:   # σ_1 is the end itself
+        return torch.tensor([math.inf, first], dtype=torch.float64)
+    rest = knots(u[1:], sigma_max=first, sigma_floor=floor, end=end)
+    return torch.cat([torch.tensor([math.inf], dtype=torch.float64), rest])
+
+
+def flow_knot_fractions(sigmas, *, sigma_floor: float) -> tuple[list[float], str]:
+    """The exact inverse of ``flow_knots``: (fractions, end) of a σ list that starts at ∞ and
+    stays above σ_floor (a final 0 excepted)."""
+    s = flow_explicit(sigmas).tolist()
+    _require(s[0] == math.inf, f"a flow knots schedule starts at σ = ∞; this one starts at {s[0]:g}")
+    if len(s) == 2 and s[1] == 0:
+        return [], "zero"
+    _require(s[1] > sigma_floor, f"σ = {s[1]:g} lies at or below the knots' floor "
+             f"σ_floor = {sigma_floor:g}")
+    first = (1 - flow_t(s[1])) / (1 - flow_t(sigma_floor))
+    if len(s) == 2:
+        return [first], "sigma"
+    rest, end = knot_fractions(s[1:], sigma_max=s[1], sigma_floor=sigma_floor)
+    return [first, *rest], end
+
+
+def build_flow(spec: dict, table) -> torch.Tensor:
+    """``build`` for a flow model's table (docs/flow.md): the σ-range families start at ∞."""
+    table = _flow_table(table)
+    p = dict(spec)
+    name = p.pop("name")
+    _require(name in NAMES, f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
+    _require(name not in ("paper", "ays", *PAPER_SETTINGS),
+             f"schedule {name!r} is defined on the Stable Diffusion noise table and has no "
+             f"faithful flow-model analogue (docs/flow.md); use flow, optimalsteps, karras, "
+             f"uniform, knots or explicit")
+    if name == "explicit":
+        return flow_explicit(p.get("sigmas", []))
+    if name == "knots":
+        _require(p.get("sigma_max", math.inf) == math.inf, "a flow knots schedule starts at ∞")
+        return flow_knots(p.get("fractions", []), end=p.get("end", "zero"),
+                          sigma_floor=p.get("sigma_floor", KNOT_FLOOR * table.sigma_min))
+    steps = p.pop("steps", None)
+    _require(steps is not None, f"schedule {name!r} needs 'steps'")
+    if name == "logsnr":
+        _require(math.isfinite(p.get("sigma_max", math.inf)),
+                 "logsnr needs a finite sigma_max on a flow model (log-SNR has no finite top)")
+        p.setdefault("sigma_min", table.sigma_min)
+    fn = {"flow": flow_shifted, "optimalsteps": optimal_steps, "karras": flow_karras,
+          "uniform": uniform, "logsnr": logsnr}[name]
+    if name in ("flow", "karras", "uniform"):
+        p["table"] = table
+    try:
+        return fn(steps, **p)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None

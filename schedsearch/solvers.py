@@ -7,6 +7,10 @@ toggle FreeU for the next call, record trajectories, or stop on non-finite value
 
 Per-step coefficients are computed once as Python floats, so a step costs one fused tensor
 update on top of the model call.
+
+A list may start at σ_0 = ∞ (flow models: t = 1, pure noise). The state there is ε = lim y/σ,
+``denoiser(ε, inf)`` returns D_0, and every solver takes the σ_0 → ∞ limit of its own formulas
+(docs/flow.md): the first step is y_1 = D_0 + σ_1·ε, and terms weighted by 1/h_0 or r_k = −∞ vanish.
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ def _floats(sigmas) -> list[float]:
     return [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
 
 
+def _ddim(d: torch.Tensor, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """q·x + (1−q)·D, q = σ_{i+1}/σ_i; from σ = ∞ (x = ε) its limit D + σ_{i+1}·ε."""
+    if math.isinf(sigma):
+        return torch.add(d, x, alpha=sigma_next)
+    return torch.lerp(d, x, sigma_next / sigma)
+
+
 @torch.no_grad()
 def dpmpp_1s(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = None
              ) -> torch.Tensor:
@@ -70,7 +81,7 @@ def dpmpp_1s(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = 
     s = _floats(sigmas)
     for i in range(len(s) - 1):
         d = _call(denoiser, hook, x, s, i)
-        x = torch.lerp(d, x, s[i + 1] / s[i])
+        x = _ddim(d, x, s[i], s[i + 1])
     return x
 
 
@@ -79,7 +90,8 @@ def dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = 
              ) -> torch.Tensor:
     """DPM-Solver++(2M): second order from the previous D, one model call per step.
 
-    The first step, and a final step to σ = 0, are first order.
+    The first step, and a final step to σ = 0, are first order; after a start at σ = ∞ the
+    second step is too (its weight 1/(2r) = h/(2·h_0) → 0).
     """
     s = _floats(sigmas)
     d_prev, h_prev = None, None
@@ -90,7 +102,7 @@ def dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = 
             continue
         h = math.log(s[i] / s[i + 1])
         if d_prev is None:
-            x = torch.lerp(d, x, s[i + 1] / s[i])
+            x = _ddim(d, x, s[i], s[i + 1])
         else:
             c = h / (2 * h_prev)  # 1/(2r) with r = h_prev/h
             x = torch.lerp(torch.lerp(d, d_prev, -c), x, s[i + 1] / s[i])
@@ -104,16 +116,26 @@ def euler(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
     s = _floats(sigmas)
     for i in range(len(s) - 1):
         d = _call(denoiser, hook, x, s, i)
+        if math.isinf(s[i]):
+            x = _ddim(d, x, s[i], s[i + 1])
+            continue
         x = x + (x - d) / s[i] * (s[i + 1] - s[i])
     return x
 
 
 @torch.no_grad()
 def heun(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = None) -> torch.Tensor:
-    """Heun's method (Karras et al. Alg. 1, no churn): 2 model calls per step, 1 for a step to 0."""
+    """Heun's method (Karras et al. Alg. 1, no churn): 2 model calls per step, 1 for a step to 0.
+
+    From σ = ∞ the trapezoid in σ has no finite limit; that step is Heun in u = 1/σ on z = y/σ
+    (dz/du = D, z = ε at u = 0): y_1 = σ_1·ε + (D_0 + D(D_0 + σ_1·ε; σ_1))/2.
+    """
     s = _floats(sigmas)
     for i in range(len(s) - 1):
         d = _call(denoiser, hook, x, s, i)
+        if math.isinf(s[i]):
+            x = _heun_from_infinity(denoiser, d, x, s[i + 1])
+            continue
         slope = (x - d) / s[i]
         dt = s[i + 1] - s[i]
         if s[i + 1] == 0:
@@ -123,6 +145,14 @@ def heun(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = None
         slope2 = (x2 - denoiser(x2, s[i + 1])) / s[i + 1]
         x = x + (slope + slope2) * (dt / 2)
     return x
+
+
+def _heun_from_infinity(denoiser: Denoise, d: torch.Tensor, eps: torch.Tensor, sigma_next: float
+                        ) -> torch.Tensor:
+    guess = torch.add(d, eps, alpha=sigma_next)
+    if sigma_next == 0:
+        return guess
+    return torch.add((d + denoiser(guess, sigma_next)) / 2, eps, alpha=sigma_next)
 
 
 def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
@@ -144,15 +174,34 @@ def _unipc_rhos(rks: tuple[float, ...], h: float) -> tuple[list[float], list[flo
     order = len(rks) + 1
     if order == 1:
         return [], [0.5]
+    b = _unipc_b(h, order)
+    rows = [[r ** j for r in (*rks, 1.0)] for j in range(order)]
+    pred = [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
+    return pred, _solve(rows, b)
+
+
+def _unipc_b(h: float, count: int) -> list[float]:
+    """b_j = j!·(−h)·φ_{j+1}(−h)/B(h), j = 1..count, by diffusers' recursion."""
     hh = -h
     b_h = math.expm1(hh)
     phi, fact, b = b_h / hh - 1.0, 1, []
-    for j in range(1, order + 1):
+    for j in range(1, count + 1):
         b.append(phi * fact / b_h)
         fact *= j + 1
         phi = phi / hh - 1.0 / fact
-    rows = [[r ** j for r in (*rks, 1.0)] for j in range(order)]
-    pred = [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
+    return b
+
+
+@functools.lru_cache(maxsize=64)
+def _unipc_rhos_after_infinity(rks: tuple[float, ...], h: float
+                               ) -> tuple[list[float], list[float]]:
+    """The r → −∞ limit of ``_unipc_rhos`` when the oldest node is σ = ∞ (``rks`` holds the
+    finite ones): that node's weight and its highest-power equation drop out, leaving the
+    Vandermonde systems on the other nodes, solved as such (no fixed ρ = ½ there)."""
+    m = len(rks)
+    b = _unipc_b(h, m + 1)
+    rows = [[r ** j for r in (*rks, 1.0)] for j in range(m + 1)]
+    pred = _solve([r[:-1] for r in rows[:-1]], b[:m]) if m else []
     return pred, _solve(rows, b)
 
 
@@ -171,6 +220,9 @@ def unipc(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
     ``hook`` sees the x the model was just evaluated at, i.e. the predictor's x_i, before the
     corrector replaces it (so ``denoised`` is exactly D(x; σ_i) of the x passed). The corrector
     starts again from x_{i−1}, so an in-place edit of x_i is overwritten, as in diffusers.
+
+    From σ = ∞ the first step is D_0 + σ_1·ε and the node at ∞ (r = −∞) drops out of the later
+    weights (``_unipc_rhos_after_infinity``).
     """
     s = _floats(sigmas)
     n = len(s) - 1
@@ -183,15 +235,17 @@ def unipc(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
             x = partial + w * (d - d_prev)
         ds = (ds + [d])[-3:]
         q = s[i + 1] / s[i]
-        base = torch.lerp(d, x, q)  # q·x + (1−q)·D_i
+        base = _ddim(d, x, s[i], s[i + 1])  # q·x + (1−q)·D_i
         if i == n - 1:  # order 1, no corrector: also covers a final step to σ = 0
             x = base
             break
         h = math.log(s[i] / s[i + 1])
         order = min(3, n - i, i + 1)
-        rks = tuple(math.log(s[i] / s[i - k]) / h for k in range(1, order))
-        rho_p, rho_c = _unipc_rhos(rks, h)
-        diffs = [(ds[-1 - k] - d) / rks[k - 1] for k in range(1, order)]
+        # a node at σ = ∞ has r = −∞ and drops out of both systems (_unipc_rhos_after_infinity)
+        rks = tuple(math.log(s[i] / s[i - k]) / h for k in range(1, order) if s[i - k] < math.inf)
+        rho_p, rho_c = (_unipc_rhos(rks, h) if len(rks) == order - 1
+                        else _unipc_rhos_after_infinity(rks, h))
+        diffs = [(ds[-1 - k] - d) / rks[k - 1] for k in range(1, len(rks) + 1)]
         # x is handed to the model next; never the corrector's own tensor, which must not see
         # in-place edits of x (as in diffusers, the corrector restarts from the previous x)
         x = base + sum(((1 - q) * r) * dk for r, dk in zip(rho_p, diffs)) if diffs else base.clone()
@@ -208,7 +262,8 @@ def dpmpp_3m(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = 
     x ← q·x + (1−q)·D_i + φ₂·d₁ − φ₃·d₂, q = e^(−h), φ₂ = expm1(−h)/h + 1, φ₃ = φ₂/h − ½, where with
     r₀ = h_{i−1}/h, r₁ = h_{i−2}/h, a = (D_i − D_{i−1})/r₀, b = (D_{i−1} − D_{i−2})/r₁:
     d₁ = a + (a − b)·r₀/(r₀ + r₁), d₂ = (a − b)/(r₀ + r₁). The first step is first order, the second
-    uses φ₂·a only; a step to σ = 0 is x = D. One model call per step.
+    uses φ₂·a only; a step to σ = 0 is x = D. One model call per step. After a start at σ = ∞
+    the terms of h_0 = ∞ vanish: steps 1, 2 and 3 have orders 1, 1 and 2.
     """
     s = _floats(sigmas)
     hist: list[tuple[torch.Tensor, float]] = []  # (D, h) of the previous steps, newest first
@@ -218,7 +273,7 @@ def dpmpp_3m(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = 
             x = d
             continue
         h = math.log(s[i] / s[i + 1])
-        x = torch.lerp(d, x, s[i + 1] / s[i])
+        x = _ddim(d, x, s[i], s[i + 1])
         phi2 = math.expm1(-h) / h + 1
         if len(hist) >= 2:
             (d1, h1), (d2, h2) = hist[0], hist[1]
@@ -245,12 +300,17 @@ def ipndm(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
     Adams–Bashforth on dx/dσ = d_i = (x_i − D_i)/σ_i with Δ = σ_{i+1} − σ_i:
     x ← x + Δ·Σ_j c_j·d_{i−j}, c = (1), (3, −1)/2, (23, −16, 5)/12, (55, −59, 37, −9)/24 as the
     order rises 1, 2, 3, 4 with the steps done. A step to σ = 0 is the same step (Δ = −σ_i); it
-    equals x = D only when it is first order.
+    equals x = D only when it is first order. From σ = ∞ (x = ε) the first slope is ε and the
+    first step its Euler limit D_0 + σ_1·ε.
     """
     s = _floats(sigmas)
     slopes: list[torch.Tensor] = []  # newest first
     for i in range(len(s) - 1):
         d = _call(denoiser, hook, x, s, i)
+        if math.isinf(s[i]):
+            slopes = [x]
+            x = _ddim(d, x, s[i], s[i + 1])
+            continue
         slopes = [(x - d) / s[i]] + slopes[:3]
         dt = s[i + 1] - s[i]
         step = sum(c * g for c, g in zip(_AB[len(slopes)], slopes))

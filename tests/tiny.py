@@ -237,3 +237,88 @@ def tiny_controlnet(unet, seed: int = 0):
                  net.controlnet_cond_embedding.conv_out]:
         torch.nn.init.normal_(conv.weight, std=0.05)
     return net.eval()
+
+
+# -- tiny flow-matching pipelines: SD3 (MMDiT, CLIP-L + CLIP-G + T5) and FLUX (CLIP-L + T5) --------
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer built in memory: a unigram vocabulary of letters, digits and punctuation
+    (with and without the word-start mark), <pad> = 0, </s> = 1, <unk> = 2, as T5's ids are."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", extra_ids=0, model_max_length=512)
+
+
+def tiny_t5(seed: int = 0, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tiny_t5_tokenizer()), d_model=d_model, d_kv=8, d_ff=37,
+                      num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def flow_scheduler(**overrides):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**overrides)
+
+
+def tiny_sd3_pipeline(seed: int = 0, shift: float = 3.0):
+    """An SD3-shaped StableDiffusion3Pipeline: an MMDiT (patch 2, 16 latent channels), two CLIP
+    encoders with projection (pooled 32 + 32 = 64) whose states are padded to T5's width (64),
+    a T5 encoder, a 16-channel VAE with SD3's shift and scale, and shift-3 flow matching."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=8).eval()
+    torch.manual_seed(seed + 1)
+    clip_l = CLIPTextModelWithProjection(_text_config()).eval()
+    clip_g = CLIPTextModelWithProjection(_text_config()).eval()
+    vae = tiny_vae(seed + 2, latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305,
+                   use_quant_conv=False, use_post_quant_conv=False)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=flow_scheduler(shift=shift), vae=vae,
+        text_encoder=clip_l, tokenizer=tiny_tokenizer(), text_encoder_2=clip_g,
+        tokenizer_2=tiny_tokenizer(), text_encoder_3=tiny_t5(seed + 3, d_model=64),
+        tokenizer_3=tiny_t5_tokenizer())
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A FLUX-shaped FluxPipeline: a FLUX transformer on packed 2×2 tokens of a 16-channel latent
+    (64 input features), CLIP's pooled output and T5's states, a guidance embedding (dev) or none
+    (schnell), a 16-channel VAE with FLUX's shift and scale, and the dynamic (μ) shift."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)).eval()
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextModel(_text_config()).eval()
+    vae = tiny_vae(seed + 2, latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                   use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = flow_scheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                               max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip,
+                        tokenizer=tiny_tokenizer(), text_encoder_2=tiny_t5(seed + 3),
+                        tokenizer_2=tiny_t5_tokenizer())

@@ -232,13 +232,15 @@ KINDS = ("inception", "digits", "identity")
 
 
 def default_kind(model) -> str:
-    return {"gmm": "identity", "digits": "digits"}.get(model.family, "inception")
+    # the flow testbeds share their ε twins' data, so their FID feature spaces too
+    return {"gmm": "identity", "digits": "digits", "gmm-flow": "identity",
+            "digits-flow": "digits"}.get(model.family, "inception")
 
 
 def build(kind: Optional[str] = None, *, model=None, device=None,
           inception_path: Optional[str] = None, batch_size: Optional[int] = None) -> Extractor:
-    """An extractor by kind; None picks the model's natural one (gmm → identity, digits → the
-    digits classifier, anything else → clean-fid Inception)."""
+    """An extractor by kind; None picks the model's natural one (gmm and gmm-flow → identity,
+    digits and digits-flow → the digits classifier, anything else → clean-fid Inception)."""
     if kind is None:
         if model is None:
             raise ValueError("name an extractor (inception, digits, identity) or pass a model")

@@ -141,8 +141,9 @@ class RefStats:
 def _rebuild_hint(path: str, meta: dict) -> str:
     """How to make the file again: a testbed's statistics record the model they came from."""
     model = str(meta.get("model", ""))
-    testbed = next((t for t in ("digits", "gmm") if model == t or model.startswith(t + "-")),
-                   None)
+    # longest names first: "digits-flow" also starts with "digits-"
+    testbed = next((t for t in ("digits-flow", "gmm-flow", "digits", "gmm")
+                    if model == t or model.startswith(t + "-")), None)
     if testbed and "model_fingerprint" in meta:
         return f"rebuild it with `schedsearch refstats --testbed {testbed} --rebuild --out {path}`"
     return "rebuild it with `schedsearch refstats --images DIR --out FILE`"
@@ -208,15 +209,18 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
     * ``digits``: the held-out split of the digits data through the classifier (or ``extractor``).
     * ``gmm``: ``n`` exact samples (default 10 000, seeded), classes balanced, as the ``classes:K``
       prompt sets draw them.
+    * ``digits-flow`` and ``gmm-flow``: the same data as their ε twins (the cache key still
+      carries the model's fingerprint).
     """
     family = model.family
-    if family not in ("digits", "gmm"):
+    if family not in ("digits", "gmm", "digits-flow", "gmm-flow"):
         raise ValueError(f"no built-in reference data for {model.name!r}; "
                          "make statistics from real images with `schedsearch refstats --images DIR "
                          "--out FILE` and pass them with --ref-stats FILE")
     if extractor is None:
         extractor = _features.build(model=model, device=device)
-    if family == "gmm":
+    gmm = family in ("gmm", "gmm-flow")
+    if gmm:
         n = GMM_N if n is None else int(n)
         seed = GMM_SEED if seed is None else int(seed)
     else:
@@ -231,7 +235,7 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
                 return ref
         except ValueError:
             pass  # a stale or damaged cache entry: rebuild it below
-    if family == "gmm":
+    if gmm:
         k = model.num_classes
         data = model.sample_data([i % k for i in range(n)], seed=seed).float()
         feats = extractor(data)

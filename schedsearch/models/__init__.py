@@ -1,7 +1,8 @@
 """Models as denoisers: the contract every model the sampler takes fulfils (``Model``), the
 model families, their usual guidance and prompts, and ``load``, which picks the backend from a
-model spec: ``digits`` (the default everywhere), ``gmm``, a hub id, a local diffusers folder, or a
-single ``.safetensors`` checkpoint.
+model spec: ``digits`` (the default everywhere), ``gmm``, their flow-matching twins
+``digits-flow`` and ``gmm-flow``, a hub id, a local diffusers folder, or a single
+``.safetensors`` checkpoint (Stable Diffusion 1.x/2.x/XL, SD3/SD3.5 and FLUX).
 """
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from ..noise import NoiseTable
+from ..noise import FlowTable, NoiseTable
+from .diffusers_flow import is_flow_pipeline, load_flow_pipeline
 from .diffusers_sd import load_stable_diffusion
 from .digits import load_digits
+from .digits_flow import load_digits_flow
 from .gmm import GaussianMixture
+from .gmm_flow import FlowGaussianMixture
 
-BUILTIN = ("digits", "gmm")
+BUILTIN = ("digits", "gmm", "digits-flow", "gmm-flow")
 # Every model family a backend reports. sd15 covers SD1.x; sd2 the SD2.x models (OpenCLIP text
-# encoder, v-prediction at 768²); the testbeds are families of their own.
-FAMILIES = ("sd15", "sd2", "sdxl", "digits", "gmm")
+# encoder, v-prediction at 768²); sd3 SD3 and SD3.5 (MMDiT, flow matching); flux the FLUX.1
+# models (guidance-distilled flow matching); the testbeds are families of their own.
+FAMILIES = ("sd15", "sd2", "sdxl", "digits", "gmm", "sd3", "flux", "digits-flow", "gmm-flow")
+# The families whose models are flow-matching ones: a FlowTable, σ lists from ∞ (docs/flow.md).
+FLOW_FAMILIES = ("sd3", "flux", "digits-flow", "gmm-flow")
 
 
 @runtime_checkable
@@ -27,7 +34,7 @@ class Model(Protocol):
 
     name: str
     family: str                       # one of FAMILIES
-    table: NoiseTable                 # the discrete noise table the model was trained on
+    table: NoiseTable | FlowTable     # the model's noise table (a FlowTable for flow models)
     latent_shape: tuple               # the shape of one sample, e.g. (4, 64, 64)
     device: torch.device
     dtype: torch.dtype
@@ -43,7 +50,8 @@ class Model(Protocol):
         """Conditioning for a batch of prompts (text, or class labels for the testbeds)."""
 
     def denoise(self, x: torch.Tensor, sigma, cond: Any, guidance: float) -> torch.Tensor:
-        """One model call: D(x; σ) with classifier-free guidance, σ a float or a (B,) tensor."""
+        """One model call: D(x; σ) with classifier-free guidance, σ a float or a (B,) tensor.
+        A flow model also takes σ = ∞, where x is the noise ε itself."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to float images in [0, 1], (N, C, H, W); the gmm testbed returns its vectors."""
@@ -59,6 +67,15 @@ def schedule_family(family: str) -> str:
 # search, while at 4 (like SD at 5.5-7.5) few-step sampling has real error left.
 DEFAULT_GUIDANCE = {"digits": 4.0, "gmm": 3.0, "sd15": 5.5, "sd2": 5.5, "sdxl": 7.5}
 DEFAULT_PROMPTS = {"digits": "classes:10", "gmm": "classes:4"}
+# The flow twins run at their ε twins' scale; SD3 at its pipeline's default CFG; FLUX's value is
+# its distilled guidance (an input of the transformer, not CFG: one call per NFE).
+DEFAULT_GUIDANCE.update({"digits-flow": 4.0, "gmm-flow": 3.0, "sd3": 7.0, "flux": 3.5})
+DEFAULT_PROMPTS.update({"digits-flow": "classes:10", "gmm-flow": "classes:4"})
+
+
+def is_flow(family: str) -> bool:
+    """Whether a model family is a flow-matching one (its σ lists start at ∞)."""
+    return family in FLOW_FAMILIES
 
 
 def default_guidance(family: str) -> float:
@@ -107,4 +124,11 @@ def load(spec: str = "digits", *, device: Optional[str | torch.device] = None,
         return GaussianMixture.default(device=device, dtype=torch.float32, **kwargs)
     if spec == "digits":
         return load_digits(device=device, dtype=dt, **kwargs)
+    if spec == "gmm-flow":
+        return FlowGaussianMixture.default(device=device, dtype=torch.float32, **kwargs)
+    if spec == "digits-flow":
+        return load_digits_flow(device=device, dtype=dt, **kwargs)
+    if is_flow_pipeline(spec, local_files_only=kwargs.get("local_files_only"),
+                        revision=kwargs.get("revision")):
+        return load_flow_pipeline(spec, device=device, dtype=dt, **kwargs)
     return load_stable_diffusion(spec, device=device, dtype=dt, **kwargs)
