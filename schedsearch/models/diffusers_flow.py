@@ -17,7 +17,6 @@ decodes one image at a time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -28,8 +27,8 @@ from ..noise import FlowTable
 from ..solvers import NonFiniteError
 from .diffusers_load import (_check_safetensors_file, _extra_components, _header_checkpoint,
                              _load_vae, _offline, _pipeline_class, _read_model_index,
-                             _wrap_load_error, checkpoint_keys, load_pipeline,
-                             pipeline_class_name)
+                             _wrap_load_error, check_eval_batch, checkpoint_keys,
+                             load_pipeline, pipeline_class_name, weights_digest)
 from .flow import flow_denoised, flow_input, guided
 
 FLOW_SUPPORTED = ("StableDiffusion3Pipeline", "FluxPipeline")
@@ -121,10 +120,7 @@ class FlowDiffusion:
             (h // cfg.patch_size) * (w // cfg.patch_size)
         self.table = FlowTable.from_config(pipe.scheduler.config, image_seq_len=tokens,
                                            grid="flux" if self.family == "flux" else "scheduler")
-        if isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 0:
-            raise ValueError(f"eval_batch must be an integer >= 1 (or 0: the sampler's batch as "
-                             f"is, not batch-invariant), got {eval_batch!r}")
-        self.eval_batch = eval_batch
+        self.eval_batch = check_eval_batch(eval_batch)
         self.max_sequence_length = max_sequence_length or _MAX_SEQUENCE[self.family]
         self._prompts: dict[str, tuple] = {}
         self._img_ids = None
@@ -140,19 +136,10 @@ class FlowDiffusion:
         """A digest of the loaded weights (names, shapes, dtypes and 64 values spread over every
         tensor of every component), the flow table and the resolution."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(f"{self.table.fingerprint()}|{self.height}x{self.width}".encode())
-            for comp in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-                module = getattr(self.pipe, comp, None)
-                if module is None:
-                    continue
-                h.update(comp.encode())
-                for key, t in module.state_dict().items():
-                    flat = t.detach().reshape(-1)
-                    sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-                    h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
-                    h.update(sample.numpy().tobytes())
-            self._fingerprint = f"{self.name}-{h.hexdigest()[:16]}"
+            head = f"{self.table.fingerprint()}|{self.height}x{self.width}"
+            digest = weights_digest(self.pipe, ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                            "text_encoder_3"), head)
+            self._fingerprint = f"{self.name}-{digest}"
         return self._fingerprint
 
     def describe(self) -> dict:

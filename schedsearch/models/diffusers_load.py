@@ -6,6 +6,7 @@ can run code when loaded and are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -167,14 +168,15 @@ def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision,
                                    revision=revision, local_files_only=local_only or cached,
                                    **_extra_components(cls, vae))
     except (OSError, ValueError) as exc:
+        err = exc
         if cached and not local_only:  # the cache holds only part of it: let diffusers download
             try:
                 return cls.from_pretrained(repo_id, dtype=dtype, use_safetensors=True,
                                            variant=variant, revision=revision,
                                            **_extra_components(cls, vae))
             except (OSError, ValueError) as exc2:
-                exc = exc2
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                err = exc2
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FileNotFoundError(_not_cached_message(
             repo_id, f"is only partly usable from the cache ({why})")) from None
 
@@ -230,3 +232,30 @@ def pipeline_class_name(spec: str, local_only: bool, revision=None):
     except (OSError, ValueError):
         return None
     return None
+
+
+def weights_digest(pipe, components: Sequence[str], head: str) -> str:
+    """16 hex digits over the named components' weights: names, shapes, dtypes and 64 values
+    spread over every tensor. Sampling values rather than hashing every byte keeps this to a
+    second on SDXL while still changing with fine-tunes, merges, a swapped VAE or the dtype;
+    ``head`` adds what the weights do not say (noise table, resolution)."""
+    h = hashlib.sha256()
+    h.update(head.encode())
+    for comp in components:
+        module = getattr(pipe, comp, None)
+        if module is None:
+            continue
+        h.update(comp.encode())
+        for key, t in module.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+            h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_eval_batch(eval_batch) -> int:
+    if isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 0:
+        raise ValueError(f"eval_batch must be an integer >= 1 (or 0: the sampler's batch as "
+                         f"is, not batch-invariant), got {eval_batch!r}")
+    return eval_batch

@@ -21,7 +21,6 @@ while larger batches stay efficient).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -33,7 +32,8 @@ from ..noise import NoiseTable
 from ..solvers import NonFiniteError
 from .diffusers_load import (  # noqa: F401  (the loading helpers live there, shared with SD3/FLUX)
     _HUB_ID, PICKLE_SUFFIXES, _check_safetensors_file, _extra_components, _header_checkpoint,
-    _load_vae, _offline, _pipeline_class, _read_model_index, _wrap_load_error, load_pipeline)
+    _load_vae, _offline, _pipeline_class, _read_model_index, _wrap_load_error, check_eval_batch,
+    load_pipeline, weights_digest)
 from .unet import Conditioning, unet_denoise
 
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -84,10 +84,7 @@ class StableDiffusion:
         self.height, self.width = height, width
         self.latent_shape = (self.unet.config.in_channels, height // self.vae_scale,
                              width // self.vae_scale)
-        if isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 0:
-            raise ValueError(f"eval_batch must be an integer >= 1 (or 0: the sampler's batch as "
-                             f"is, not batch-invariant), got {eval_batch!r}")
-        self.eval_batch = eval_batch
+        self.eval_batch = check_eval_batch(eval_batch)
         self._prompts: dict[str, _Embedding] = {}
         self._uncond: Optional[_Embedding] = None
         self._fingerprint: Optional[str] = None
@@ -103,19 +100,9 @@ class StableDiffusion:
         tensor of every component), the noise table and the resolution. Independent of where the
         files were loaded from; changes with fine-tunes, merges, a swapped VAE and the dtype."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            h.update(f"{self.table.fingerprint()}|{self.height}x{self.width}".encode())
-            for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                module = getattr(self.pipe, comp, None)
-                if module is None:
-                    continue
-                h.update(comp.encode())
-                for key, t in module.state_dict().items():
-                    flat = t.detach().reshape(-1)
-                    sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-                    h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
-                    h.update(sample.numpy().tobytes())
-            self._fingerprint = f"{self.name}-{h.hexdigest()[:16]}"
+            head = f"{self.table.fingerprint()}|{self.height}x{self.width}"
+            digest = weights_digest(self.pipe, ("unet", "vae", "text_encoder", "text_encoder_2"), head)
+            self._fingerprint = f"{self.name}-{digest}"
         return self._fingerprint
 
     def describe(self) -> dict:

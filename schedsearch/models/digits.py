@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
@@ -159,46 +160,61 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _regenerate_hint(what: str, weights_dir: Path) -> str:
-    out = "" if weights_dir == WEIGHTS_DIR else f" --out {weights_dir}"
-    return f"regenerate them with `{TRAIN_COMMAND} --what {what}{out}`"
+@dataclass(frozen=True)
+class _Testbed:
+    """Where a testbed's weights are described and how to regenerate them: digits and digits-flow
+    share the loading code and differ only in these."""
+    name: str
+    config_file: str
+    unet_file: str
+    train_command: str
+    per_part: bool  # whether the training script takes --what unet|classifier|all
+
+    def hint(self, what: str, weights_dir: Path) -> str:
+        part = f" --what {what}" if self.per_part else ""
+        out = "" if weights_dir == WEIGHTS_DIR else f" --out {weights_dir}"
+        return f"regenerate them with `{self.train_command}{part}{out}`"
 
 
-def read_config(weights_dir: Path | str | None = None) -> dict:
+_DIGITS = _Testbed("digits", CONFIG_FILE, UNET_FILE, TRAIN_COMMAND, per_part=True)
+
+
+def read_config(weights_dir: Path | str | None = None, *, testbed: _Testbed = _DIGITS) -> dict:
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    path = weights_dir / CONFIG_FILE
+    path = weights_dir / testbed.config_file
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise WeightsError(f"the digits testbed config {path} is missing; "
-                           f"{_regenerate_hint('all', weights_dir)}") from None
+        raise WeightsError(f"the {testbed.name} testbed config {path} is missing; "
+                           f"{testbed.hint('all', weights_dir)}") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"the digits testbed config {path} is unreadable ({exc}); "
-                           f"{_regenerate_hint('all', weights_dir)}") from None
+        raise WeightsError(f"the {testbed.name} testbed config {path} is unreadable ({exc}); "
+                           f"{testbed.hint('all', weights_dir)}") from None
 
 
-def _load_state(weights_dir: Path, section: str, filename: str) -> tuple[dict, dict, str]:
+def _load_state(weights_dir: Path, section: str, filename: str,
+                testbed: _Testbed = _DIGITS) -> tuple[dict, dict, str]:
     """(tensors, config section, sha256) of one weight file, checked against the config's hash."""
     what = "unet" if section == "unet" else "classifier"
-    config = read_config(weights_dir)
+    config = read_config(weights_dir, testbed=testbed)
     if section not in config:
-        raise WeightsError(f"{weights_dir / CONFIG_FILE} has no '{section}' entry; "
-                           f"{_regenerate_hint(what, weights_dir)}")
+        raise WeightsError(f"{weights_dir / testbed.config_file} has no '{section}' entry; "
+                           f"{testbed.hint(what, weights_dir)}")
     path = weights_dir / filename
     if not path.is_file():
-        raise WeightsError(f"the digits testbed weights {path} are missing; "
-                           f"{_regenerate_hint(what, weights_dir)}")
+        raise WeightsError(f"the {testbed.name} testbed weights {path} are missing; "
+                           f"{testbed.hint(what, weights_dir)}")
     digest = _file_sha256(path)
     expected = config[section].get("sha256")
     if expected is not None and digest != expected:
-        raise WeightsError(f"{path} does not match the sha256 recorded in {CONFIG_FILE} (corrupt or "
-                           f"replaced); {_regenerate_hint(what, weights_dir)}")
+        raise WeightsError(f"{path} does not match the sha256 recorded in {testbed.config_file} "
+                           f"(corrupt or replaced); {testbed.hint(what, weights_dir)}")
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
         raise WeightsError(f"cannot read {path} ({exc}); "
-                           f"{_regenerate_hint(what, weights_dir)}") from None
+                           f"{testbed.hint(what, weights_dir)}") from None
     return tensors, config[section], digest
 
 
@@ -206,12 +222,24 @@ def _split_prefix(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def _load_into(module: nn.Module, state: dict, path: Path, what: str) -> None:
+def _load_into(module: nn.Module, state: dict, path: Path, what: str,
+               testbed: _Testbed = _DIGITS) -> None:
     try:
         module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{path} does not fit the architecture in {CONFIG_FILE} ({exc}); "
-                           f"{_regenerate_hint(what, path.parent)}") from None
+        raise WeightsError(f"{path} does not fit the architecture in {testbed.config_file} "
+                           f"({exc}); {testbed.hint(what, path.parent)}") from None
+
+
+def _load_unet(weights_dir: Path, testbed: _Testbed) -> tuple:
+    """(UNet, label embedding, sha256) of a testbed's UNet file."""
+    tensors, section, digest = _load_state(weights_dir, "unet", testbed.unet_file, testbed)
+    unet = build_unet(section["architecture"])
+    labels = build_label_embedding(unet.config.cross_attention_dim)
+    path = weights_dir / testbed.unet_file
+    _load_into(unet, _split_prefix(tensors, "unet."), path, "unet", testbed)
+    _load_into(labels, _split_prefix(tensors, "labels."), path, "unet", testbed)
+    return unet, labels, digest
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -244,6 +272,8 @@ class DigitsModel:
     family = "digits"
     table = SD
     latent_shape = (1, 8, 8)
+    # D(y; σ) from the UNet's output: ε-prediction here, v-prediction in digits-flow
+    _unet_denoise = staticmethod(unet_denoise)
 
     def __init__(self, unet, labels: nn.Embedding, digest: str, device: torch.device,
                  dtype: torch.dtype):
@@ -256,7 +286,7 @@ class DigitsModel:
         self._digest = digest
 
     def fingerprint(self) -> str:
-        return f"digits-{self._digest[:16]}"
+        return f"{self.name}-{self._digest[:16]}"
 
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "fingerprint": self.fingerprint(),
@@ -286,9 +316,9 @@ class DigitsModel:
     def denoise(self, x: torch.Tensor, sigma, cond: Conditioning, guidance: float) -> torch.Tensor:
         b = x.shape[0]
         if b >= MIN_BATCH:
-            return unet_denoise(self.unet, self.table, x, sigma, cond, guidance)
+            return self._unet_denoise(self.unet, self.table, x, sigma, cond, guidance)
         x, sigma, cond = _pad_batch(x, sigma, cond, MIN_BATCH)
-        return unet_denoise(self.unet, self.table, x, sigma, cond, guidance)[:b]
+        return self._unet_denoise(self.unet, self.table, x, sigma, cond, guidance)[:b]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return to_unit(latents)
@@ -298,12 +328,7 @@ def load_digits(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
                 weights_dir: Path | str | None = None) -> DigitsModel:
     """The shipped testbed (or the one trained into ``weights_dir``)."""
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    tensors, section, digest = _load_state(weights_dir, "unet", UNET_FILE)
-    unet = build_unet(section["architecture"])
-    labels = build_label_embedding(unet.config.cross_attention_dim)
-    path = weights_dir / UNET_FILE
-    _load_into(unet, _split_prefix(tensors, "unet."), path, "unet")
-    _load_into(labels, _split_prefix(tensors, "labels."), path, "unet")
+    unet, labels, digest = _load_unet(weights_dir, _DIGITS)
     return DigitsModel(unet, labels, digest, torch.device(device), dtype)
 
 
