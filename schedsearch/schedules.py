@@ -179,6 +179,16 @@ KNOT_FLOOR = 0.5
 KNOT_ENDS = ("zero", "sigma")
 
 
+def _knot_fractions(fractions: Sequence[float], end: str) -> list[float]:
+    _require(end in KNOT_ENDS, f"knots end must be one of {KNOT_ENDS}, got {end!r}")
+    u = [float(f) for f in fractions]
+    for i, f in enumerate(u):
+        _require(math.isfinite(f) and 0 < f < 1, f"knot fraction {i} must lie in (0, 1), got {f!r}")
+    _require(len(u) >= (1 if end == "sigma" else 0), "a σ list ending above 0 needs at least one "
+             "fraction (its σ_end)")
+    return u
+
+
 def knots(fractions: Sequence[float], *, sigma_max: float = SD.sigma_max,
           sigma_floor: float = KNOT_FLOOR * SD.sigma_min, end: str = "zero") -> torch.Tensor:
     """A free-form σ list in stick-breaking form: from σ_0 = σ_max, each next value moves a
@@ -192,12 +202,7 @@ def knots(fractions: Sequence[float], *, sigma_max: float = SD.sigma_max,
     being σ_end > 0 whose noise is left in the sample (N = len(fractions) steps).
     """
     sigma_max, sigma_floor = _range(sigma_floor, sigma_max)[::-1]
-    _require(end in KNOT_ENDS, f"knots end must be one of {KNOT_ENDS}, got {end!r}")
-    u = [float(f) for f in fractions]
-    for i, f in enumerate(u):
-        _require(math.isfinite(f) and 0 < f < 1, f"knot fraction {i} must lie in (0, 1), got {f!r}")
-    _require(len(u) >= (1 if end == "sigma" else 0), "a σ list ending above 0 needs at least one "
-             "fraction (its σ_end)")
+    u = _knot_fractions(fractions, end)
     floor = math.log(sigma_floor)
     logs = [math.log(sigma_max)]
     for f in u:
@@ -365,12 +370,7 @@ def flow_knots(fractions: Sequence[float], *, sigma_floor: float, end: str = "ze
     list from ∞ whose positive values stay above σ_floor is reachable, the model's default
     schedule among them. ``end`` as in ``knots``; no fraction at all is the one step [∞, 0]."""
     floor = _positive("sigma_floor", sigma_floor)
-    _require(end in KNOT_ENDS, f"knots end must be one of {KNOT_ENDS}, got {end!r}")
-    u = [float(f) for f in fractions]
-    for i, f in enumerate(u):
-        _require(math.isfinite(f) and 0 < f < 1, f"knot fraction {i} must lie in (0, 1), got {f!r}")
-    _require(len(u) >= (1 if end == "sigma" else 0), "a σ list ending above 0 needs at least one "
-             "fraction (its σ_end)")
+    u = _knot_fractions(fractions, end)
     if not u:
         return _with_zero(np.array([math.inf]), True)
     first = float(flow_sigma(1 - u[0] * (1 - flow_t(floor))))

@@ -19,7 +19,7 @@ from schedsearch.space import Space, Target
 from schedsearch.study import RunOptions, run_study
 
 SMALL = dict(model="gmm", budget=5, n_search=64, n_heldout=64, batch_size=64, trials=5,
-             baselines=["karras", "paper", "ays"], checkpoints=[16, 32])
+             refine=0.4, baselines=["karras", "paper", "ays"], checkpoints=[16, 32])
 
 
 def cli(*args, env=None, **kw):

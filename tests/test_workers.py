@@ -17,7 +17,7 @@ import pytest
 
 ARGS = ["--model", "gmm", "--budget", "4", "--n-search", "96", "--n-heldout", "32",
         "--batch-size", "32", "--baselines", "karras,ays", "--no-progress", "--no-user-preset",
-        "--heartbeat", "1", "--grace", "3"]
+        "--heartbeat", "1", "--grace", "3", "--refine", "0.5"]   # half the trials in each stage
 
 
 def worker(out, *extra):

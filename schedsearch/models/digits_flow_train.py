@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..noise import FLOW
 from . import digits as D
 from . import digits_flow as F
-from .digits_train import _EMA, _batches, _lr_factor, _save, _versions
+from .digits_train import _EMA, _batches, _finish, _lr_factor, _save
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,7 @@ def train(settings: FlowTraining, seed: int, device: torch.device) -> tuple[dict
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
     bar.close()
-    seconds = time.perf_counter() - t0
-    ema.copy_to()
-    tensors = {f"unet.{k}": v.detach().float().cpu().contiguous()
-               for k, v in unet.state_dict().items()}
-    tensors.update({f"labels.{k}": v.detach().float().cpu().contiguous()
-                    for k, v in labels.state_dict().items()})
-    record = {"settings": asdict(settings), "seed": seed, "wall_seconds": round(seconds, 1),
-              "final_loss": round(sum(losses[-500:]) / len(losses[-500:]), 5),
-              **_versions(device)}
-    return tensors, record
+    return _finish(unet, labels, ema, losses, time.perf_counter() - t0, settings, seed, device)
 
 
 def write(out: Path, tensors: dict, record: dict) -> None:

@@ -99,6 +99,20 @@ class _EMA:
             p.copy_(s)
 
 
+def _finish(unet, labels, ema, losses: list, seconds: float, settings, seed: int,
+            device: torch.device) -> tuple[dict, dict]:
+    """The EMA weights as tensors keyed ``unet.*`` / ``labels.*`` and a record of the run."""
+    ema.copy_to()
+    tensors = {f"unet.{k}": v.detach().float().cpu().contiguous()
+               for k, v in unet.state_dict().items()}
+    tensors.update({f"labels.{k}": v.detach().float().cpu().contiguous()
+                    for k, v in labels.state_dict().items()})
+    record = {"settings": asdict(settings), "seed": seed, "wall_seconds": round(seconds, 1),
+              "final_loss": round(sum(losses[-500:]) / len(losses[-500:]), 5),
+              **_versions(device)}
+    return tensors, record
+
+
 def _noisy(x0: torch.Tensor, t: torch.Tensor, g: torch.Generator, alphas: torch.Tensor):
     """DDPM forward process x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε; returns (x_t, ε)."""
     eps = torch.randn(x0.shape, generator=g)
@@ -141,16 +155,7 @@ def train_unet(settings: UNetTraining, seed: int, device: torch.device) -> tuple
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
     bar.close()
-    seconds = time.perf_counter() - t0
-    ema.copy_to()
-    tensors = {f"unet.{k}": v.detach().float().cpu().contiguous()
-               for k, v in unet.state_dict().items()}
-    tensors.update({f"labels.{k}": v.detach().float().cpu().contiguous()
-                    for k, v in labels.state_dict().items()})
-    record = {"settings": asdict(settings), "seed": seed, "wall_seconds": round(seconds, 1),
-              "final_loss": round(sum(losses[-500:]) / len(losses[-500:]), 5),
-              **_versions(device)}
-    return tensors, record
+    return _finish(unet, labels, ema, losses, time.perf_counter() - t0, settings, seed, device)
 
 
 # -- the classifier ---------------------------------------------------------------------------------
