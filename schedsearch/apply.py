@@ -4,8 +4,10 @@
     preset = schedsearch.load_preset("sd15-5")                 # shipped, exported, or a .json path
     images = schedsearch.generate(pipe, preset, ["a red bicycle"], seeds=[0])   # PIL images
 
-``pipe`` may be a diffusers Stable Diffusion / SDXL pipeline, a model spec (``"digits"``, a hub id,
-a folder, a ``.safetensors`` file) or an already loaded schedsearch model.
+``pipe`` may be a diffusers Stable Diffusion / SDXL or SD3 / FLUX pipeline, a model spec
+(``"digits"``, a hub id, a folder, a ``.safetensors`` file) or an already loaded schedsearch model.
+A pipeline is wrapped as a schedsearch model (``from_pipeline``, ``from_flow_pipeline``): its
+components are used, its scheduler only read for the noise table.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 from PIL import Image
 
 from .models import Model, load
+from .models.diffusers_flow import FLOW_SUPPORTED, from_flow_pipeline
 from .models.diffusers_sd import SUPPORTED, from_pipeline
 from .presets import Preset, fit, load as load_preset
 from .sampler import Samples, sample, to_uint8
@@ -29,18 +32,24 @@ def as_model(model_or_pipe, **kwargs) -> Model:
         return model_or_pipe
     if type(model_or_pipe).__name__ in SUPPORTED:
         return from_pipeline(model_or_pipe, **kwargs)
+    if type(model_or_pipe).__name__ in FLOW_SUPPORTED:   # SD3 / FLUX: σ lists from ∞
+        return from_flow_pipeline(model_or_pipe, **kwargs)
     raise TypeError(f"expected a model spec, a diffusers pipeline or a schedsearch model, got "
                     f"{type(model_or_pipe).__name__}")
 
 
 def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Optional[Sequence[int]] = None,
              *, guidance: Optional[float] = None, batch_size: int = 8, output: str = "pil",
-             progress=None, allow_outside_table: bool = False) -> list | Samples:
+             progress=None, allow_outside_table: bool = False, height: Optional[int] = None,
+             width: Optional[int] = None) -> list | Samples:
     """Sample one image per (prompt, seed). ``output``: "pil" (a list of PIL images) or "samples"
     (the sampler's ``Samples``: latents, images as tensors, timings). A σ list outside the
-    model's noise table is refused unless ``allow_outside_table`` (see ``presets.fit``)."""
+    model's noise table, or a preset made for the other kind of model (flow-matching vs DDPM), is
+    refused unless ``allow_outside_table`` lifts the former (see ``presets.fit``). ``height``,
+    ``width``: the image size when ``model_or_pipe`` is a pipeline (default its native one)."""
     preset = load_preset(preset) if isinstance(preset, str) else preset
-    model = as_model(model_or_pipe)
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    model = as_model(model_or_pipe, **size)
     prompts = list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     preset, notes = fit(preset, model, guidance, allow_outside_table=allow_outside_table)

@@ -1,7 +1,10 @@
-"""The baselines every study is compared against, on the same prompts and seeds as its trials:
-Karras DPM++2M at the budget and at 20 steps, the paper's preset nearest the budget, AYS
-interpolated to the budget, and the teacher-distilled GITS and OSS schedules at the budget. Each is
-a ``Preset``, like a trial's candidate."""
+"""The baselines every study is compared against, on the same prompts and seeds as its trials.
+On a DDPM model: Karras DPM++2M at the budget and at 20 steps, the paper's preset nearest the
+budget, AYS interpolated to the budget. On a flow-matching model: its own default schedule with
+Euler (as its pipeline samples it) at the budget and at 28 and 50 steps, and the OptimalSteps FLUX
+table interpolated to the budget with Euler (as ComfyUI's node is used). On both: the
+teacher-distilled GITS and OSS schedules at the budget. Each is a ``Preset``, like a trial's
+candidate; which keys apply to which model is ``config.BASELINES``."""
 
 from __future__ import annotations
 
@@ -22,6 +25,40 @@ def build(ctx, keys, echo: Callable[[str], None] = print) -> dict[str, Preset]:
         return Preset(name=name, family=ctx.family, sigmas=sigmas, solver=solver, freeu=freeu,
                       guidance=g, schedule=spec, provenance=provenance)
 
+    flow = getattr(table, "kind", "ddpm") == "flow"
+    out = (_flow(keys, budget, table, make) if flow else _ddpm(ctx, keys, budget, table, make))
+    distilled = [k for k in ("gits", "oss") if k in keys]
+    if distilled:
+        out.update(distilled_baselines(ctx, distilled, make, echo))
+    return out
+
+
+# The step counts of the flow models' own default runs: 28 is SD3's and FLUX.1-dev's pipeline
+# default, 50 diffusers' generic one; ``flow28``/``flow50`` are the model's schedule run as its
+# users run it, the reference a few-step schedule has to approach.
+FLOW_REFERENCE_STEPS = {"flow28": 28, "flow50": 50}
+
+
+def _flow(keys, budget: int, table, make) -> dict:
+    """The model's default schedule with Euler — what its diffusers pipeline runs
+    (FlowMatchEulerDiscreteScheduler) — at the budget and at 28 and 50 steps, and OptimalSteps'
+    FLUX table interpolated to the budget, with Euler: the sampler of the example workflows that
+    came with ComfyUI's node (its authors: "we don't support some other samplers")."""
+    out = {}
+    for key, steps in (("flow", budget), *FLOW_REFERENCE_STEPS.items()):
+        if key in keys:
+            spec = {"name": "flow", "steps": steps}
+            out[key] = make(f"flow default euler @{steps}", schedules.build(spec, table),
+                            "euler", spec)
+    if "optimalsteps" in keys:
+        spec = {"name": "optimalsteps", "steps": budget, "model_type": "flux"}
+        out["optimalsteps"] = make(f"optimalsteps (flux) euler @{budget}",
+                                   schedules.build(spec, table), "euler", spec)
+    return out
+
+
+def _ddpm(ctx, keys, budget: int, table, make) -> dict:
+    """Karras DPM++2M at the budget and at 20 steps, the paper's preset, AYS."""
     out = {}
     if "karras" in keys:
         out["karras"] = make(f"karras dpm++2m @{budget}", schedules.karras(
@@ -42,9 +79,6 @@ def build(ctx, keys, echo: Callable[[str], None] = print) -> dict[str, Preset]:
         fam = schedule_family(ctx.family)
         out["ays"] = make(f"ays ({fam}) @{budget}", schedules.ays(budget, fam), "dpmpp_2m",
                           {"name": "ays", "steps": budget, "family": fam})
-    distilled = [k for k in ("gits", "oss") if k in keys]
-    if distilled:
-        out.update(distilled_baselines(ctx, distilled, make, echo))
     return out
 
 

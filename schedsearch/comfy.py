@@ -41,8 +41,8 @@ from typing import Optional
 import numpy as np
 
 from .freeu import FreeUPlan
-from .models import default_guidance
-from .noise import SD
+from .models import FLOW_FAMILIES, default_guidance
+from .noise import SD, flow_t
 
 DEFAULT_CHECKPOINT = "model.safetensors"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
@@ -162,17 +162,59 @@ def parse_manual_sigmas(text: str) -> list[float]:
 def sigma_string(sigmas) -> str:
     """A σ list as ManualSigmas reads it: fixed-point, comma-separated; refused
     when ManualSigmas would not read back the same number of strictly decreasing values."""
-    values = [float(s) for s in sigmas]
-    text = ", ".join(f"{s:.6f}" for s in values)
+    return _manual_text([float(s) for s in sigmas], 6, "σ values (too small for 6 decimals?)")
+
+
+def _manual_text(values: list[float], decimals: int, what: str) -> str:
+    """``values`` printed for ManualSigmas, checked by reading them back with its parser: the
+    same count, strictly decreasing, and no value > 0 printed as 0 (which would also turn a
+    leftover-noise end into a final σ = 0)."""
+    text = ", ".join(f"{v:.{decimals}f}" for v in values)
     parsed = parse_manual_sigmas(text)
-    # A σ > 0 printed as 0.000000 would also turn a leftover-noise end into a final σ = 0.
     ok = (len(parsed) == len(values)
-          and all((v > 0) == (s > 0) for v, s in zip(parsed, values))
+          and all((p > 0) == (v > 0) for p, v in zip(parsed, values))
           and all(a > b for a, b in zip(parsed, parsed[1:])))
     if not ok:
         raise ValueError(f"ManualSigmas would read {text!r} as {parsed}, not these "
-                         f"{len(values)} σ values (too small for 6 decimals?)")
+                         f"{len(values)} {what}")
     return text
+
+
+# -- flow-matching presets: ComfyUI's "sigma" of a flow model is its time t ------------------------
+# ComfyUI runs a flow model (SD3, FLUX: model_sampling CONST) on x_t with t in place of σ: its noise
+# at the first point is t_0·ε + (1 − t_0)·latent, its denoised value x_t − t·v, and the final state
+# is divided by 1 − t_N (CONST.inverse_noise_scaling), i.e. y. A flow preset's list therefore goes
+# to ManualSigmas as t = σ/(1+σ), ∞ → 1.0. 8 decimals: t lives in [0, 1], and its low end (the
+# knots' floor, t ≈ 0.0005) would keep one significant digit at 6.
+FLOW_T_DECIMALS = 8
+
+
+def is_flow(preset) -> bool:
+    """A preset made for a flow-matching model: a flow family, or a σ list from ∞."""
+    return preset.family in FLOW_FAMILIES or math.isinf(float(preset.sigmas[0]))
+
+
+def flow_t_string(sigmas) -> str:
+    """A flow preset's σ list as the t list ManualSigmas reads (∞ → 1.0, 0 → 0); refused when
+    ManualSigmas would not read back the same number of strictly decreasing values."""
+    return _manual_text([float(flow_t(float(s))) for s in sigmas], FLOW_T_DECIMALS,
+                        "flow times t = σ/(1+σ) (two of them too close to 1 or to each other "
+                        "for float32?)")
+
+
+def manual_sigmas(preset) -> str:
+    """What goes into ComfyUI's ManualSigmas for this preset: its σ list, or for a flow-matching
+    preset its t list (ComfyUI's "sigma" of a flow model is t)."""
+    return flow_t_string(preset.sigmas) if is_flow(preset) else sigma_string(preset.sigmas)
+
+
+FLOW_WORKFLOW_REFUSED = (
+    "a ComfyUI workflow for a flow-matching preset is not built: SD3 and FLUX need their own "
+    "loaders (UNETLoader, DualCLIPLoader or TripleCLIPLoader, VAELoader), EmptySD3LatentImage and, "
+    "for FLUX, FluxGuidance with cfg 1, nodes this exporter does not check against ComfyUI's "
+    "source; put the t list of `--format comfy` into ManualSigmas of your SD3/FLUX workflow "
+    "(sampler euler runs euler and dpmpp_1s presets exactly; ComfyUI's multistep samplers take "
+    "log-t steps, not schedsearch's log-σ ones)")
 
 
 def _start_noise_caveat(sigma0: float) -> Optional[str]:
@@ -200,6 +242,8 @@ def _timestep_caveat(preset, parsed: list[float]) -> Optional[str]:
 
 
 def _check_family(preset) -> None:
+    if is_flow(preset):
+        raise ValueError(FLOW_WORKFLOW_REFUSED)
     if preset.family not in RESOLUTION:
         raise ValueError(f"preset {preset.name} is for the {preset.family} testbed, which ComfyUI "
                          f"cannot load; a ComfyUI workflow needs a preset for "

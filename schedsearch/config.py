@@ -11,9 +11,35 @@ from typing import Optional
 
 import yaml
 
+from .models import BUILTIN, is_flow
 from .space import Space
 
-ALL_BASELINES = ("karras", "karras20", "paper", "ays", "gits", "oss")
+# The baselines per kind of model, and every key in the order the comparison lists them. A DDPM
+# model (SD1.x/2.x/XL, digits, gmm) is compared with Karras, the paper's preset and AYS; a
+# flow-matching one (SD3, FLUX, the flow testbeds) with its own default schedule at the budget and
+# at the step counts its pipelines default to (28: SD3's and FLUX-dev's; 50: diffusers'), and the
+# OptimalSteps FLUX table; GITS and OSS are distilled from a teacher on either kind.
+SD_BASELINES = ("karras", "karras20", "paper", "ays", "gits", "oss")
+FLOW_BASELINES = ("flow", "flow28", "flow50", "optimalsteps", "gits", "oss")
+BASELINES = {"ddpm": SD_BASELINES, "flow": FLOW_BASELINES}
+ALL_BASELINES = ("karras", "karras20", "paper", "ays", "flow", "flow28", "flow50", "optimalsteps",
+                 "gits", "oss")
+
+
+def applicable_baselines(requested: Optional[list], kind: str) -> list[str]:
+    """The baseline keys a study on a model of this kind ("ddpm" or "flow") runs: every one that
+    applies when none were named, else the named ones, refused in one line when one does not
+    apply (naming those that do)."""
+    allowed = BASELINES[kind]
+    if requested is None:
+        return list(allowed)
+    bad = [b for b in requested if b not in allowed]
+    if bad:
+        what = "flow-matching" if kind == "flow" else "DDPM-trained (Stable Diffusion table)"
+        raise ValueError(f"baseline{'s' * (len(bad) > 1)} {', '.join(bad)} "
+                         f"{'do' if len(bad) > 1 else 'does'} not apply to a {what} model; "
+                         f"the ones that do: {', '.join(allowed)}")
+    return list(requested)
 
 
 @dataclass
@@ -39,7 +65,7 @@ class StudyConfig:
     pruner: str = "median"
     objectives: list = field(default_factory=lambda: ["fid"])
     space: dict = field(default_factory=dict)
-    baselines: list = field(default_factory=lambda: list(ALL_BASELINES))
+    baselines: Optional[list] = None        # None: every baseline that applies to the model
     teacher_steps: int = 100
     distill_samples: int = 16
     heldout_sets: int = 1                   # disjoint held-out seed sets the winner is checked on
@@ -71,9 +97,17 @@ class StudyConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{key} must be an integer >= 0, got {v!r}")
-        bad = [b for b in self.baselines if b not in ALL_BASELINES]
+        if self.baselines is not None and (isinstance(self.baselines, str)
+                                           or not isinstance(self.baselines, (list, tuple))):
+            raise ValueError(f"baselines must be a list of keys (or null: every baseline that "
+                             f"applies to the model), got {self.baselines!r}")
+        bad = [b for b in self.baselines or () if b not in ALL_BASELINES]
         if bad:
             raise ValueError(f"unknown baselines {bad}; choose from {', '.join(ALL_BASELINES)}")
+        if self.model in BUILTIN:   # a testbed's kind is known now; other models' once loaded
+            applicable_baselines(self.baselines, "flow" if is_flow(self.model) else "ddpm")
+            if is_flow(self.model):
+                Space(dict(self.space)).check_flow()
         objs = list(self.objectives)
         if objs[:1] != ["fid"] or not set(objs) <= {"fid", "nfe", "clip"} or len(objs) > 2:
             raise ValueError(f"objectives must be [fid], [fid, nfe] or [fid, clip], got {objs}")

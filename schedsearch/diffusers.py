@@ -50,6 +50,7 @@ tests hold them equal.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,12 +58,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from . import solvers
+from . import presets as _presets, solvers
 from .freeu import restore, set_freeu, snapshot
-from .noise import NoiseTable
+from .noise import FlowTable, NoiseTable, flow_t
 from .presets import Preset, load as load_preset
 
-__all__ = ["PresetScheduler", "PresetSchedulerOutput", "freeu_plan"]
+__all__ = ["PresetScheduler", "PresetSchedulerOutput", "flow_euler_scheduler", "flow_euler_sigmas",
+           "freeu_plan"]
 
 # The scheduler-config keys that define the noise table (what NoiseTable.from_config reads).
 _NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -118,6 +120,62 @@ def _as_preset(preset) -> Preset:
                      "PresetScheduler.from_preset(preset, pipe.scheduler.config)")
 
 
+_FLOW_TEXT_TO_IMAGE_ONLY = ("PresetScheduler runs flow presets in text-to-image SD3/FLUX "
+                            "pipelines; img2img and inpainting (add_noise, scale_noise) are not "
+                            "supported on flow models")
+
+
+def _is_flow_config(cfg: dict) -> bool:
+    """A flow-matching pipeline's scheduler config (FlowMatch*Scheduler: shift, no betas)."""
+    return str(cfg.get("_class_name", "")).startswith("FlowMatch") or (
+        "use_dynamic_shifting" in cfg and "beta_start" not in cfg) or \
+        cfg.get("prediction_type") == "flow"
+
+
+def _check_kind(preset: Preset, flow: bool) -> None:
+    """A preset runs on the kind of pipeline it was made for (flow-matching vs DDPM)."""
+    made_for = _presets.kind(preset)
+    if made_for is not None and (made_for == "flow") != flow:
+        raise ValueError(f"preset {preset.name} ({preset.family}) was made for a "
+                         f"{'flow-matching' if made_for == 'flow' else 'DDPM-trained'} model; "
+                         f"this pipeline's scheduler is "
+                         f"{'a flow-matching one' if flow else 'a DDPM one'}")
+
+
+def _flow_timesteps(calls: list[float], n: int) -> torch.Tensor:
+    """1000·t of every call, float32, as the flow backend computes it (t in float64, then
+    float32, times N in float32): SD3's transformer gets these, FLUX's these / 1000."""
+    t = torch.tensor([flow_t(s) for s in calls], dtype=torch.float64)
+    return t.float() * n
+
+
+def flow_euler_sigmas(preset) -> list[float]:
+    """For a flow preset with Euler (or DPM++1S: the same step) ending at σ = 0, the list to pass
+    as ``pipe(..., sigmas=...)``: t = σ/(1+σ) of every model call (∞ → 1.0), without the final 0,
+    which diffusers appends. With ``flow_euler_scheduler`` diffusers' own Euler then takes the
+    preset's steps: no PresetScheduler is needed for these presets."""
+    preset = _as_preset(preset)
+    if solvers.canonical(preset.solver) not in ("euler", "dpmpp_1s") or float(preset.sigmas[-1]):
+        raise ValueError(f"preset {preset.name}: FlowMatchEulerDiscreteScheduler runs Euler steps "
+                         f"to σ = 0; this one is {preset.solver} ending at "
+                         f"σ = {float(preset.sigmas[-1]):g}: use PresetScheduler")
+    if _presets.kind(preset) == "ddpm":
+        raise ValueError(f"preset {preset.name} was made for a DDPM-trained model")
+    return [float(flow_t(float(s))) for s in preset.sigmas[:-1]]
+
+
+def flow_euler_scheduler(config):
+    """The pipeline's FlowMatchEulerDiscreteScheduler with its shift turned off (shift 1, no
+    dynamic shift, no terminal stretch), so ``sigmas=`` from ``flow_euler_sigmas`` run as given:
+    diffusers shifts whatever sigmas it is handed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # diffusers' class, on demand
+
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        invert_sigmas=False, stochastic_sampling=False)
+
+
 class PresetScheduler(SchedulerMixin, ConfigMixin):
     """A diffusers scheduler that runs a schedsearch preset: its σ list and its solver.
 
@@ -133,14 +191,20 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, preset=None, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                  beta_end: float = 0.012, beta_schedule: str = "scaled_linear",
-                 trained_betas=None, prediction_type: str = "epsilon"):
+                 trained_betas=None, prediction_type: str = "epsilon",
+                 use_flow_sigmas: bool = False):
         self.preset = _as_preset(preset)
         # the config must hold JSON, whatever form the preset was handed in
         self.register_to_config(preset=self.preset.to_json())
-        self.table = NoiseTable.from_config(dict(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas,
-            prediction_type=prediction_type))
+        # prediction_type "flow": an SD3/FLUX pipeline (velocity out, x_t in, timestep 1000·t).
+        # use_flow_sigmas: FluxPipeline then passes no sigmas= of its own (its default linspace)
+        self.flow = prediction_type == "flow"
+        self.table = FlowTable(num_train_timesteps=num_train_timesteps) if self.flow else \
+            NoiseTable.from_config(dict(
+                num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas,
+                prediction_type=prediction_type))
+        _check_kind(self.preset, self.flow)
         self._solve = solvers.get(self.preset.solver)
         self._sigma_list = [float(s) for s in self.preset.sigmas]
         self._calls, self.freeu_steps = _trace(self._solve, self._sigma_list)
@@ -151,7 +215,8 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         # float32 σ and t(σ) of every call, computed as schedsearch.models.unet does, so the UNet
         # sees the same inputs through the pipeline as through our sampler
         self.sigmas = torch.tensor(self._calls + [self._sigma_list[-1]], dtype=torch.float32)
-        self._timesteps = self.table.sigma_to_t(self.sigmas[:-1].double()).float()
+        self._timesteps = (_flow_timesteps(self._calls, self.table.num_train_timesteps)
+                           if self.flow else self.table.sigma_to_t(self.sigmas[:-1].double()).float())
         self.timesteps = self._timesteps.clone()
         self.num_inference_steps = len(self._calls)
         self._reset()
@@ -162,6 +227,10 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         scheduler config (``pipe.scheduler.config``), read for the noise table only."""
         preset = _as_preset(preset)
         cfg = dict(config or {})
+        if _is_flow_config(cfg):   # the preset's explicit σ list replaces the shifted default
+            return cls(preset=preset.to_json(), prediction_type="flow", use_flow_sigmas=True,
+                       num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                       **overrides)
         if cfg.get("rescale_betas_zero_snr", False):
             raise ValueError("the pipeline's scheduler rescales betas to zero terminal SNR, which "
                              "puts σ_max at infinity; a σ-list preset cannot start there")
@@ -178,8 +247,9 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def init_noise_sigma(self) -> float:
-        # our sampler starts at x = σ_max·ε; a pipeline multiplies its unit draws by this
-        return self._sigma_list[0]
+        # our sampler starts at x = σ_max·ε; a pipeline multiplies its unit draws by this (a
+        # flow pipeline starts from the unit draws themselves: x_t at t = 1 is ε)
+        return 1.0 if self.flow else self._sigma_list[0]
 
     @property
     def step_index(self) -> Optional[int]:
@@ -250,6 +320,8 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         it twice per step."""
         if self._step_index is None:
             self._init_step_index(timestep)
+        if self.flow:   # a flow model takes x_t itself
+            return sample
         s = self.sigmas[min(self._step_index, self.nfe - 1)].to(sample.device)
         return (sample.float() * (s.square() + 1).rsqrt()).to(sample.dtype)
 
@@ -257,6 +329,8 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
                   timesteps: torch.Tensor) -> torch.Tensor:
         """VE noising x0 + σ·noise at those timesteps' σ, with diffusers' index rules (before the
         first step: the begin index; after a step, as inpainting calls it: the next call)."""
+        if self.flow:
+            raise ValueError(_FLOW_TEXT_TO_IMAGE_ONLY)
         timesteps = torch.as_tensor(timesteps).reshape(-1)
         if self._begin_index is None:
             idx = [self.index_for_timestep(t) for t in timesteps]
@@ -267,6 +341,11 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         sigmas = self.sigmas.to(original_samples.device, original_samples.dtype)
         sigma = sigmas[idx].view(-1, *([1] * (original_samples.ndim - 1)))
         return original_samples + noise * sigma
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise=None) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler's img2img noising, which SD3/FLUX img2img and
+        inpainting pipelines call: not supported (refused with what is)."""
+        raise ValueError(_FLOW_TEXT_TO_IMAGE_ONLY)
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
@@ -282,11 +361,14 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         if self._run is None:
             self._start_run(k, sample)
         x = self._current(sample)
-        d = self._to_data(model_output, x, self.sigmas[k].to(x.device))
+        if self.flow:   # D = x_t − t·v on the very x_t the model saw
+            d = self._flow_data(model_output, sample, k)
+        else:
+            d = self._to_data(model_output, x, self.sigmas[k].to(x.device))
         self._ds.append(d)
         self._state = self._replay()
         self._step_index += 1
-        prev = self._state.to(sample.dtype, copy=True)
+        prev = self._handout(self._state, self._step_index).to(sample.dtype, copy=True)
         self._handed = (prev, prev._version)   # in-place writes to it bump _version
         denoised = d.to(sample.dtype, copy=True)   # the caller may write to it; ours must not move
         if not return_dict:
@@ -309,7 +391,7 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
                     f"which is not the start of a {self.preset.solver} step (img2img/inpainting "
                     f"strength picks the start); choose another strength")
         self._run, self._run_calls = run, self._calls[start:]
-        self._x0 = sample.detach().float().clone()
+        self._x0 = self._from_pipeline(sample.detach().float().clone(), start)
         self._state, self._ds, self._edits = self._x0, [], {}
 
     def _current(self, sample: torch.Tensor) -> torch.Tensor:
@@ -318,12 +400,39 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         j = len(self._ds)
         if j == 0 or (sample is self._handed[0] and sample._version == self._handed[1]):
             return self._state   # the tensor we handed out, untouched: known without a device sync
-        if self._state.shape == sample.shape and torch.equal(
-                self._state.to(sample.device, sample.dtype), sample):
+        k = self._step_index
+        mine = self._handout(self._state, k)
+        if mine.shape == sample.shape and torch.equal(mine.to(sample.device, sample.dtype), sample):
             return self._state
-        edited = sample.detach().float().clone()
+        edited = self._from_pipeline(sample.detach().float().clone(), k)
         self._edits[j] = edited
         return edited
+
+    # -- flow pipelines: the sample is x_t, the solver state y = x_t/(1−t) -----------------------
+    def _scale(self, k: int) -> torch.Tensor:
+        """1 − t at call k as ``models.flow.flow_input`` computes it (float64, then float32), so
+        the x_t handed to the model is bit for bit the one our sampler feeds it; 1 at σ = ∞."""
+        s = self._calls[k]
+        return torch.tensor(1.0 if math.isinf(s) else 1 - flow_t(s), dtype=torch.float32)
+
+    def _handout(self, y: torch.Tensor, k: int) -> torch.Tensor:
+        """What the pipeline gets for call k: x_t = y·(1−t) on a flow model; after the last call
+        the final y itself (x0 at σ = 0, else x0 + σ_N·ε: what ``generate`` decodes)."""
+        if not self.flow or k >= len(self._calls):
+            return y
+        return y * self._scale(k).to(y.device)
+
+    def _from_pipeline(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The solver state for a sample the pipeline holds at call k: y = x_t/(1−t) on a flow
+        model (x_t = ε at σ = ∞ is already the state there), the sample itself otherwise."""
+        return x / self._scale(k).to(x.device) if self.flow else x
+
+    def _flow_data(self, model_output: torch.Tensor, sample: torch.Tensor, k: int
+                   ) -> torch.Tensor:
+        """D = x_t − t·v with ``models.flow.flow_denoised``'s float32 arithmetic (CFG commutes
+        with it: D is affine in v with the same x_t for both branches)."""
+        t = torch.tensor(flow_t(self._calls[k]), dtype=torch.float64).float().to(sample.device)
+        return sample.float() - t * model_output.float()
 
     def _to_data(self, model_output: torch.Tensor, x: torch.Tensor, s: torch.Tensor
                  ) -> torch.Tensor:

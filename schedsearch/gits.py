@@ -9,7 +9,9 @@ data end with the jump at position m (from the start) weighted by ``coeff**m``, 
 The time variable is σ itself: the probability-flow ODE in VE form is dx/dσ = (x − D)/σ, so
 ``d_i = (x_tea[i] − D_tea[i]) / σ_i`` and a jump is an Euler step in σ — the same arithmetic as the
 DPM++1S student step (q·x + (1−q)·D with q = σ_j/σ_i), so the cost measures exactly the local error
-the sampler will make from the teacher's state.
+the sampler will make from the teacher's state. On a flow-matching model the grid starts at
+σ = ∞, where the teacher's state is ε: a jump from there lands at the step's limit D + σ_j·ε (the
+solvers' own first step), so its cost is finite and the path from ∞ is searched like any other.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ def cost_matrix(teacher: Teacher) -> torch.Tensor:
     S, n1, d = X.shape
     C = torch.full((n1, n1), torch.inf, dtype=torch.float64)
     step = max(1, _CHUNK_ELEMENTS // (S * n1 * d))
+    to = torch.where(torch.isinf(T), torch.zeros_like(T), T)[None, None, :, None]
     for a in range(1, n1, step):
         i = torch.arange(a, min(n1, a + step))
         q = (T[None, :] / T[i, None])[None, :, :, None]              # (1, r, N+1, 1): σ_j/σ_i
         land = torch.lerp(D[:, i, None], X[:, i, None], q)            # Euler in σ from x_tea[i]
+        top = torch.isinf(T[i])
+        if bool(top.any()):   # from σ = ∞ (x_tea = ε, q = 0) the jump's limit D + σ_j·ε
+            land[:, top] += to * X[:, i[top], None]
         dist = (land - X[:, None]).square().sum(-1).sqrt().double().mean(0)   # (r, N+1)
         below = torch.arange(n1)[None, :] < i[:, None]
         C[i] = dist.masked_fill(~below, torch.inf)

@@ -13,6 +13,10 @@ Choices made here, where the paper is silent or its reference code differs:
 * Paths are tracked per state (each state carries the grid indices it came through), so a
   backtracked path is always the one that produced its state. The reference's trace table can mix
   levels when a carried entry is used; here that cannot happen.
+* A flow-matching model's grid starts at T[N] = σ = ∞ (docs/flow.md): the state there is ε (the
+  sampler's convention), and a student jump from it to T[j] is the first-order step's limit
+  D + T[j]·ε (``student_step``), the solvers' own first step; the free start puts ε·T[i] at every
+  finite T[i] and ε itself at ∞.
 * Start: by default every path starts at σ_max from the sampler's initial noise, so level 0 has one
   live state per sample and a search costs N + 1 + (M−1)·N model calls per sample (teacher
   included). ``free_start=True`` is the reference's quirk: a path may start at any T[i] from the
@@ -79,8 +83,12 @@ class _Levels:
         self.Z = torch.zeros_like(X)
         self.live = torch.zeros(S, n1, dtype=torch.bool, device=device)
         if free_start:
-            eps = X[:, n] / T[n]
+            # the teacher's state at T[N] is σ_max·ε, or ε itself at σ = ∞ (a flow model)
+            top = bool(torch.isinf(T[n]))
+            eps = X[:, n] if top else X[:, n] / T[n]
             self.Z[:, 1:] = eps[:, None] * T[None, 1:, None]
+            if top:
+                self.Z[:, n] = eps
             self.live[:, 1:] = True
         else:
             self.Z[:, n] = X[:, n]
@@ -108,7 +116,7 @@ class _Levels:
         i_new = best_i[s_new, j_new]
         r = row_of[s_new, i_new]
         Z_next = self.Z.clone()
-        Z_next[s_new, j_new] = torch.lerp(den[r], z[r], (T[j_new] / T[i_new])[:, None])
+        Z_next[s_new, j_new] = student_step(den[r], z[r], T[i_new], T[j_new])
         new_paths = self.paths[s_new, i_new].clone()
         k = self.lengths[s_new, i_new]
         new_paths[torch.arange(len(k), device=device), k] = j_new
@@ -135,15 +143,32 @@ def _denoise_live(levels: _Levels, denoise, model, teacher: Teacher, T, q_teache
     return s_idx, i_idx, z, den
 
 
-def _jump_costs(X, z, den, s_idx, i_idx, ratio, below) -> torch.Tensor:
-    """cost[s, i, j]: error at T[j] of the first-order jump from the state at T[i]."""
+def student_step(den: torch.Tensor, z: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor
+                 ) -> torch.Tensor:
+    """The first-order (DPM++1S) step of each row from σ = t_from to t_to: q·z + (1−q)·D with
+    q = t_to/t_from, and from σ = ∞ (where the state z is ε and q = 0) its limit D + t_to·ε, the
+    solvers' own first step (not a lerp with ratio 0, which would drop the noise)."""
+    land = torch.lerp(den, z, (t_to / t_from)[:, None])
+    top = torch.isinf(t_from)
+    if bool(top.any()):   # never taken on a finite grid: DDPM results stay bit for bit
+        land[top] += t_to[top, None] * z[top]
+    return land
+
+
+def _jump_costs(X, z, den, s_idx, i_idx, ratio, below, T) -> torch.Tensor:
+    """cost[s, i, j]: error at T[j] of the first-order jump from the state at T[i] (from
+    T[N] = ∞ the step's limit D + T[j]·ε, as ``student_step``)."""
     S, n1, d = X.shape
     cost = torch.full((S, n1, n1), torch.inf, device=X.device)
     rows = max(1, _CHUNK_ELEMENTS // (n1 * d))
+    to = torch.where(torch.isinf(T), torch.zeros_like(T), T)[None, :, None]   # (1, N+1, 1)
     for a in range(0, len(z), rows):
         b = min(len(z), a + rows)
         q = ratio[i_idx[a:b]][:, :, None]                                # (r, N+1, 1)
         land = torch.lerp(den[a:b, None], z[a:b, None], q)              # (r, N+1, d)
+        top = torch.isinf(T[i_idx[a:b]])
+        if bool(top.any()):
+            land[top] += to * z[a:b][top][:, None]
         c = (land - X[s_idx[a:b]]).square().mean(2)
         cost[s_idx[a:b], i_idx[a:b]] = c.masked_fill(~below[i_idx[a:b]], torch.inf)
     return cost
@@ -162,7 +187,8 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
     S, n = len(teacher.seeds), teacher.steps
     T = teacher.sigmas.to(device, torch.float32)
     X = teacher.x.to(device).flatten(2)                                   # (S, N+1, d)
-    ratio = (T[None, :] / T[:, None].clamp_min(1e-30)).tril(-1)          # [i, j] = T[j]/T[i], j < i
+    # [i, j] = T[j]/T[i] for j < i (0 from T[N] = ∞: the jump's limit is added in _jump_costs)
+    ratio = torch.nan_to_num(T[None, :] / T[:, None].clamp_min(1e-30), nan=0.0).tril(-1)
     below = torch.ones(n + 1, n + 1, dtype=torch.bool, device=device).tril(-1)   # [i, j]: j < i
     q_teacher = None
     if calibrate:
@@ -175,7 +201,7 @@ def search(model, teacher: Teacher, budget: int, *, free_start: bool = False,
     for level in range(m):
         s_idx, i_idx, z, den = _denoise_live(levels, denoise, model, teacher, T, q_teacher,
                                              batch_size)
-        cost = _jump_costs(X, z, den, s_idx, i_idx, ratio, below)
+        cost = _jump_costs(X, z, den, s_idx, i_idx, ratio, below, T)
         if level == m - 1:
             break
         levels.advance(cost, z, den, s_idx, i_idx, T)

@@ -20,14 +20,14 @@ from typing import Optional
 import torch
 
 from . import files, schedules, solvers
-from .comfy import sigma_string
+from .comfy import is_flow, sigma_string
 from .freeu import FreeU, FreeUPlan
 from .models import FAMILIES as MODEL_FAMILIES, Model, default_guidance, schedule_family
 from .version import __version__
 
 SCHEMA = "schedsearch.preset/1"
 SHIPPED_DIR = Path(__file__).with_name("shipped_presets")
-FAMILIES = (*MODEL_FAMILIES, "any")
+FAMILIES = (*MODEL_FAMILIES, "any")   # the flow families (sd3, flux, gmm-flow, digits-flow) too
 
 # The paper's solver and FreeU choices (docs/schedules.md, docs/freeu.md). Its code used the
 # original FreeU.
@@ -256,13 +256,33 @@ def nearest_paper_preset(family: str, budget: int) -> str:
 SIGMA_MAX_TOLERANCE = 0.01
 
 
+def kind(preset: Preset) -> Optional[str]:
+    """The kind of model a preset was made for: "flow" (a flow-matching family, or a σ list from
+    ∞), "ddpm" (a DDPM-trained family), or None for an "any" preset with a finite start, which
+    either kind may run."""
+    if is_flow(preset):
+        return "flow"
+    return None if preset.family == "any" else "ddpm"
+
+
+_KIND_WORDS = {"flow": "a flow-matching model (σ from ∞, the model's time t)",
+               "ddpm": "a DDPM-trained model (the Stable Diffusion noise table)"}
+
+
 def fit(preset: Preset, model: Model, guidance: Optional[float] = None, *,
         allow_outside_table: bool = False) -> tuple[Preset, list[str]]:
     """The preset as it runs on ``model``: guidance from ``guidance``, else the preset's, else the
     model family's usual value; the FreeU plan dropped on a model without a UNet; σ outside the
-    model's noise table refused unless ``allow_outside_table``. Returns the fitted preset and
-    notes for the user (the caller prints or warns)."""
+    model's noise table refused unless ``allow_outside_table``; a preset made for the other kind
+    of model (flow-matching vs DDPM) refused. Returns the fitted preset and notes for the user
+    (the caller prints or warns)."""
     table = model.table
+    made_for, runs = kind(preset), getattr(table, "kind", "ddpm")
+    if made_for not in (None, runs):
+        # the same σ means another noise level, time and input scaling on the other kind
+        raise ValueError(f"preset {preset.name} ({preset.family}) was made for "
+                         f"{_KIND_WORDS[made_for]}; {model.name} is {_KIND_WORDS[runs]}: use a "
+                         f"preset made for a {model.family} model")
     hi, lo = table.sigma_max * (1 + SIGMA_MAX_TOLERANCE), schedules.KNOT_FLOOR * table.sigma_min
     positive = preset.sigmas[preset.sigmas > 0]
     first, last = float(positive[0]), float(positive[-1])

@@ -9,6 +9,12 @@ t_aug, b1, b2, s1, s2, variant) and, when opened, the guidance (docs/search.md):
   interior points as stick-breaking fractions ``knot_1 …`` of the log-σ range, ending at 0 or at
   a free σ_end > 0 (the last fraction). Every baseline is a point of it (``schedules.knot_fractions``).
 
+On a flow-matching model (docs/flow.md) the space holds ``knots`` only, from σ = ∞
+(``schedules.flow_knots``: ``knot_1`` places σ_1 in the model's time, the others break the log-σ
+stick as above; the same number of fractions per budget), and no FreeU (no UNet); ``notes`` says
+so, and refuses a space of the paper family alone. Every fraction, the first included, is refined
+in logit space.
+
 Every point spends exactly the budget. ``Space.suggest`` samples a point through an Optuna trial
 and returns the ``Preset`` that is scored; ``Space.preset`` is the one function from parameters
 to a preset, for new trials and stored ones alike. ``Space.refine`` is the local stage: offsets
@@ -117,6 +123,44 @@ class Space:
         if r["guidance"] is not None:
             _range(r, "guidance")
 
+    def families(self, target: Target) -> list[str]:
+        """The families this model's space holds: the config's, less ``paper`` on a flow-matching
+        model (no faithful flow analogue, docs/flow.md: its stop ramp runs up to σ_max = ∞ and its
+        t-grid lives on SD's DDPM index)."""
+        flow = getattr(target.table, "kind", "ddpm") == "flow"
+        return [f for f in self.ranges["family"] if not (flow and f == "paper")]
+
+    def notes(self, target: Target) -> list[str]:
+        """What this model leaves out of the configured space, one line each (said once by the
+        study); a space left empty is refused in one line before any work."""
+        if getattr(target.table, "kind", "ddpm") != "flow":
+            return []
+        self.check_flow()
+        lines = []
+        if "paper" in self.ranges["family"]:
+            lines.append("family paper: not searched (no faithful analogue on a flow-matching "
+                         "model, docs/flow.md); the space holds knots from σ = ∞")
+        if self.ranges["freeu"]:
+            lines.append("FreeU: not searched (the model has no UNet)" if not target.freeu_ok
+                         else "FreeU: not searched (a flow-matching model; this testbed's UNet "
+                              "stands in for SD3's and FLUX's transformers, which have none)")
+        return lines
+
+    def freeu_searched(self, target: Target) -> bool:
+        """FreeU is searched on DDPM models with a UNet. Not on flow-matching models: SD3 and FLUX
+        have no UNet, and the digits-flow testbed, whose UNet stands in for their transformers,
+        is searched as they are."""
+        return bool(target.freeu_ok and self.ranges["freeu"]
+                    and getattr(target.table, "kind", "ddpm") != "flow")
+
+    def check_flow(self) -> None:
+        """Refuse, in one line, a space a flow-matching model cannot search: the paper family
+        alone."""
+        if "knots" not in self.ranges["family"]:
+            raise ValueError("search space: family [paper] has no faithful analogue on a "
+                             "flow-matching model (docs/flow.md); use family: [knots], the "
+                             "free-form σ list from σ = ∞")
+
     def check(self, budget: int) -> None:
         """Refuse a space that has nothing to search at this budget."""
         if "knots" in self.ranges["family"] and budget < 2:
@@ -135,7 +179,7 @@ class Space:
         budget = target.budget
         if nfe_range is not None:
             budget = params["nfe"] = trial.suggest_int("nfe", *nfe_range)
-        family = params["family"] = trial.suggest_categorical("family", r["family"])
+        family = params["family"] = trial.suggest_categorical("family", self.families(target))
         # the same choices in every trial (Optuna's categorical space is fixed); the one empty
         # combination, the paper family ending at 0 with a single call, is refused by check()
         params["end"] = end = trial.suggest_categorical("end", r["end"])
@@ -156,7 +200,7 @@ class Space:
         # half the random start-up trials instead of 1/(budget+1), and TPE learns the switch
         # directly — FreeU values tuned for one UNet can ruin another.
         r, params = self.ranges, {}
-        if target.freeu_ok and r["freeu"]:
+        if self.freeu_searched(target):
             params["freeu"] = trial.suggest_categorical("freeu", [False, True])
             if params["freeu"]:
                 params["t_aug"] = trial.suggest_int("t_aug", 0, budget - 1)
@@ -194,7 +238,7 @@ class Space:
         """The trials a study starts from, with why: the paper's preset nearest the budget as
         published, and its schedule alone (DPM++2M, no FreeU) — two informed points before the
         sampler's random start-up (when the space holds the paper family)."""
-        if "paper" not in self.ranges["family"]:
+        if "paper" not in self.families(target):
             return []
         name = presets.nearest_paper_preset(target.family, target.budget)
         first = self._paper_params(name, target)
@@ -223,7 +267,7 @@ class Space:
         return self._clamp(params)
 
     def _freeu_params(self, plan: Optional[FreeUPlan], target: Target) -> dict:
-        if not (target.freeu_ok and self.ranges["freeu"]):
+        if not self.freeu_searched(target):
             return {}
         on = [i for i, st in enumerate(plan.steps) if st is not None] if plan else []
         if not on or on[0] >= target.budget:
@@ -234,21 +278,26 @@ class Space:
     def warm_params(self, preset: Preset, solver: str, target: Target) -> Optional[dict]:
         """A preset's σ list as a point of the knots family, run with ``solver`` and no FreeU
         (None when the space cannot hold it: another family only, an end it excludes, or a
-        fraction outside the knots range)."""
+        fraction outside the knots range). On a flow model the inverse is ``flow_knot_fractions``
+        with the floor ``knots`` uses; a list that does not start at ∞ (OptimalSteps) is not in
+        the family."""
         r = self.ranges
         floor = schedules.KNOT_FLOOR * target.table.sigma_min
         try:
-            fractions, end = schedules.knot_fractions(preset.sigmas, sigma_max=target.table.sigma_max,
-                                                      sigma_floor=floor)
+            if getattr(target.table, "kind", "ddpm") == "flow":
+                fractions, end = schedules.flow_knot_fractions(preset.sigmas, sigma_floor=floor)
+            else:
+                fractions, end = schedules.knot_fractions(
+                    preset.sigmas, sigma_max=target.table.sigma_max, sigma_floor=floor)
         except ValueError:
             return None
         lo, hi = _range(r, "knots")
-        if "knots" not in r["family"] or end not in r["end"] or solver not in r["solver"] \
+        if "knots" not in self.families(target) or end not in r["end"] or solver not in r["solver"] \
                 or not all(lo <= f <= hi for f in fractions):
             return None
         params = {"family": "knots", "end": end,
                   **{f"knot_{i}": f for i, f in enumerate(fractions, 1)}, "solver": solver}
-        if target.freeu_ok and r["freeu"]:
+        if self.freeu_searched(target):
             params["freeu"] = False
         return params
 

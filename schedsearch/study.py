@@ -22,7 +22,7 @@ import optuna
 from tqdm.auto import tqdm
 
 from . import baselines, report, slots, solvers
-from .config import StudyConfig, config_json, default_study_name, identity
+from .config import StudyConfig, applicable_baselines, config_json, default_study_name, identity
 from .context import Context
 from .metrics import ScoreError
 from .space import Space, make_sampler, refine_sampler
@@ -57,6 +57,8 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     storage = slots.make_storage(storage_url, opts.heartbeat, opts.grace)
     ctx = Context(config, echo)
     ctx.artifacts = opts.artifacts
+    dropped = Space(dict(config.space)).notes(ctx.target)   # refused here, before any work
+    model_baselines(ctx)
     studies = open_studies(storage, name, ctx, opts.grace)
 
     tracker = Tracker(tracking_uri_for(out), name, out / "mlartifacts")
@@ -70,6 +72,8 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
          f"on {ctx.model.name} ({len(ctx.search_set)} search images, "
          f"{len(ctx.heldout_set)} held-out)")
     echo(f"  storage {slots.redact(storage_url)}; MLflow {tracker.uri}")
+    for line in dropped:   # what the model leaves out of the configured space, said once
+        echo(f"  {line}")
     deadline = None if not opts.timeout else time.time() + opts.timeout
     Worker(studies, ctx, tracker, parent, opts).work(deadline)
     recover(studies, tracker, parent)   # runs of workers that died while this one waited
@@ -114,7 +118,13 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
         identity=identity(config), plan=plan, refine_slots=n2, grace=grace,
         attrs={"config": config_json(config), "schedsearch_version": __version__,
                "family": ctx.family},
-        baseline_groups=baseline_groups(config.baselines))
+        baseline_groups=baseline_groups(model_baselines(ctx)))
+
+
+def model_baselines(ctx: Context) -> list[str]:
+    """The study's baseline keys: the config's, or every one that applies to its model's kind;
+    one that does not apply is refused in one line naming those that do."""
+    return applicable_baselines(ctx.config.baselines, getattr(ctx.model.table, "kind", "ddpm"))
 
 
 def baseline_groups(keys) -> list[list[str]]:

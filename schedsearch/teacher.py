@@ -13,6 +13,9 @@ Choices (the papers are silent on them):
   uniform, log-SNR), and its last step σ_min → 0 is x = D(x, σ_min). ``end="sigma_min"`` puts
   N+1 points on [σ_min, σ_max] instead, and ``end=<σ>`` ends the grid at σ > 0 (a teacher for
   schedules that stop early, such as the paper's presets).
+* On a flow-matching model (docs/flow.md) the grid is uniform in the model's time t from t = 1
+  (σ = ∞) down to the data end, so T[N] = ∞; the state stored there is ε (the sampler's state at
+  ∞) and the first DPM++1S step from it is the solvers' own limit, D + σ_1·ε.
 * The teacher starts from ``sampler.initial_noise`` with the same seeds, so it starts from the
   very noise every other sampler uses for those seeds, and runs the solvers module's own DPM++1S.
 * D at T[0] is never evaluated; ``denoised[:, 0]`` holds x[:, 0] (exact when T[0] = 0).
@@ -43,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import files, schedules, solvers
-from .noise import NoiseTable
+from .noise import NoiseTable, flow_sigma, flow_t
 from .sampler import ModelCalls, initial_noise, sample
 
 FORMAT_VERSION = "1"
@@ -94,13 +97,15 @@ class TeacherGrid:
             object.__setattr__(self, "end", end)
 
     def sigmas(self, table: NoiseTable) -> torch.Tensor:
-        """T[0] … T[N], ascending (T[0] = data end), float64."""
+        """T[0] … T[N], ascending (T[0] = data end), float64. On a flow model T[N] = ∞."""
         n = self.steps
         lo = table.sigma_min if isinstance(self.end, str) else self.end
         if lo >= table.sigma_max:
             raise ValueError(f"grid end σ = {lo:g} must lie below σ_max = {table.sigma_max:g}")
         points = n if self.end == "zero" else n + 1
-        if self.kind == "uniform":
+        if getattr(table, "kind", "ddpm") == "flow":
+            desc = self._flow_points(table, points, lo)
+        elif self.kind == "uniform":
             t = np.linspace(table.t_max, float(table.sigma_to_t(lo)), points)
             desc = np.asarray(table.t_to_sigma(t), dtype=np.float64)
         elif self.kind == "karras":
@@ -111,7 +116,18 @@ class TeacherGrid:
         desc[0], desc[-1] = table.sigma_max, lo  # exact end points, free of interpolation round-off
         if self.end == "zero":
             desc = np.append(desc, 0.0)
-        return schedules.explicit(desc).flip(0).contiguous()
+        return schedules.flow_explicit(desc).flip(0).contiguous()
+
+    def _flow_points(self, table, points: int, lo: float) -> np.ndarray:
+        """A flow model's grid from σ = ∞ (t = 1) down to ``lo``: uniform in its time t, or
+        Karras' ρ-ramp in t (``schedules.flow_karras``, as diffusers and ComfyUI apply Karras to
+        flow models); log-σ spacing has no finite top to start from."""
+        if self.kind == "logsnr":
+            raise ValueError("a logsnr teacher grid needs a finite σ_max; a flow model's starts "
+                             "at σ = ∞ (use the uniform or karras grid)")
+        if self.kind == "uniform":
+            return np.atleast_1d(flow_sigma(np.linspace(1.0, flow_t(lo), points)))
+        return schedules.flow_karras(points, table, sigma_min=lo, rho=self.rho)[:-1].numpy()
 
     def as_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -306,13 +322,14 @@ def trajectories(model, prompts: Sequence, seeds: Sequence[int], *, guidance: fl
 @dataclass
 class Distilled:
     """A schedule distilled from a teacher: ``sigmas`` (descending float64 tensor, validated by
-    ``schedules.explicit``) and a JSON-able ``provenance``."""
+    ``schedules.flow_explicit``: a flow model's list starts at ∞) and a JSON-able
+    ``provenance``."""
 
     sigmas: torch.Tensor
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.sigmas = schedules.explicit(self.sigmas)
+        self.sigmas = schedules.flow_explicit(self.sigmas)
         self.provenance.setdefault("schedule", {"name": "explicit", "sigmas": self.sigmas.tolist()})
 
     @property

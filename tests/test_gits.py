@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ from schedsearch.teacher import TeacherGrid, trajectories
 N, K, S = 12, 3, 16
 
 
+def _teacher(model):
+    return trajectories(model, [i % 4 for i in range(S)], list(range(S)), guidance=3.0,
+                        grid=TeacherGrid(steps=N), use_cache=False)
+
+
 @pytest.fixture(scope="module")
 def teacher():
-    g = GaussianMixture.default()
-    return trajectories(g, [i % 4 for i in range(S)], list(range(S)), guidance=3.0,
-                        grid=TeacherGrid(steps=N), use_cache=False)
+    return _teacher(GaussianMixture.default())
 
 
 def test_cost_matrix_is_the_euler_jump_error(teacher):
@@ -82,3 +86,38 @@ def test_cli_gits(tmp_path, capsys):
     assert main(["teacher", "--model", "gmm", "--teacher-steps", "12", "--n", "8",
                  "--cache-dir", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["from_cache"] is True
+
+
+# -- flow-matching models: the grid starts at σ = ∞ ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flow_teacher():
+    from schedsearch.models.gmm_flow import FlowGaussianMixture
+
+    return _teacher(FlowGaussianMixture.default())
+
+
+def test_flow_cost_from_infinity_is_the_limit_jump(flow_teacher):
+    C = gits.cost_matrix(flow_teacher)
+    upper = torch.ones(N + 1, N + 1, dtype=torch.bool).triu()
+    assert bool(torch.isinf(C[upper]).all()) and bool(torch.isfinite(C[~upper]).all())
+    x, D, T = flow_teacher.x.double(), flow_teacher.denoised.double(), flow_teacher.sigmas
+    assert math.isinf(float(T[N]))
+    for j in (0, 3, 11):   # from ∞ the state is ε: the jump lands at D + σ_j·ε
+        want = (D[:, N] + T[j] * x[:, N] - x[:, j]).norm(dim=1).mean()
+        assert float(C[N, j]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    for i, j in [(7, 6), (3, 0), (11, 2)]:
+        slope = (x[:, i] - D[:, i]) / T[i]
+        want = (x[:, i] + (T[j] - T[i]) * slope - x[:, j]).norm(dim=1).mean()
+        assert float(C[i, j]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+    assert float(C.diagonal(-1).max()) < 1e-5     # the teacher's own step, from ∞ included
+
+
+@pytest.mark.parametrize("coeff", [1.0, 1.2, 2.0])
+def test_flow_shortest_path_equals_brute_force(flow_teacher, coeff):
+    test_shortest_path_equals_brute_force(flow_teacher, coeff)
+    res = gits.search(flow_teacher, K, coeff=coeff)
+    assert math.isinf(float(res.sigmas[0])) and float(res.sigmas[-1]) == 0.0
+    schedules.flow_explicit(res.sigmas)
+    assert res.provenance["calls_per_sample"] == {"teacher": N, "search": 0, "total": N}
+    json.dumps(res.as_json())

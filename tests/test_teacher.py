@@ -176,3 +176,54 @@ def test_unwritable_cache_still_returns_the_teacher(gmm, tmp_path):
         tea = trajectories(gmm, PROMPTS, SEEDS, guidance=3.0, grid=TeacherGrid(steps=12),
                            cache=str(blocker / "teacher"))
     assert tea.calls == 12 and bool(torch.isfinite(tea.x).all())
+
+
+# -- flow-matching models: the grid starts at σ = ∞ ------------------------------------------------
+
+def test_flow_grid_is_uniform_in_t_from_infinity():
+    import math
+
+    from schedsearch.noise import FLOW, FlowTable, flow_t
+
+    for table in (FLOW, FlowTable(shift=3.0)):
+        T = TeacherGrid(steps=100).sigmas(table)
+        assert T.shape == (101,) and float(T[0]) == 0.0 and math.isinf(float(T[-1]))
+        assert float(T[1]) == pytest.approx(table.sigma_min, rel=1e-12)
+        # 100 points from t = 1 down to t(σ_min), evenly spaced in the model's time
+        t = flow_t(T[1:].numpy())
+        np.testing.assert_allclose(np.diff(t), (1 - flow_t(table.sigma_min)) / 99, rtol=1e-9)
+        schedules.flow_explicit(T.flip(0))
+    k = TeacherGrid("karras", 10).sigmas(FLOW)
+    torch.testing.assert_close(k.flip(0), schedules.build({"name": "karras", "steps": 10}, FLOW))
+    stop = TeacherGrid(steps=20, end=0.05).sigmas(FLOW)
+    assert stop.shape == (21,) and float(stop[0]) == 0.05 and math.isinf(float(stop[-1]))
+    with pytest.raises(ValueError, match="finite σ_max"):
+        TeacherGrid("logsnr", 10).sigmas(FLOW)
+
+
+def test_flow_teacher_starts_from_epsilon_at_infinity(tmp_path):
+    import math
+
+    from schedsearch.models.gmm_flow import FlowGaussianMixture
+
+    model = FlowGaussianMixture.default()
+    counted = Counting(model)
+    tea = trajectories(counted, PROMPTS, SEEDS, guidance=3.0, grid=TeacherGrid(steps=20),
+                       cache=str(tmp_path))
+    assert counted.rows == 20 * len(SEEDS) and tea.calls == 20
+    # the state stored at ∞ is ε itself, the sampler's convention there
+    assert torch.equal(tea.x[:, -1], initial_noise((16,), SEEDS, math.inf))
+    ref = sample(model, tea.sigmas.flip(0), PROMPTS, SEEDS, solver="dpmpp_1s", guidance=3.0,
+                 decode=False)
+    torch.testing.assert_close(tea.final, ref.latents, atol=1e-6, rtol=0)
+    # the first step is the solvers' limit from ∞: D + σ_{N-1}·ε
+    torch.testing.assert_close(tea.x[:, -2], tea.denoised[:, -1] + float(tea.sigmas[-2]) * tea.x[:, -1])
+    d = model.denoise(tea.x[:, -1], math.inf, model.condition(PROMPTS), 3.0)
+    torch.testing.assert_close(tea.denoised[:, -1], d, atol=1e-6, rtol=0)
+    assert float(error_vs_teacher(model, tea.sigmas.flip(0), tea).max()) < 1e-12
+    # σ = ∞ in the cache round-trips: a second run is a hit
+    again = Counting(model)
+    hit = trajectories(again, PROMPTS, SEEDS, guidance=3.0, grid=TeacherGrid(steps=20),
+                       cache=str(tmp_path))
+    assert again.rows == 0 and hit.calls == 0 and torch.equal(hit.x, tea.x)
+    assert math.isinf(float(hit.sigmas[-1])) and tea.provenance()["sigma_max"] == math.inf

@@ -10,7 +10,7 @@ import sys
 from tqdm.auto import tqdm
 
 from .. import gits, models, oss, prompts as prompt_sets
-from ..schedules import karras
+from ..schedules import build
 from ..solvers import model_calls
 from ..teacher import TeacherGrid, error_vs_teacher, trajectories
 from . import options
@@ -164,8 +164,9 @@ def _summary(args, result, teacher, source, model, held, guidance, grid) -> dict
                        "from_cache": teacher.calls == 0},
            "model_calls_per_sample": dict(result.provenance["calls_per_sample"],
                                           teacher_this_run=teacher.calls)}
-    table = model.table
-    baseline = karras(result.steps, table.sigma_min, table.sigma_max)
+    # Karras ρ = 7 at the same budget, built against the model's own table (on a flow model a
+    # ramp in t from σ = ∞, docs/flow.md)
+    baseline = build({"name": "karras", "steps": result.steps}, model.table)
     out["error_vs_teacher"] = _score(args, model, result.sigmas, teacher, "score")
     out["karras_error_vs_teacher"] = _score(args, model, baseline, teacher, "karras")
     if held is not None:

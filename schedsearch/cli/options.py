@@ -24,7 +24,8 @@ from ..schedules import NAMES, PAPER_SETTINGS
 from ..solvers import SOLVERS
 
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
-MODEL_HELP = "digits (default), gmm, a hub id, a diffusers folder or a .safetensors checkpoint"
+MODEL_HELP = ("digits (default), gmm, digits-flow, gmm-flow (flow-matching testbeds), a hub id, a "
+              "diffusers folder (SD1.x/2.x/XL, SD3/SD3.5, FLUX.1) or a .safetensors checkpoint")
 
 
 def command(sub, name: str, *, help: str, description: str, examples: list[str] = ()):

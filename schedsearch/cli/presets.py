@@ -19,6 +19,8 @@ def register(sub) -> None:
                     "provenance. Shipped: the paper's settings and AYS.",
         examples=["schedsearch presets list", "schedsearch presets show sd15-5",
                   "schedsearch presets show sd15-5 --format comfy",
+                  "schedsearch presets show gmm-flow-5nfe --format comfy   # a flow preset: its "
+                  "t list (∞ → 1.0)",
                   "schedsearch presets show sd15-5 --format comfy-workflow > sd15-5.workflow.json"])
     psub = p.add_subparsers(dest="action", metavar="ACTION")
     ls = psub.add_parser("list", help="list known presets")
@@ -27,9 +29,10 @@ def register(sub) -> None:
     show.add_argument("name", help="preset name or path to a .json file")
     show.add_argument("--format", choices=["table", "json", "comfy", "comfy-workflow"],
                       default="table",
-                      help="table (default), json, comfy (a σ list for ManualSigmas) or "
-                           "comfy-workflow (a ComfyUI API-format workflow on stdout; where ComfyUI "
-                           "cannot run the preset exactly, the reasons go to stderr)")
+                      help="table (default), json, comfy (a σ list for ManualSigmas; for a "
+                           "flow-matching preset its t list, ∞ → 1.0) or comfy-workflow (a "
+                           "ComfyUI API-format workflow on stdout; where ComfyUI cannot run the "
+                           "preset exactly, the reasons go to stderr; SD1.x/2.x/XL presets only)")
     show.add_argument("--checkpoint", default="model.safetensors",
                       help="comfy-workflow: the checkpoint file name in ComfyUI's models folder")
     show.add_argument("--prompt", default=None, help="comfy-workflow: the positive prompt")
@@ -79,7 +82,7 @@ def print_preset(preset, fmt: str, **extra) -> None:
     if fmt == "json":
         print(json.dumps(preset.to_json(), indent=2))
     elif fmt == "comfy":
-        print(preset.comfy())
+        print(comfy.manual_sigmas(preset))   # a flow preset: its t list, ComfyUI's "sigma"
     elif fmt == "comfy-workflow":
 
         kwargs = {k: v for k, v in extra.items() if v is not None}
@@ -92,7 +95,10 @@ def print_preset(preset, fmt: str, **extra) -> None:
         print(f"{preset.name}: {preset.family}, {preset.nfe} NFE, {preset.solver}, guidance "
               f"{preset.guidance}")
         print(f"  σ: {', '.join(f'{s:.4f}' for s in d['sigmas'])}")
-        print(f"  t: {', '.join(f'{t:.2f}' for t in d['timesteps'])}")
+        if comfy.is_flow(preset):   # the model's own time t = σ/(1+σ) and its timestep 1000·t
+            print(f"  t: {comfy.flow_t_string(preset.sigmas)} (timestep 1000·t)")
+        else:
+            print(f"  t: {', '.join(f'{t:.2f}' for t in d['timesteps'])}")
         print(f"  FreeU: {preset.freeu.describe() if preset.freeu is not None else 'off'}")
         if preset.provenance:
             print(f"  provenance: {json.dumps(preset.provenance)[:400]}")

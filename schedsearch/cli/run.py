@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import StudyConfig, default_study_name
+from ..config import FLOW_BASELINES, SD_BASELINES, StudyConfig, default_study_name
 from ..report import comparison_markdown
 from ..study import RunOptions, run_study
 from . import UserError, options
@@ -32,13 +32,23 @@ def register(sub) -> None:
     options.prompts(p, default_seed=None)
     p.add_argument("--n-search", type=int, help="images per candidate (the search subset)")
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
-    p.add_argument("--trials", type=int, help="number of trials in the study (default 32)")
+    p.add_argument("--trials", type=int,
+                   help=f"number of trials in the study (default {StudyConfig.trials})")
+    p.add_argument("--refine", type=float, metavar="FRACTION",
+                   help=f"share of the trials in the local stage around the global stage's best "
+                        f"(default {StudyConfig.refine})")
+    p.add_argument("--heldout-sets", type=int, metavar="K",
+                   help=f"disjoint held-out seed sets the winner is re-scored on "
+                        f"(default {StudyConfig.heldout_sets})")
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
     p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, help="the search's seed (default 0)")
     options.guidance(p)
     p.add_argument("--objectives", help="fid (default), fid,nfe or fid,clip (multi-objective, Pareto front)")
-    p.add_argument("--baselines", help="comma-separated subset of karras,karras20,paper,ays,gits,oss")
+    p.add_argument("--baselines",
+                   help=f"comma-separated subset of {','.join(SD_BASELINES)} (DDPM models) or "
+                        f"{','.join(FLOW_BASELINES)} (flow-matching models); default: all that "
+                        f"apply")
     options.scoring(p)
     options.batch_size(p, None)
     p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite in --out)")
@@ -59,7 +69,7 @@ def register(sub) -> None:
 
 # flag → config key, for the flags that override a study config
 OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_search",
-             "n_heldout", "trials", "sampler", "seed", "guidance", "ref_stats", "extractor",
+             "n_heldout", "trials", "refine", "heldout_sets", "sampler", "seed", "guidance", "ref_stats", "extractor",
              "inception", "clip", "batch_size", "device", "dtype")
 
 
