@@ -1,6 +1,8 @@
 """analysis/benchmark.py on a real Stable Diffusion checkpoint path: a tiny pipeline saved to disk,
 a prompt file, reference statistics through the Inception extractor (a stand-in file in clean-fid's
-format — the real weights cannot be downloaded here)."""
+format — the real weights cannot be downloaded here). Run twice: the second run reads the finished
+study back from --work instead of searching again. And on the gmm-flow testbed (exact and cheap):
+the flow baselines, the flow default Euler reference curve and the ratios to flow@28 / flow@50."""
 
 import json
 import os
@@ -8,41 +10,128 @@ import subprocess
 import sys
 from pathlib import Path
 
+from schedsearch.config import FLOW_BASELINES
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env):
+    proc = subprocess.run([sys.executable, str(ROOT / "analysis" / "benchmark.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _check_study(summary):
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert set(rows) == {"best", "karras", "karras20", "paper", "ays", "gits", "oss"}
+    assert rows["karras20"]["nfe"] == 20 and rows["paper"]["nfe"] == 5   # the paper's smallest preset
+    assert all(r["nfe"] == 3 for k, r in rows.items() if k not in ("karras20", "paper"))
+    assert sum(bool(r.get("recommended")) for r in rows.values()) == 1
+    assert all(len(r["fid_heldout_sets"]) == 2 for r in rows.values())
+    assert summary["cost"]["image_model_calls"] >= 4 * 3
+    assert summary["winner"]["trial"] == summary["best_trial"]
 
 
 def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme_block(tmp_path, offline_sd):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:begin -->\nstale\n<!-- results:end -->\n\nafter\n")
-    out = tmp_path / "results"
+    out, work = tmp_path / "results", tmp_path / "runs"
     env = dict(os.environ, SCHEDSEARCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
                SCHEDSEARCH_PRESETS=str(tmp_path / "presets"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "analysis" / "benchmark.py"), "--testbeds", "sd", "--budgets", "3",
-         "--model", offline_sd.model, "--prompts", str(offline_sd.prompts),
-         "--ref-stats", str(offline_sd.ref), "--inception", str(offline_sd.inception),
-         "--guidance", "5.5", "--trials", "3", "--n-search", "4", "--n-heldout", "4", "--batch-size", "4", "--teacher-steps", "8", "--distill-samples", "2",
-         "--curve-nfe", "3", "6", "--out", str(out), "--readme", str(readme)],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["--testbeds", "sd", "--budgets", "3", "--study-seeds", "2", "--heldout-sets", "2",
+            "--model", offline_sd.model, "--prompts", str(offline_sd.prompts),
+            "--ref-stats", str(offline_sd.ref), "--inception", str(offline_sd.inception),
+            "--guidance", "5.5", "--trials", "3", "--n-search", "4", "--n-heldout", "4",
+            "--batch-size", "4", "--teacher-steps", "8", "--distill-samples", "2",
+            "--curve-nfe", "3", "6", "--work", str(work), "--out", str(out), "--readme", str(readme)]
+    _run(args, env)
 
     res = json.loads((out / "benchmark.json").read_text())
     sd = res["testbeds"]["sd"]
-    rows = {r["key"]: r for r in sd["budgets"]["3"]["rows"]}
-    assert set(rows) == {"best", "karras", "karras20", "paper", "ays", "gits", "oss"}
-    assert rows["karras20"]["nfe"] == 20 and rows["paper"]["nfe"] == 5   # the paper's smallest preset
-    assert all(r["nfe"] == 3 for k, r in rows.items() if k not in ("karras20", "paper"))
-    assert sum(bool(r.get("recommended")) for r in rows.values()) == 1
+    assert set(sd["studies"]["3"]) == {"0", "1"}            # one study per search seed
+    assert {p.name for p in work.iterdir() if p.is_dir()} == {"sd-3nfe-seed0", "sd-3nfe-seed1"}
+    for summary in sd["studies"]["3"].values():
+        _check_study(summary)
+    agg = sd["budgets"]["3"]
+    found = [s["rows"][0]["fid_heldout"] for s in sd["studies"]["3"].values()]
+    assert agg["found"]["min"] == min(found) and agg["found"]["max"] == max(found)
+    # the best same-NFE baseline is picked by held-out FID among the baselines spending 3 NFE
+    rows0 = {r["key"]: r for r in sd["studies"]["3"]["0"]["rows"]}
+    best_key = min(("karras", "ays", "gits", "oss"), key=lambda k: rows0[k]["fid_heldout"])
+    assert agg["best_same_nfe"]["keys"][0] == best_key
+    assert abs(agg["found_over_best_same_nfe"]["per_seed"][0]
+               - found[0] / rows0[best_key]["fid_heldout"]) < 1e-12
+    ci = agg["ci_vs_best_same_nfe"]
+    assert ci["seeds"] == 2 and ci["per_seed"][0]["delta"] == rows0[best_key]["vs_best"]["delta"]
+    assert agg["found_worse_than_best_same_nfe"]["ever"] == \
+        (max(found) > rows0[best_key]["fid_heldout"] * (1 + 1e-6))   # beyond float round-off
+    assert abs(agg["found_over_karras20"]["mean"]
+               - sum(found) / 2 / rows0["karras20"]["fid_heldout"]) < 1e-12
+    assert [len(w["sigmas"]) for w in agg["winners"]] == [4, 4]   # 3 steps, one call each
     assert [c["nfe"] for c in sd["curve"]] == [3, 6]
     # Karras at 3 NFE is scored twice (as a baseline in the study and on the curve): same prompts,
     # seeds and sampler, so the same number
-    assert abs(sd["curve"][0]["fid"] - rows["karras"]["fid"]) < 1e-6 * max(1.0, rows["karras"]["fid"])
+    assert abs(sd["curve"][0]["fid"] - rows0["karras"]["fid"]) < 1e-6 * max(1.0, rows0["karras"]["fid"])
     cost = sd["distill_cost"]
     assert cost["teacher"]["image_model_calls"] == 2 * 8           # N per sample
     assert cost["gits"]["image_model_calls"] == 0                   # GITS reuses the teacher
     assert cost["oss"]["image_model_calls"] > 0
-    assert sd["budgets"]["3"]["study_cost"]["image_model_calls"] >= 4 * 3
     assert (out / "fid_vs_nfe_sd.png").stat().st_size > 1000
+    assert (out / "winners_sigmas_sd.png").stat().st_size > 1000
     text = readme.read_text()
     assert "stale" not in text and text.endswith("<!-- results:end -->\n\nafter\n")
-    assert "#### sd: FID proxy by method" in text and "★ " in text
+    for heading in ("held-out FID by budget and method", "found schedule vs the best same-NFE "
+                    "baseline", "the found schedules", "search cost"):
+        assert f"#### sd: {heading}" in text
+    assert "(results/winners_sigmas_sd.png)" in text and "★" in text   # figures relative to the README
+
+    # again: the finished studies are read back, not searched again
+    stdout = _run(args, env)
+    assert stdout.count("finished earlier") == 2
+    again = json.loads((out / "benchmark.json").read_text())["testbeds"]["sd"]
+    assert again["studies"]["3"]["1"]["rows"] == sd["studies"]["3"]["1"]["rows"]
+
+
+def test_benchmark_on_a_flow_testbed_runs_the_flow_baselines_and_the_flow_default_curve(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:begin -->\nstale\n<!-- results:end -->\n")
+    out, work = tmp_path / "results", tmp_path / "runs"
+    env = dict(os.environ, SCHEDSEARCH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               SCHEDSEARCH_PRESETS=str(tmp_path / "presets"))
+    _run(["--testbeds", "gmm-flow", "--budgets", "3", "--study-seeds", "1", "--heldout-sets", "2",
+          "--trials", "3", "--n-search", "64", "--n-heldout", "64", "--batch-size", "64",
+          "--teacher-steps", "8", "--distill-samples", "2", "--curve-nfe", "3", "6",
+          "--threads", "1", "--work", str(work), "--out", str(out), "--readme", str(readme)], env)
+
+    tb = json.loads((out / "benchmark.json").read_text())["testbeds"]["gmm-flow"]
+    summary = tb["studies"]["3"]["0"]
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert list(rows) == ["best", *FLOW_BASELINES]
+    assert rows["flow28"]["nfe"] == 28 and rows["flow50"]["nfe"] == 50
+    assert all(r["nfe"] == 3 for k, r in rows.items() if k not in ("flow28", "flow50"))
+    assert all(len(r["fid_heldout_sets"]) == 2 for r in rows.values())
+    # the curve runs the flow baseline's sampler (the default schedule with Euler): at 3 NFE it
+    # scores the same images with the same σ list, so the same number
+    assert tb["curve_reference"] == {"key": "flow", "label": "flow default Euler"}
+    assert [c["nfe"] for c in tb["curve"]] == [3, 6]
+    assert abs(tb["curve"][0]["fid"] - rows["flow"]["fid"]) <= 1e-6 * max(1.0, rows["flow"]["fid"])
+    agg = tb["budgets"]["3"]
+    found = rows["best"]["fid_heldout"]
+    for ref in ("flow28", "flow50"):   # the long-step references, not DDPM's Karras@20
+        assert abs(agg[f"found_over_{ref}"]["mean"] - found / rows[ref]["fid_heldout"]) < 1e-12
+    assert "found_over_karras20" not in agg
+    # same-NFE: among the baselines spending the budget, never the 28/50-step references
+    best_key = min(("flow", "optimalsteps", "gits", "oss"), key=lambda k: rows[k]["fid_heldout"])
+    assert agg["best_same_nfe"]["keys"] == [best_key]
+    assert tb["distill_cost"]["teacher"]["image_model_calls"] == 2 * 8
+    assert (out / "fid_vs_nfe_gmm-flow.png").stat().st_size > 1000
+    assert (out / "winners_sigmas_gmm-flow.png").stat().st_size > 1000
+    text = readme.read_text()
+    assert "stale" not in text and "Karras" not in text
+    for heading in ("held-out FID by budget and method", "found schedule vs the best same-NFE "
+                    "baseline", "the found schedules", "search cost"):
+        assert f"#### gmm-flow: {heading}" in text
+    assert ("| budget | found | flow default Euler | OptimalSteps | GITS | OSS | "
+            "flow default Euler @28 | flow default Euler @50 |") in text
+    assert "| found / flow@28 | found / flow@50 |" in text
