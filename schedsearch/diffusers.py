@@ -60,7 +60,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from . import presets as _presets, solvers
 from .freeu import restore, set_freeu, snapshot
-from .noise import FlowTable, NoiseTable, flow_t
+from .noise import FlowTable, NoiseTable, flow_t, is_flow_config
 from .presets import Preset, load as load_preset
 
 __all__ = ["PresetScheduler", "PresetSchedulerOutput", "flow_euler_scheduler", "flow_euler_sigmas",
@@ -123,13 +123,6 @@ def _as_preset(preset) -> Preset:
 _FLOW_TEXT_TO_IMAGE_ONLY = ("PresetScheduler runs flow presets in text-to-image SD3/FLUX "
                             "pipelines; img2img and inpainting (add_noise, scale_noise) are not "
                             "supported on flow models")
-
-
-def _is_flow_config(cfg: dict) -> bool:
-    """A flow-matching pipeline's scheduler config (FlowMatch*Scheduler: shift, no betas)."""
-    return str(cfg.get("_class_name", "")).startswith("FlowMatch") or (
-        "use_dynamic_shifting" in cfg and "beta_start" not in cfg) or \
-        cfg.get("prediction_type") == "flow"
 
 
 def _check_kind(preset: Preset, flow: bool) -> None:
@@ -227,7 +220,7 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         scheduler config (``pipe.scheduler.config``), read for the noise table only."""
         preset = _as_preset(preset)
         cfg = dict(config or {})
-        if _is_flow_config(cfg):   # the preset's explicit σ list replaces the shifted default
+        if is_flow_config(cfg):   # the preset's explicit σ list replaces the shifted default
             return cls(preset=preset.to_json(), prediction_type="flow", use_flow_sigmas=True,
                        num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
                        **overrides)

@@ -162,6 +162,13 @@ _FLOW_REFUSED = ("invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
                  "use_exponential_sigmas", "use_beta_sigmas")
 
 
+def is_flow_config(cfg: Mapping[str, Any]) -> bool:
+    """A flow-matching pipeline's scheduler config (``FlowMatch*Scheduler``: a shift, no betas)."""
+    return str(cfg.get("_class_name", "")).startswith("FlowMatch") or (
+        "use_dynamic_shifting" in cfg and "beta_start" not in cfg) or \
+        cfg.get("prediction_type") == "flow"
+
+
 def flow_t(sigma):
     """t = σ/(1+σ) for σ in [0, ∞] (σ = ∞ gives t = 1 exactly); floats, arrays or tensors."""
     if isinstance(sigma, torch.Tensor):

@@ -174,3 +174,34 @@ def test_comfy_t_list_and_the_workflow_refusal(tmp_path, capsys, monkeypatch):
     # SD presets are unchanged
     assert comfy.manual_sigmas(presets.load("sd15-5")) == comfy.sigma_string(
         presets.load("sd15-5").sigmas)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_schedule_command_reads_a_flowmatch_config_as_diffusers_does(pipes, tmp_path, capsys,
+                                                                     kind):
+    """`schedsearch schedule flow --noise-config` on the pipeline's own scheduler config prints
+    the σ list (and ComfyUI t list) of diffusers' FlowMatchEulerDiscreteScheduler at 1024²."""
+    import numpy as np
+
+    from schedsearch.cli import main
+
+    config = dict(pipes[kind].scheduler.config)
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(config))
+    assert main(["schedule", "flow", "--steps", "6", "--noise-config", str(path),
+                 "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)["sigmas"]
+    theirs = type(pipes[kind].scheduler).from_config(config)
+    if config.get("use_dynamic_shifting"):   # FluxPipeline: its own grid, μ at 4096 tokens
+        theirs.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=1.15)
+    else:
+        theirs.set_timesteps(6)
+    t = theirs.sigmas.double()   # diffusers' "sigmas" of a flow model are its times t
+    assert math.isinf(got[0]) and got[-1] == 0 and len(got) == len(t)
+    assert got[1:-1] == pytest.approx((t[1:-1] / (1 - t[1:-1])).tolist(), rel=1e-6)
+    assert main(["schedule", "flow", "--steps", "6", "--noise-config", str(path),
+                 "--format", "comfy"]) == 0
+    comfy_t = [float(v) for v in capsys.readouterr().out.split(", ")]
+    assert comfy_t == pytest.approx(t.tolist(), abs=1e-6)
+    assert main(["schedule", "ays", "--steps", "6", "--noise-config", str(path)]) == 2
+    assert "no faithful flow-model analogue" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import sys
 from .. import models, schedules, solvers
 from ..freeu import DEFAULTS, FreeU, FreeUPlan
 from ..models import schedule_family
-from ..noise import NoiseTable
+from ..noise import FlowTable, NoiseTable, is_flow_config
 from ..presets import Preset, fit, load
 from ..schedules import NAMES, PAPER_SETTINGS
 from ..solvers import SOLVERS
@@ -148,7 +148,11 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
                    help="knots: a last step to σ = 0 (default) or stop at the last fraction's σ")
     p.add_argument("--noise-config", default=None, metavar="FILE",
                    help="a diffusers scheduler_config.json for a model whose noise table is not "
-                        "Stable Diffusion's (default: the model's own table)")
+                        "Stable Diffusion's, an SD3/FLUX FlowMatch one included (default: the "
+                        "model's own table)")
+    p.add_argument("--mu", type=float, default=None,
+                   help="with a dynamically shifted FlowMatch config (FLUX): its shift μ "
+                        "(default: the one diffusers computes at 1024², 4096 latent tokens)")
 
 
 def sampling(p, *, default_schedule: str, default_steps: int) -> None:
@@ -259,15 +263,23 @@ def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
     return spec
 
 
+# FLUX's latent tokens at 1024² (a 128² latent in 2×2 patches): the shift its pipeline uses there
+FLUX_1024_TOKENS = 4096
+
+
 def noise_table(args):
     """The noise table named by --noise-config, or None (use the model's own)."""
-
-
     if not args.noise_config:
         return None
     try:
         with open(args.noise_config, encoding="utf-8") as f:
-            return NoiseTable.from_config(json.load(f))
+            cfg = json.load(f)
+        if is_flow_config(cfg):   # SD3/FLUX: σ lists from ∞ (docs/flow.md)
+            # a dynamic shift is FLUX's, whose pipeline also brings its own t-grid
+            flux = bool(cfg.get("use_dynamic_shifting"))
+            return FlowTable.from_config(cfg, mu=args.mu, image_seq_len=FLUX_1024_TOKENS,
+                                         grid="flux" if flux else "scheduler")
+        return NoiseTable.from_config(cfg)
     except FileNotFoundError:
         raise FileNotFoundError(f"--noise-config {args.noise_config!r} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..comfy import sigma_string
+from ..comfy import flow_t_string, sigma_string
 from ..noise import SD
 from ..schedules import NAMES, build, timesteps
 from . import options
@@ -15,12 +15,15 @@ def register(sub) -> None:
     p = options.command(
         sub, "schedule", help="print a schedule's σ list and model timesteps",
         description="Print a schedule. NAME is a family (karras, paper, ays, uniform, logsnr, "
-                    "explicit) or one of the paper's presets (sd15-5, sd15-6, sd15-8, sdxl-6, "
-                    "sdxl-8), which fix their own steps. The SD noise table unless "
-                    "--noise-config names another.",
+                    "explicit, knots; flow and optimalsteps on flow models) or one of the "
+                    "paper's presets (sd15-5, sd15-6, sd15-8, sdxl-6, sdxl-8), which fix their "
+                    "own steps. The SD noise table unless --noise-config names another (an "
+                    "SD3/FLUX FlowMatch scheduler config: σ lists from ∞, docs/flow.md).",
         examples=["schedsearch schedule sd15-5 --format json",
                   "schedsearch schedule paper --steps 8 --p1 7 --p2 1.2 --stop 3",
-                  "schedsearch schedule ays --steps 5 --family sdxl --format comfy"])
+                  "schedsearch schedule ays --steps 5 --family sdxl --format comfy",
+                  "schedsearch schedule flow --steps 8 --noise-config "
+                  "sd3/scheduler/scheduler_config.json --format comfy"])
     p.add_argument("name", metavar="NAME", choices=NAMES, help="schedule family or preset")
     options.schedule(p)
     p.add_argument("--format", choices=["table", "json", "comfy"], default="table",
@@ -39,9 +42,9 @@ def run(args) -> int:
         print(json.dumps({"schedule": spec, "sigmas": sigmas.tolist(), "timesteps": ts.tolist(),
                           "steps": len(sigmas) - 1, "ends_at_zero": float(sigmas[-1]) == 0.0},
                          indent=2))
-    elif args.format == "comfy":
-
-        print(sigma_string(sigmas))
+    elif args.format == "comfy":   # ComfyUI's "sigma" of a flow model is its time t
+        print(flow_t_string(sigmas) if getattr(table, "kind", "ddpm") == "flow"
+              else sigma_string(sigmas))
     else:
         print(f"{'step':>4}  {'sigma':>10}  {'timestep':>9}")
         for i, s in enumerate(sigmas.tolist()):
