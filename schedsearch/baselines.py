@@ -25,7 +25,7 @@ def build(ctx, keys, echo: Callable[[str], None] = print) -> dict[str, Preset]:
         return Preset(name=name, family=ctx.family, sigmas=sigmas, solver=solver, freeu=freeu,
                       guidance=g, schedule=spec, provenance=provenance)
 
-    flow = getattr(table, "kind", "ddpm") == "flow"
+    flow = table.kind == "flow"
     out = (_flow(keys, budget, table, make) if flow else _ddpm(ctx, keys, budget, table, make))
     distilled = [k for k in ("gits", "oss") if k in keys]
     if distilled:

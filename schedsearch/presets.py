@@ -277,7 +277,7 @@ def fit(preset: Preset, model: Model, guidance: Optional[float] = None, *,
     of model (flow-matching vs DDPM) refused. Returns the fitted preset and notes for the user
     (the caller prints or warns)."""
     table = model.table
-    made_for, runs = kind(preset), getattr(table, "kind", "ddpm")
+    made_for, runs = kind(preset), table.kind
     if made_for not in (None, runs):
         # the same σ means another noise level, time and input scaling on the other kind
         raise ValueError(f"preset {preset.name} ({preset.family}) was made for "

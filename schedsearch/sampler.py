@@ -92,7 +92,7 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if math.isinf(float(sigmas[0])) and getattr(model.table, "kind", "ddpm") != "flow":
+    if math.isinf(float(sigmas[0])) and model.table.kind != "flow":
         raise ValueError(f"a σ list starting at ∞ is for flow-matching models; {model.name} was "
                          f"trained on a DDPM table that ends at σ_max = {model.table.sigma_max:g}")
     solve = solvers.get(solver)

@@ -235,7 +235,7 @@ def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
     "stop": 2}``. The spec is the schedule's provenance; this is the one place that reads it."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"a schedule spec must be an object with a 'name'; got {spec!r}")
-    if getattr(table, "kind", "ddpm") == "flow":  # σ lists from ∞: see build_flow
+    if table.kind == "flow":  # σ lists from ∞: see build_flow
         return build_flow(spec, table)
     p = dict(spec)
     name = p.pop("name")
@@ -287,7 +287,7 @@ OPTIMAL_STEPS_T = {
 
 
 def _flow_table(table):
-    _require(getattr(table, "kind", "ddpm") == "flow",
+    _require(table.kind == "flow",
              "this schedule is for flow-matching models; the model's noise table is "
              f"{table.fingerprint()}")
     return table

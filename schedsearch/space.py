@@ -127,13 +127,13 @@ class Space:
         """The families this model's space holds: the config's, less ``paper`` on a flow-matching
         model (no faithful flow analogue, docs/flow.md: its stop ramp runs up to σ_max = ∞ and its
         t-grid lives on SD's DDPM index)."""
-        flow = getattr(target.table, "kind", "ddpm") == "flow"
+        flow = target.table.kind == "flow"
         return [f for f in self.ranges["family"] if not (flow and f == "paper")]
 
     def notes(self, target: Target) -> list[str]:
         """What this model leaves out of the configured space, one line each (said once by the
         study); a space left empty is refused in one line before any work."""
-        if getattr(target.table, "kind", "ddpm") != "flow":
+        if target.table.kind != "flow":
             return []
         self.check_flow()
         lines = []
@@ -151,7 +151,7 @@ class Space:
         have no UNet, and the digits-flow testbed, whose UNet stands in for their transformers,
         is searched as they are."""
         return bool(target.freeu_ok and self.ranges["freeu"]
-                    and getattr(target.table, "kind", "ddpm") != "flow")
+                    and target.table.kind != "flow")
 
     def check_flow(self) -> None:
         """Refuse, in one line, a space a flow-matching model cannot search: the paper family
@@ -284,7 +284,7 @@ class Space:
         r = self.ranges
         floor = schedules.KNOT_FLOOR * target.table.sigma_min
         try:
-            if getattr(target.table, "kind", "ddpm") == "flow":
+            if target.table.kind == "flow":
                 fractions, end = schedules.flow_knot_fractions(preset.sigmas, sigma_floor=floor)
             else:
                 fractions, end = schedules.knot_fractions(

@@ -124,7 +124,7 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
 def model_baselines(ctx: Context) -> list[str]:
     """The study's baseline keys: the config's, or every one that applies to its model's kind;
     one that does not apply is refused in one line naming those that do."""
-    return applicable_baselines(ctx.config.baselines, getattr(ctx.model.table, "kind", "ddpm"))
+    return applicable_baselines(ctx.config.baselines, ctx.model.table.kind)
 
 
 def baseline_groups(keys) -> list[list[str]]:

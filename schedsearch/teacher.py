@@ -103,7 +103,7 @@ class TeacherGrid:
         if lo >= table.sigma_max:
             raise ValueError(f"grid end σ = {lo:g} must lie below σ_max = {table.sigma_max:g}")
         points = n if self.end == "zero" else n + 1
-        if getattr(table, "kind", "ddpm") == "flow":
+        if table.kind == "flow":
             desc = self._flow_points(table, points, lo)
         elif self.kind == "uniform":
             t = np.linspace(table.t_max, float(table.sigma_to_t(lo)), points)

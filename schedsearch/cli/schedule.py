@@ -43,7 +43,7 @@ def run(args) -> int:
                           "steps": len(sigmas) - 1, "ends_at_zero": float(sigmas[-1]) == 0.0},
                          indent=2))
     elif args.format == "comfy":   # ComfyUI's "sigma" of a flow model is its time t
-        print(flow_t_string(sigmas) if getattr(table, "kind", "ddpm") == "flow"
+        print(flow_t_string(sigmas) if table.kind == "flow"
               else sigma_string(sigmas))
     else:
         print(f"{'step':>4}  {'sigma':>10}  {'timestep':>9}")
