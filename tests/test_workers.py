@@ -96,15 +96,17 @@ def test_killed_study_resumes_with_finished_trials_intact(tmp_path):
     out = tmp_path / "run"
     storage = f"sqlite:///{out / 'study.db'}"
     proc = worker(out, "--trials", "6", "--n-search", "512")
-    victim, kept = None, {}
+    victim, kept, rdb = None, {}, None
     deadline = time.time() + 300
     while victim is None:
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "no trial ever ran"
         time.sleep(0.05)
         try:
-            study = optuna.load_study(study_name="gmm-4nfe", storage=storage)
-            trials = study.get_trials()
+            # one storage object for the whole loop: opening one per poll (an engine and a schema
+            # check) is slow enough on a busy machine to miss the window of the third trial
+            trials = optuna.load_study(study_name="gmm-4nfe", storage=rdb or storage).get_trials()
+            rdb = rdb or optuna.storages.RDBStorage(storage)   # the study exists: so do its tables
         except Exception:
             continue
         done = [t for t in trials if t.state.is_finished()]
