@@ -13,6 +13,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(1)
 
 
+# A study folder written by schedsearch 0.1.0 (before the orchestration split), kept to show that
+# such a study still resumes and exports with the current code.
+LEGACY = os.path.join(os.path.dirname(__file__), "fixtures", "legacy-study")
+
+
+@pytest.fixture
+def legacy(tmp_path):
+    """A copy of the 0.1.0 study's storage in a fresh run folder (the fixture stays untouched)."""
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(os.path.join(LEGACY, "study.db"), out / "study.db")
+    return out
+
+
 @pytest.fixture
 def sd_table():
     from schedsearch.noise import SD

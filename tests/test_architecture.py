@@ -145,7 +145,12 @@ def tracked_files():
     return [ROOT / f for f in out if (ROOT / f).is_file()]
 
 
-@pytest.mark.parametrize("word", ["SPEC", "SPEC.md"])
+# The name of the project's private design notes, which live outside this repository. Spelled in
+# two pieces so that this test, the one file that must name it, does not itself read as a citation.
+OUTSIDE_DOC = "SP" + "EC"
+
+
+@pytest.mark.parametrize("word", [OUTSIDE_DOC, OUTSIDE_DOC + ".md"])
 def test_no_reference_to_documents_outside_the_repository(word):
     hits = []
     for path in tracked_files():

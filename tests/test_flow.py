@@ -15,6 +15,7 @@ from schedsearch.models.gmm import GaussianMixture
 from schedsearch.models.gmm_flow import FlowGaussianMixture
 from schedsearch.noise import FLOW, FlowTable, calculate_shift, flow_sigma, flow_t
 from schedsearch.sampler import initial_noise, sample
+from test_solvers import counting
 
 INF = math.inf
 
@@ -103,15 +104,6 @@ def problem(mixture):
     cond = mixture.condition([0, 1, 2, 3] * 2)
     eps = initial_noise(mixture.latent_shape, range(8), INF).double()
     return (lambda x, s: mixture.denoise(x, s, cond, 2.0)), eps
-
-
-def counting(den):
-    calls = []
-
-    def f(x, s):
-        calls.append(s)
-        return den(x, s)
-    return f, calls
 
 
 FIRST_ORDER_START = ["dpmpp_1s", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]

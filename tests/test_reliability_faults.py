@@ -19,7 +19,6 @@ import pytest
 from schedsearch import presets, slots
 from schedsearch.cli import main
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy-study"
 SAMPLE = ["sample", "--steps", "2", "--seeds", "0", "--prompt", "3", "--no-progress"]
 
 
@@ -212,14 +211,6 @@ def test_workers_creating_the_schema_at_once_all_succeed():
 
 
 # -- presets: the export command and the study's export -------------------------------------------
-@pytest.fixture
-def legacy(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    shutil.copy(LEGACY / "study.db", out / "study.db")
-    return out
-
-
 def test_export_of_a_trial_that_does_not_exist_says_which_do(legacy, capsys):
     study = optuna.load_study(study_name="legacy-gmm", storage=f"sqlite:///{legacy / 'study.db'}")
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)      # trial 4 failed

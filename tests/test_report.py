@@ -2,11 +2,9 @@
 by schedsearch 0.1.0 (before the orchestration split) still resume and export."""
 
 import json
-import shutil
 from pathlib import Path
 
 import optuna
-import pytest
 
 from schedsearch import presets
 from schedsearch.config import StudyConfig
@@ -48,14 +46,6 @@ def test_the_comparison_table_marks_the_recommendation_the_ci_and_the_karras_rat
     # a CI that excludes zero is bold: the difference is beyond the noise of the proxy
     assert table[3].endswith("| **-2.000 [-2.600, -1.500]** | 1.00× |")
     assert table[4].endswith("| -0.100 [-0.400, +0.200] | 0.81× |")
-
-
-@pytest.fixture
-def legacy(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    shutil.copy(LEGACY / "study.db", out / "study.db")
-    return out
 
 
 def test_a_study_of_schedsearch_0_1_exports_the_same_preset(legacy, tmp_path):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..noise import FLOW
 from . import digits as D
 from . import digits_flow as F
-from .digits_train import _EMA, _batches, _finish, _lr_factor, _save
+from .digits_train import _EMA, _batches, _finish, _lr_factor, _prepare, _run_flags, _save
 
 
 @dataclass(frozen=True)
@@ -117,24 +117,14 @@ def write(out: Path, tensors: dict, record: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m schedsearch.models.digits_flow_train",
                                 description="Train the digits-flow testbed's UNet.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=D.WEIGHTS_DIR,
-                   help="folder for the weight file and digits_flow.json (default: the shipped "
-                        "weights)")
-    p.add_argument("--steps", type=int, default=FlowTraining.steps)
-    p.add_argument("--batch-size", type=int, default=FlowTraining.batch_size)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: a seeded rerun then does not depend on the "
-                        "core count, and one thread is the fastest on a shared CPU)")
+    _run_flags(p, weights="the weight file and digits_flow.json", steps=FlowTraining.steps,
+               batch_size=FlowTraining.batch_size)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _prepare(args)
     settings = FlowTraining(steps=args.steps, batch_size=args.batch_size)
     tensors, record = train(settings, args.seed, torch.device(args.device))
     write(args.out, tensors, record)

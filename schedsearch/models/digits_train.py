@@ -257,31 +257,42 @@ def _update_config(out: Path, section: str, entry: dict) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m schedsearch.models.digits_train",
-                                description="Train the digits testbed (UNet and/or classifier).")
-    p.add_argument("--what", choices=("unet", "classifier", "all"), default="all")
+def _run_flags(p: argparse.ArgumentParser, *, weights: str, steps: int, batch_size: int) -> None:
+    """The flags every digits training script takes (this one and digits_flow_train)."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=D.WEIGHTS_DIR,
-                   help="folder for the weight files and digits.json (default: the shipped weights)")
-    p.add_argument("--steps", type=int, default=UNetTraining.steps, help="UNet training steps")
-    p.add_argument("--batch-size", type=int, default=UNetTraining.batch_size)
-    p.add_argument("--epochs", type=int, default=ClassifierTraining.epochs,
-                   help="classifier training epochs")
-    p.add_argument("--device", default="cpu", help="UNet training device (the classifier trains on "
-                   "the CPU in seconds)")
+                   help=f"folder for {weights} (default: the shipped weights)")
+    p.add_argument("--steps", type=int, default=steps, help="UNet training steps")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--device", default="cpu",
+                   help="UNet training device (default cpu; the classifier always trains on the CPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the seeded run then does not depend on the "
                    "machine's core count, and one thread is the fastest on a CPU shared with other "
                    "work)")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Threads set and the output folder made, before any training."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m schedsearch.models.digits_train",
+                                description="Train the digits testbed (UNet and/or classifier).")
+    p.add_argument("--what", choices=("unet", "classifier", "all"), default="all")
+    _run_flags(p, weights="the weight files and digits.json", steps=UNetTraining.steps,
+               batch_size=UNetTraining.batch_size)
+    p.add_argument("--epochs", type=int, default=ClassifierTraining.epochs,
+                   help="classifier training epochs")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _prepare(args)
     start = time.perf_counter()
     if args.what in ("classifier", "all"):
         tensors, record = train_classifier(ClassifierTraining(epochs=args.epochs), args.seed)
