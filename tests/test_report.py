@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
 
 from schedsearch import presets
 from schedsearch.config import StudyConfig
@@ -80,4 +81,6 @@ def test_a_study_of_schedsearch_0_1_resumes_keeps_its_trials_and_adds_the_new_on
     assert set(rows) == {"best", "karras", "ays"}
     for key in ("karras", "ays"):
         assert rows[key]["fid"] == old_rows[key]["fid"]
-        assert rows[key]["fid_heldout"] == old_rows[key]["fid_heldout"]
+        # held-out is scored again: the same number up to float rounding, which moves in the
+        # 7th digit between torch releases
+        assert rows[key]["fid_heldout"] == pytest.approx(old_rows[key]["fid_heldout"], rel=1e-5)
