@@ -15,7 +15,8 @@ testbeds: the model's default schedule with Euler); the winners' σ lists; and w
 
 Resumable: every study runs in its own folder under ``--work`` (default analysis/results/runs/,
 git-ignored), so a killed benchmark started again with the same command continues where it
-stopped, and finished studies are read back without loading a model. A folder that holds a study
+stopped, and finished studies are read back without loading a model (``--rescore`` picks their
+winners again with the current code, trials untouched). A folder that holds a study
 with other settings is refused; delete it (or pass another ``--work``) after changing the search.
 
 Writes ``--out`` (default analysis/results/): benchmark.{json,md}, fid_vs_nfe_<testbed>.png,
@@ -133,12 +134,15 @@ def run_one(testbed: str, budget: int, seed: int, args, work: Path) -> dict:
                       if cfg.get(k) != record["config"].get(k))
         raise SystemExit(f"{out} holds a study with other settings ({', '.join(diff)}); delete "
                          f"the folder or pass another --work")
-    if record is not None and record.get("finished") and (out / "summary.json").exists():
+    done = record is not None and record.get("finished") and (out / "summary.json").exists()
+    if done and not args.rescore:
         print(f"  [{testbed} {budget} seed {seed}] finished earlier: {out}", flush=True)
         summary = _read_json(out / "summary.json")
     else:
         record = record or {"config": cfg, "wall_seconds": 0.0, "invocations": 0}
-        record["invocations"] += 1
+        # a finished study run again only picks its winner and re-scores it: its own clock
+        clock = "rescore_seconds" if done else "wall_seconds"
+        record["invocations"] += not done
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RECORD, record)
         t0 = time.perf_counter()
@@ -150,11 +154,12 @@ def run_one(testbed: str, budget: int, seed: int, args, work: Path) -> dict:
                                                      flush=True))
             record["finished"] = True
         finally:   # an interrupted invocation's time counts too (a SIGKILLed one's is lost)
-            record["wall_seconds"] += time.perf_counter() - t0
+            record[clock] = (0.0 if done else record[clock]) + time.perf_counter() - t0
             _write_json(out / RECORD, record)
         summary = json.loads(json.dumps(summary, default=str))
     summary.update(seed=seed, wall_seconds=record["wall_seconds"],
-                   invocations=record["invocations"])
+                   invocations=record["invocations"],
+                   rescore_seconds=record.get("rescore_seconds"))
     summary.update(benchmark_report.study_details(out, summary))
     return summary
 
@@ -314,6 +319,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int,
                     help="torch CPU threads (default: torch's); 1 on a machine shared with other "
                          "jobs, where spinning OpenMP threads slow every model call down")
+    ap.add_argument("--rescore", action="store_true",
+                    help="finalize finished studies again with the current code (the winner's "
+                         "choice on fresh seeds, held-out re-scoring) without re-running a "
+                         "trial: after a change to how the winner is picked")
     ap.add_argument("--work", default=str(ROOT / "analysis" / "results" / "runs"),
                     help="one folder per study (and the curve and distillation costs), kept so that a rerun resumes")
     ap.add_argument("--out", help="results (default: analysis/results)")

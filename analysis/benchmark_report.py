@@ -121,8 +121,9 @@ def aggregate(budget: int, summaries: list[dict]) -> dict:
     found = [rows["best"]["fid_heldout"] for rows in per_seed]
     cfg = summaries[0].get("config") or {}
     out = {"budget": budget, "seeds": seeds, "found": spread(found), "baselines": {},
-           "search": {k: cfg.get(k) for k in ("trials", "refine", "warm_start", "sampler",
-                                              "pruner")}}
+           "search": {**{k: cfg.get(k) for k in ("trials", "refine", "warm_start", "sampler",
+                                                 "pruner")},
+                      "winner_choice": summaries[0].get("winner_choice")}}
     for key, r in per_seed[0].items():
         if key != "best" and all(key in rows for rows in per_seed):
             out["baselines"][key] = {"name": r["name"], "nfe": r["nfe"], "solver": r["solver"],
@@ -157,6 +158,9 @@ def aggregate(budget: int, summaries: list[dict]) -> dict:
                    if any(s["cost"].get(k) is not None for s in summaries)}
     out["cost"]["wall_seconds"] = spread([s["wall_seconds"] for s in summaries])
     out["cost"]["resumed"] = sum(s.get("invocations", 1) > 1 for s in summaries)
+    rescored = [s["rescore_seconds"] for s in summaries if s.get("rescore_seconds") is not None]
+    if rescored:   # the winner picked again by newer code: that pass's own time
+        out["cost"]["rescore_seconds"] = spread(rescored)
     return out
 
 
@@ -191,9 +195,15 @@ def _search_text(a: dict) -> str:
     s = a.get("search") or {}
     if not s.get("trials"):
         return "the study defaults"
-    return (f"{s['trials']} trials, {s['refine']:.0%} of them in the local (CMA-ES) stage, "
+    text = (f"{s['trials']} trials, {s['refine']:.0%} of them in the local (CMA-ES) stage, "
             f"{s['sampler']} before it, warm-started from the {s['warm_start']} best same-NFE "
             f"baselines, {s['pruner']} pruning")
+    w = s.get("winner_choice")
+    if w:
+        text += (f"; the winner is the lowest mean FID on {w['validation_sets']} fresh seed "
+                 f"set{'s' * (w['validation_sets'] > 1)} of {w['images_per_set']} images among "
+                 f"the {w['rerank']} best trials on the search subset and the best warm start")
+    return text
 
 
 def fid_table(tb: str, data: dict, cfg: dict) -> list[str]:
@@ -271,7 +281,8 @@ def winners_table(tb: str, data: dict) -> list[str]:
     lines = [f"#### {tb}: the found schedules\n",
              "One row per study. Δ: FID(found) − FID(best same-NFE baseline) on the held-out "
              "sets with its paired 95% CI, **bold** when it excludes 0. ★: what `schedsearch run` "
-             "recommends (the best at this NFE on the search subset).\n",
+             "recommends (the winner, unless the best same-NFE baseline on the search subset does "
+             "as well on the validation seeds).\n",
              "| budget | seed | trial (stage) | family · end | solver | FreeU | σ list | FID held-out "
              "| Δ vs best same-NFE baseline | ★ |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -312,6 +323,14 @@ def cost_table(tb: str, data: dict, cfg: dict) -> list[str]:
             f"{_spread_text(c['trial_seconds'], lambda v: f'{v:.0f}')} | "
             f"{c['image_model_calls']['mean']:,.0f} | "
             f"{_spread_text(c['share_model_features'], pct) if 'share_model_features' in c else 'n/a'} |")
+    rescored = [a for a in data["budgets"].values() if "rescore_seconds" in a["cost"]]
+    if rescored:
+        per = ", ".join(f"{a['cost']['rescore_seconds']['mean']:.0f} s at {a['budget']} NFE"
+                        for a in sorted(rescored, key=lambda a: a["budget"]))
+        lines.append(f"\nThe winners were picked again by newer code without re-running a "
+                     f"trial (`--rescore`): re-scoring the contenders on the validation sets "
+                     f"and a new winner on the held-out sets took, per study, {per}; the wall "
+                     f"times above are the original studies'.")
     if resumed:
         lines.append(f"\n{resumed} {'study was' if resumed == 1 else 'studies were'} resumed "
                      f"after an interruption: wall time is the sum of the runs' (a killed run's "

@@ -12,6 +12,7 @@ from typing import Optional
 import yaml
 
 from .models import BUILTIN, is_flow
+from .prompts import SEED_STRIDE
 from .space import Space
 
 # The baselines per kind of model, and every key in the order the comparison lists them. A DDPM
@@ -59,7 +60,8 @@ class StudyConfig:
     trials: int = 48
     refine: float = 0.6                     # share of the trials in the local (CMA-ES) stage
     warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
-    rerank: int = 4                         # best trials re-scored on fresh seeds before one wins
+    rerank: int = 3                         # best trials re-scored on fresh seeds before one wins
+    validation_sets: int = 2                # fresh seed sets (n_search each) the contenders meet
     sampler: str = "tpe"                    # the global stage's sampler
     seed: int = 0
     pruner: str = "median"
@@ -82,10 +84,16 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget must be an integer >= 1 (model calls per image), got {self.budget!r}")
-        for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap"):
+        for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap",
+                    "validation_sets"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        # validation seeds start half a seed block above the search seeds (context.py)
+        if (self.validation_sets + 1) * self.n_search + self.heldout_sets * self.n_heldout > SEED_STRIDE // 2:
+            raise ValueError(f"n_search × (validation_sets + 1) + n_heldout × heldout_sets must "
+                             f"stay within {SEED_STRIDE // 2} images, so that validation and "
+                             f"held-out seeds never meet")
         if self.guidance is not None and not (isinstance(self.guidance, (int, float))
                                               and not isinstance(self.guidance, bool)
                                               and 0 < self.guidance < 100):

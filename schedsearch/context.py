@@ -35,9 +35,10 @@ class Context:
         self.search_set = full.take(0, n)
         self.heldout_sets = [full.take(n + i * h, n + (i + 1) * h) for i in range(k)]
         self.heldout_set = self.heldout_sets[0]
-        # the search prompts with fresh seeds, half a seed block away from every search and
-        # held-out seed: where the best few trials are re-scored before one is called the winner
-        self.validation_set = self.search_set.reseeded(prompts.SEED_STRIDE // 2)
+        # the search prompts with fresh seeds, from half a seed block away from every search and
+        # held-out seed on: where the best few trials are re-scored before one is called the winner
+        self.validation_sets = [self.search_set.reseeded(prompts.SEED_STRIDE // 2 + j * n)
+                                for j in range(config.validation_sets)]
         self.freeu_ok = self.model.unet is not None
         self.extractor, self.ref = scoring_setup(
             self.model, extractor=config.extractor, inception=config.inception,
@@ -54,12 +55,14 @@ class Context:
                       guidance=self.guidance, freeu_ok=self.freeu_ok)
 
     def scorer(self, which: str, guidance: float) -> Scorer:
-        """The scorer of the search subset (``"search"``), of the validation set
-        (``"validation"``) or of held-out set k (``"heldout"``, ``"heldout:k"``)."""
+        """The scorer of the search subset (``"search"``), of validation set j
+        (``"validation"``, ``"validation:j"``) or of held-out set k (``"heldout"``,
+        ``"heldout:k"``)."""
         key = (which, guidance)
         if key not in self._scorers:
-            pset = (self.search_set if which == "search" else self.validation_set
-                    if which == "validation" else self.heldout_sets[int(which.partition(":")[2] or 0)])
+            kind, _, k = which.partition(":")
+            pset = (self.search_set if kind == "search" else
+                    (self.validation_sets if kind == "validation" else self.heldout_sets)[int(k or 0)])
             cps = self.config.resolved_checkpoints() if which == "search" else (len(pset),)
             self._scorers[key] = Scorer(self.model, self.extractor, self.ref, pset,
                                         guidance=guidance, batch_size=self.config.batch_size,

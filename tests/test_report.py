@@ -35,6 +35,21 @@ def test_the_winner_is_recommended_unless_a_same_nfe_row_beats_it_on_the_search_
     assert recommend(rows)["key"] == "ays4"
 
 
+def test_with_validation_scores_the_recommendation_is_decided_on_the_fresh_seeds():
+    rows = [row("best", 8, 6.53, held=9.0), row("karras", 8, 6.64), row("ays", 8, 7.2),
+            row("karras20", 20, 1.0)]
+    rows[0]["fid_validation"], rows[1]["fid_validation"] = 6.90, 6.88
+    # better on the search subset, worse where it was not picked: the known schedule
+    assert recommend(rows)["key"] == "karras"
+    rows[1]["fid_validation"] = 6.90          # a tie goes to the known schedule
+    assert recommend(rows)["key"] == "karras"
+    rows[1]["fid_validation"] = 6.95
+    assert recommend(rows)["key"] == "best"
+    # rows without validation scores (worse on the search subset) take no part
+    rows[2]["fid"] = 6.0
+    assert recommend(rows)["key"] == "best"
+
+
 def test_the_comparison_table_marks_the_recommendation_the_ci_and_the_karras_ratio():
     rows = [row("best", 5, 7.0, held=8.0), row("karras", 5, 8.0, held=10.0),
             row("ays", 5, 7.2, held=8.1)]

@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--heldout-sets", type=int, metavar="K",
                    help=f"disjoint held-out seed sets the winner is re-scored on "
                         f"(default {StudyConfig.heldout_sets})")
+    p.add_argument("--validation-sets", type=int, metavar="V",
+                   help=f"fresh seed sets the best few trials and the best warm start are "
+                        f"re-scored on before one wins (default {StudyConfig.validation_sets})")
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
     p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, help="the search's seed (default 0)")
@@ -69,7 +72,7 @@ def register(sub) -> None:
 
 # flag → config key, for the flags that override a study config
 OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_search",
-             "n_heldout", "trials", "refine", "heldout_sets", "sampler", "seed", "guidance", "ref_stats", "extractor",
+             "n_heldout", "trials", "refine", "heldout_sets", "validation_sets", "sampler", "seed", "guidance", "ref_stats", "extractor",
              "inception", "clip", "batch_size", "device", "dtype")
 
 
@@ -125,9 +128,11 @@ def verdict(rows: list[dict]) -> list[str]:
         lines = [f"★ recommended: the best trial (FID {rec['fid']:.3f}, held-out "
                  f"{rec['fid_heldout']:.3f})"]
     else:
+        where = (f"on fresh seeds (validation FID {rec['fid_validation']:.3f} against "
+                 f"{best['fid_validation']:.3f})" if "fid_validation" in rec
+                 else f"on the search subset (FID {rec['fid']:.3f})")
         lines = [f"★ recommended: {rec['name']} — no searched schedule beat this baseline at "
-                 f"{rec['nfe']} NFE on the search subset (FID {rec['fid']:.3f}, held-out "
-                 f"{rec['fid_heldout']:.3f})"]
+                 f"{rec['nfe']} NFE {where}; held-out {rec['fid_heldout']:.3f}"]
     rivals = [r for r in rows[1:] if r["nfe"] == best["nfe"] and r.get("vs_best")]
     if rivals:
         top = min(rivals, key=lambda r: r["fid"])
