@@ -191,11 +191,16 @@ def _sigmas(sig: list) -> str:
     return ", ".join("0" if s == 0 else f"{s:.3g}" for s in sig)
 
 
-def _search_text(a: dict) -> str:
+def _search_text(budgets: list) -> str:
+    a = budgets[0]
     s = a.get("search") or {}
     if not s.get("trials"):
         return "the study defaults"
-    text = (f"{s['trials']} trials, {s['refine']:.0%} of them in the local (CMA-ES) stage, "
+    counts = [(b["budget"], (b.get("search") or {}).get("trials")) for b in budgets]
+    trials = (f"{s['trials']} trials" if len({n for _, n in counts}) == 1 else
+              f"{', '.join(str(n) for _, n in counts)} trials at "
+              f"{', '.join(str(b) for b, _ in counts)} NFE")
+    text = (f"{trials}, {s['refine']:.0%} of them in the local (CMA-ES) stage, "
             f"{s['sampler']} before it, warm-started from the {s['warm_start']} best same-NFE "
             f"baselines, {s['pruner']} pruning")
     w = s.get("winner_choice")
@@ -216,7 +221,7 @@ def fid_table(tb: str, data: dict, cfg: dict) -> list[str]:
              f"(mean over the sets), searched on {img['search']} images. *found*: mean over "
              f"{n} search{'es' if n > 1 else ''} (study seed{'s' if n > 1 else ''} "
              f"{', '.join(map(str, budgets[0]['seeds']))}; min–max in parentheses); the baselines "
-             f"do not depend on the search seed. Each search: {_search_text(budgets[0])}. "
+             f"do not depend on the search seed. Each search: {_search_text(budgets)}. "
              f"† marks the best "
              f"baseline spending the budget's NFE (by held-out FID).\n",
              "| budget | found | " + " | ".join(LABELS[k] for k in keys) + " |",

@@ -1,6 +1,6 @@
 """Where a default study's time goes: model calls and feature extraction, against everything else.
 
-    python benchmarks/study_overhead.py [--out DIR] [--budget 5] [--trials 48] [--threads 2]
+    python benchmarks/study_overhead.py [--out DIR] [--budget 5] [--trials N] [--threads 2]
 
 Runs the default digits study (what `schedsearch run --budget 5` runs) in a fresh folder, then reads
 from its storage, for every trial of both stages (pruned ones included), the seconds spent inside

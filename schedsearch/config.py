@@ -43,6 +43,18 @@ def applicable_baselines(requested: Optional[list], kind: str) -> list[str]:
     return list(requested)
 
 
+# A budget of B calls is a free-form σ list with B − 1 or B free knots, and CMA-ES needs more
+# samples per generation and more generations as the dimension grows: at 8 NFE on digits, 48
+# trials left the local stage three generations from the best known schedule (docs/search.md).
+TRIALS_PER_NFE = 12
+MIN_TRIALS = 48
+
+
+def default_trials(budget: int) -> int:
+    """A study's trials when the config does not say: 12 per model call, at least 48."""
+    return max(MIN_TRIALS, TRIALS_PER_NFE * budget)
+
+
 @dataclass
 class StudyConfig:
     """Everything a study needs; ``studies/*.yaml`` files hold these keys (CLI flags override)."""
@@ -57,7 +69,7 @@ class StudyConfig:
     n_heldout: int = 200
     checkpoints: Optional[list] = None      # growing subset sizes for pruning; None: n/4, n/2, n
     batch_size: int = 200
-    trials: int = 48
+    trials: Optional[int] = None            # None: default_trials(budget)
     refine: float = 0.6                     # share of the trials in the local (CMA-ES) stage
     warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
     rerank: int = 3                         # best trials re-scored on fresh seeds before one wins
@@ -84,6 +96,8 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget must be an integer >= 1 (model calls per image), got {self.budget!r}")
+        if self.trials is None:
+            self.trials = default_trials(self.budget)
         for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap",
                     "validation_sets"):
             v = getattr(self, key)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from schedsearch import presets, slots, solvers
-from schedsearch.config import StudyConfig
+from schedsearch.config import StudyConfig, config_json
 from schedsearch.noise import SD
 from schedsearch.space import Space, Target
 from schedsearch.study import RunOptions, run_study
@@ -51,8 +51,18 @@ def test_default_config_is_the_shipped_digits_study():
         StudyConfig.from_file(Path(__file__).parents[1] / "studies" / name)  # valid
 
 
+@pytest.mark.parametrize("budget, trials", [(3, 48), (4, 48), (5, 60), (6, 72), (8, 96)])
+def test_trials_grow_with_the_budget_unless_set(budget, trials):
+    config = StudyConfig(budget=budget)
+    assert config.trials == trials and sum(config.stages()) == trials
+    # an explicit count is kept, and a stored config reads back to the same count
+    assert StudyConfig(budget=budget, trials=10).trials == 10
+    assert StudyConfig.from_dict(config_json(config)).trials == trials
+
+
 @pytest.mark.parametrize("data, message", [
     (dict(budget=0), "budget must be an integer >= 1"),
+    (dict(trials=0), "trials must be an integer >= 1"),
     (dict(n_search=0), "n_search must be an integer >= 1"),
     (dict(baselines=["karras", "dpm"]), r"unknown baselines \['dpm'\]"),
     (dict(objectives=["kid"]), "objectives must be"),

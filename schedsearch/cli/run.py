@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import FLOW_BASELINES, SD_BASELINES, StudyConfig, default_study_name
+from ..config import (FLOW_BASELINES, MIN_TRIALS, SD_BASELINES, TRIALS_PER_NFE, StudyConfig,
+                      default_study_name, default_trials)
 from ..report import comparison_markdown
 from ..study import RunOptions, run_study
 from . import UserError, options
@@ -33,7 +34,8 @@ def register(sub) -> None:
     p.add_argument("--n-search", type=int, help="images per candidate (the search subset)")
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
     p.add_argument("--trials", type=int,
-                   help=f"number of trials in the study (default {StudyConfig.trials})")
+                   help=f"number of trials in the study (default: {TRIALS_PER_NFE} per model call, "
+                        f"at least {MIN_TRIALS}; {default_trials(5)} at budget 5)")
     p.add_argument("--refine", type=float, metavar="FRACTION",
                    help=f"share of the trials in the local stage around the global stage's best "
                         f"(default {StudyConfig.refine})")
