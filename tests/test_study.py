@@ -51,13 +51,21 @@ def test_default_config_is_the_shipped_digits_study():
         StudyConfig.from_file(Path(__file__).parents[1] / "studies" / name)  # valid
 
 
-@pytest.mark.parametrize("budget, trials", [(3, 48), (4, 48), (5, 60), (6, 72), (8, 96)])
-def test_trials_grow_with_the_budget_unless_set(budget, trials):
+@pytest.mark.parametrize("budget, trials, local", [(3, 48, 29), (4, 48, 29), (5, 60, 41),
+                                                  (6, 72, 53), (8, 96, 77)])
+def test_trials_grow_with_the_budget_unless_set(budget, trials, local):
     config = StudyConfig(budget=budget)
-    assert config.trials == trials and sum(config.stages()) == trials
+    # the global stage keeps its 19 trials (40% of 48); every extra trial refines the incumbent
+    assert config.trials == trials and config.stages() == (trials - local, local)
     # an explicit count is kept, and a stored config reads back to the same count
     assert StudyConfig(budget=budget, trials=10).trials == 10
     assert StudyConfig.from_dict(config_json(config)).trials == trials
+
+
+@pytest.mark.parametrize("trials, refine, stages", [(8, 0.6, (3, 5)), (48, 0.5, (24, 24)),
+                                                    (100, 0.5, (24, 76)), (100, 0.0, (100, 0))])
+def test_refine_splits_the_first_48_trials_and_the_rest_are_local(trials, refine, stages):
+    assert StudyConfig(trials=trials, refine=refine).stages() == stages
 
 
 @pytest.mark.parametrize("data, message", [

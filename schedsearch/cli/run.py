@@ -37,7 +37,8 @@ def register(sub) -> None:
                    help=f"number of trials in the study (default: {TRIALS_PER_NFE} per model call, "
                         f"at least {MIN_TRIALS}; {default_trials(5)} at budget 5)")
     p.add_argument("--refine", type=float, metavar="FRACTION",
-                   help=f"share of the trials in the local stage around the global stage's best "
+                   help=f"share of the first {MIN_TRIALS} trials in the local stage around the "
+                        f"global stage's best; every trial beyond them is local too, unless 0 "
                         f"(default {StudyConfig.refine})")
     p.add_argument("--heldout-sets", type=int, metavar="K",
                    help=f"disjoint held-out seed sets the winner is re-scored on "
