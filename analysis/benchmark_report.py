@@ -192,17 +192,25 @@ def _sigmas(sig: list) -> str:
 
 
 def _search_text(budgets: list) -> str:
-    a = budgets[0]
-    s = a.get("search") or {}
+    from schedsearch.config import StudyConfig
+
+    s = budgets[0].get("search") or {}
     if not s.get("trials"):
         return "the study defaults"
-    counts = [(b["budget"], (b.get("search") or {}).get("trials")) for b in budgets]
-    trials = (f"{s['trials']} trials" if len({n for _, n in counts}) == 1 else
-              f"{', '.join(str(n) for _, n in counts)} trials at "
-              f"{', '.join(str(b) for b, _ in counts)} NFE")
-    text = (f"{trials}, {s['refine']:.0%} of them in the local (CMA-ES) stage, "
-            f"{s['sampler']} before it, warm-started from the {s['warm_start']} best same-NFE "
-            f"baselines, {s['pruner']} pruning")
+    counts = [(b["budget"], StudyConfig(trials=(b.get("search") or {}).get("trials") or s["trials"],
+                                        refine=s["refine"]).stages()) for b in budgets]
+    glob = {n1 for _, (n1, _) in counts}
+    if len({n1 + n2 for _, (n1, n2) in counts}) == 1:
+        n1, n2 = counts[0][1]
+        split = f"{n1 + n2} trials, {n2} of them in the local (CMA-ES) stage"
+    else:
+        split = (f"{', '.join(str(n1 + n2) for _, (n1, n2) in counts)} trials at "
+                 f"{', '.join(str(b) for b, _ in counts)} NFE, "
+                 + (f"{glob.pop()} in the global stage and the rest in the local (CMA-ES) stage"
+                    if len(glob) == 1 else "global / local "
+                    + ", ".join(f"{n1} / {n2}" for _, (n1, n2) in counts)))
+    text = (f"{split}, {s['sampler']} in the global stage, warm-started from the "
+            f"{s['warm_start']} best same-NFE baselines, {s['pruner']} pruning")
     w = s.get("winner_choice")
     if w:
         text += (f"; the winner is the lowest mean FID on {w['validation_sets']} fresh seed "
