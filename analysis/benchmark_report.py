@@ -195,15 +195,16 @@ def _search_text(budgets: list) -> str:
     from schedsearch.config import StudyConfig
 
     s = budgets[0].get("search") or {}
-    if not s.get("trials"):
+    if not all((b.get("search") or {}).get("trials") for b in budgets):
         return "the study defaults"
-    counts = [(b["budget"], StudyConfig(trials=(b.get("search") or {}).get("trials") or s["trials"],
-                                        refine=s["refine"]).stages()) for b in budgets]
-    glob = {n1 for _, (n1, _) in counts}
+    # each budget's split as its study made it (StudyConfig.stages, not a copy of the rule)
+    counts = [(b["budget"], StudyConfig(trials=b["search"]["trials"],
+                                        refine=b["search"]["refine"]).stages()) for b in budgets]
     if len({n1 + n2 for _, (n1, n2) in counts}) == 1:
         n1, n2 = counts[0][1]
         split = f"{n1 + n2} trials, {n2} of them in the local (CMA-ES) stage"
     else:
+        glob = {n1 for _, (n1, _) in counts}
         split = (f"{', '.join(str(n1 + n2) for _, (n1, n2) in counts)} trials at "
                  f"{', '.join(str(b) for b, _ in counts)} NFE, "
                  + (f"{glob.pop()} in the global stage and the rest in the local (CMA-ES) stage"
