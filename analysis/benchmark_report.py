@@ -29,20 +29,20 @@ def _stage_trials(out: Path, name: str) -> tuple[list, list]:
     """(shown number, stage, trial) of every trial of both stages, and the baseline slots."""
     import optuna
 
+    from schedsearch import slots
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{(Path(out) / 'study.db').resolve()}"
     main = optuna.load_study(study_name=name, storage=storage)
-    offset = int(main.user_attrs.get("slots") or 0)
-    trials = [(t.number, 1, t) for t in main.get_trials(deepcopy=False)]
-    extra = {}
-    for suffix in ("refine", "baselines"):
-        try:
-            extra[suffix] = optuna.load_study(study_name=f"{name}:{suffix}",
-                                              storage=storage).get_trials(deepcopy=False)
-        except KeyError:
-            extra[suffix] = []
-    trials += [(t.number + offset, 2, t) for t in extra["refine"]]
-    return trials, extra["baselines"], main.user_attrs.get("config") or {}
+    trials = [(t.number + offset, 1 if st is main else 2, t)
+              for st, offset in slots.stored_stages(storage, main)
+              for t in st.get_trials(deepcopy=False)]
+    try:
+        baselines = optuna.load_study(study_name=f"{name}:baselines",
+                                      storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        baselines = []
+    return trials, baselines, main.user_attrs.get("config") or {}
 
 
 def _seconds(t) -> float:
@@ -121,7 +121,8 @@ def aggregate(budget: int, summaries: list[dict]) -> dict:
     found = [rows["best"]["fid_heldout"] for rows in per_seed]
     cfg = summaries[0].get("config") or {}
     out = {"budget": budget, "seeds": seeds, "found": spread(found), "baselines": {},
-           "search": {**{k: cfg.get(k) for k in ("trials", "refine", "warm_start", "sampler",
+           "search": {**{k: cfg.get(k) for k in ("trials", "refine", "refine_starts",
+                                                 "refine_margin", "warm_start", "sampler",
                                                  "pruner")},
                       "winner_choice": summaries[0].get("winner_choice")}}
     for key, r in per_seed[0].items():
@@ -210,6 +211,18 @@ def _search_text(budgets: list) -> str:
                  + (f"{glob.pop()} in the global stage and the rest in the local (CMA-ES) stage"
                     if len(glob) == 1 else "global / local "
                     + ", ".join(f"{n1} / {n2}" for _, (n1, n2) in counts)))
+    starts = s.get("refine_starts") or 1   # studies made before the local stage was split: 1
+    # studies made before the margin existed started every second run; say the rule the later
+    # ones ran with (the README's reading says which budgets that changed)
+    margin = next((b["search"].get("refine_margin") for b in budgets
+                   if b["search"].get("refine_margin") is not None), None)
+    if starts > 1:
+        others = ("the best trial with another solver" if starts == 2
+                  else f"the best trials of up to {starts - 1} other solvers")
+        within = (f" if its search FID is within {margin * 100:.0f}% of the best's"
+                  if margin is not None else "")
+        split += (f", in up to {starts} CMA-ES runs (around the global stage's best trial and "
+                  f"{others}{within})")
     text = (f"{split}, {s['sampler']} in the global stage, warm-started from the "
             f"{s['warm_start']} best same-NFE baselines, {s['pruner']} pruning")
     w = s.get("winner_choice")

@@ -31,13 +31,17 @@ def trial_costs(storage: str, name: str) -> list[dict]:
     """Model, features and wall seconds of every finished trial of both stages."""
     import optuna
 
+    from schedsearch import slots
+
     out = []
-    for suffix in ("", ":refine"):
-        for t in optuna.load_study(study_name=name + suffix, storage=storage).get_trials():
+    main = optuna.load_study(study_name=name, storage=storage)
+    for st, offset in slots.stored_stages(storage, main):
+        for t in st.get_trials():
             if not (t.datetime_start and t.datetime_complete):
                 continue
             sec = t.user_attrs.get("result", {}).get("seconds") or t.user_attrs.get("seconds", {})
-            out.append({"stage": 2 if suffix else 1, "number": t.number, "state": t.state.name,
+            out.append({"stage": 1 if st is main else 2, "number": t.number + offset,
+                        "state": t.state.name,
                         "wall": (t.datetime_complete - t.datetime_start).total_seconds(),
                         "model": sec.get("model", 0.0), "features": sec.get("features", 0.0)})
     return out
@@ -53,9 +57,12 @@ def phases(storage: str, name: str, t0: float, t1: float) -> dict:
         return (min(t.datetime_start for t in trials).timestamp(),
                 max(t.datetime_complete for t in trials).timestamp())
 
+    from schedsearch import slots
+
     b0, b1 = span(name + ":baselines")
     g0, _ = span(name)
-    _, r1 = span(name + ":refine")
+    main = optuna.load_study(study_name=name, storage=storage)
+    r1 = max(span(st.study_name)[1] for st, _ in slots.stored_stages(storage, main))
     return {"setup": b0 - t0, "baselines": b1 - b0, "trials": r1 - g0, "report": t1 - r1,
             "total": t1 - t0}
 

@@ -71,9 +71,11 @@ class StudyConfig:
     batch_size: int = 200
     trials: Optional[int] = None            # None: default_trials(budget)
     refine: float = 0.6                     # share of the first 48 trials in the local (CMA-ES) stage
+    refine_starts: int = 2                  # at most this many CMA-ES runs share the local stage
+    refine_margin: float = 0.1              # ... each from a trial within this share of the best's FID
     warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
     rerank: int = 3                         # best trials re-scored on fresh seeds before one wins
-    validation_sets: int = 2                # fresh seed sets (n_search each) the contenders meet
+    validation_sets: int = 4                # fresh seed sets (n_search each) the contenders meet
     sampler: str = "tpe"                    # the global stage's sampler
     seed: int = 0
     pruner: str = "median"
@@ -99,7 +101,7 @@ class StudyConfig:
         if self.trials is None:
             self.trials = default_trials(self.budget)
         for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap",
-                    "validation_sets"):
+                    "validation_sets", "refine_starts"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
@@ -115,6 +117,11 @@ class StudyConfig:
         if not (isinstance(self.refine, (int, float)) and 0 <= self.refine < 1):
             raise ValueError(f"refine (the share of trials in the local stage) must lie in [0, 1), "
                              f"got {self.refine!r}")
+        if isinstance(self.refine_margin, bool) or not isinstance(self.refine_margin, (int, float)) \
+                or not 0 <= self.refine_margin < float("inf"):
+            raise ValueError(f"refine_margin (how far behind the best a local run's start may be, "
+                             f"as a share of its FID) must be a number >= 0, got "
+                             f"{self.refine_margin!r}")
         for key in ("warm_start", "rerank"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -177,6 +184,14 @@ class StudyConfig:
         base = min(self.trials, MIN_TRIALS)
         local = int(round(base * self.refine)) + self.trials - base
         return self.trials - local, local
+
+    def local_runs(self, runs: int) -> list[int]:
+        """The local stage's trials split evenly between ``runs`` CMA-ES runs (how many starts
+        the global stage left, at most ``refine_starts``), earlier runs taking the odd ones; runs
+        with no trial left are dropped."""
+        _, local = self.stages()
+        k = max(1, min(runs, self.refine_starts))
+        return [n for n in (local // k + (r < local % k) for r in range(k)) if n]
 
     def resolved_checkpoints(self) -> list[int]:
         if self.checkpoints:

@@ -8,6 +8,7 @@ storage, so any worker — or a resumed one — writes the same report.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +188,8 @@ class Done:
 
 def completed(studies: slots.Studies) -> list[Done]:
     """Every completed trial of both stages."""
-    offset = studies.first_refine_number
-    return ([Done(t.number, t) for t in slots.trials_of(studies.trials, slots.COMPLETE)]
-            + [Done(t.number + offset, t) for t in slots.trials_of(studies.refine, slots.COMPLETE)])
+    return [Done(t.number + offset, t) for st, offset in studies.numbered()
+            for t in slots.trials_of(st, slots.COMPLETE)]
 
 
 def winner(study: optuna.Study, ctx, complete: list[Done]) -> Done:
@@ -299,11 +299,13 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
     multi = len(config.objectives) > 1
     complete = completed(studies)
     summary = {"study": name, "budget": config.budget,
-               "trials": {"global": slots.counts(study), "local": slots.counts(studies.refine)},
+               "trials": {"global": slots.counts(study),
+                          "local": dict(sum((Counter(slots.counts(run)) for run in studies.local),
+                                        Counter()))},
                "model": config.model, "out": str(opts.out), "rows": []}
     summary["failed_baselines"] = failed_baselines(studies)
     if not complete:
-        summary["fail_reasons"] = sorted({t.user_attrs["fail_reason"] for st in (study, studies.refine)
+        summary["fail_reasons"] = sorted({t.user_attrs["fail_reason"] for st in (study, *studies.local)
                                           for t in slots.trials_of(st, slots.FAIL)
                                           if "fail_reason" in t.user_attrs})
         if not slots.busy(*studies.all()):
@@ -469,13 +471,9 @@ def _spans(numbers) -> str:
 
 def _stored_trials(storage, study: optuna.Study) -> list[tuple[int, optuna.trial.FrozenTrial]]:
     """(shown number, trial) of every trial of both stages (0.1.0 studies have one stage)."""
-    out = [(t.number, t) for t in slots.trials_of(study)]
-    try:
-        refine = slots.load(storage, f"{study.study_name}:refine")
-    except ValueError:
-        return out
-    offset = int(study.user_attrs.get("slots") or 0)
-    return out + [(t.number + offset, t) for t in slots.trials_of(refine)]
+    return [(t.number + offset, t) for st, offset in slots.stored_stages(storage, study)
+            for t in slots.trials_of(st)]
+
 
 
 def _pick_trial(storage, study: optuna.Study, number: Optional[int]) -> Done:

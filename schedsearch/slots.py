@@ -108,23 +108,94 @@ def redact(url: str) -> str:
 
 @dataclass
 class Studies:
-    """The study's slot queues in one storage: the global stage (``<name>``), the local stage
-    (``<name>:refine``, CMA-ES around the global stage's incumbent) and the baselines
-    (``<name>:baselines``, one slot per baseline group). All go through the same claim /
-    heartbeat / stale-recovery path, so with many workers every slot runs once."""
+    """The study's slot queues in one storage: the global stage (``<name>``), the local stage's
+    CMA-ES runs (``<name>:refine``, ``<name>:refine:2``, …, each around its own start, each its own
+    study because CMA-ES keeps its state per study; empty until the global stage is done, which
+    decides how many there are) and the baselines (``<name>:baselines``, one slot per baseline
+    group). All go through the same claim / heartbeat / stale-recovery path, so with many workers
+    every slot runs once."""
 
     trials: optuna.Study
-    refine: optuna.Study
+    local: tuple
     baselines: optuna.Study
     storage: object
+    offsets: tuple = ()     # shown number of each local run's first trial
 
     def all(self):
-        return (self.baselines, self.trials, self.refine)
+        return (self.baselines, self.trials, *self.local)
 
-    @property
-    def first_refine_number(self) -> int:
-        """Trials of the local stage are shown numbered after the global stage's."""
-        return int(self.trials.user_attrs.get("slots") or 0)
+    def numbered(self) -> list[tuple[optuna.Study, int]]:
+        """Each stage's studies with what turns their trial numbers into shown ones: trials of
+        the local stage are shown numbered after the global stage's, run after run."""
+        return [(self.trials, 0), *zip(self.local, self.offsets)]
+
+
+def local_name(name: str, run: int) -> str:
+    return f"{name}:refine" if run == 0 else f"{name}:refine:{run + 1}"
+
+
+def local_offsets(study: optuna.Study) -> list[int]:
+    """The shown number of each local run's first trial, from the stored layout (a study made
+    before local runs were split has one run, right after the global stage)."""
+    first = int(study.user_attrs.get("slots") or 0)
+    sizes = study.user_attrs.get("local_slots") or [0]
+    return [first + sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def open_local(studies: Studies, sizes: list[int], grace: float = 30.0) -> None:
+    """Lay out the local stage's runs — ``sizes``, the slots of each — unless a layout is stored
+    already (another worker's, or this study's before a restart: the first one stands), create
+    their studies and enqueue their slots. Resumable at any point, like ``ensure_slots``."""
+    main = studies.trials
+    while main.user_attrs.get("local_slots") is None:
+        if _take_lease(main, grace):
+            try:
+                if main.user_attrs.get("local_slots") is None:
+                    main.set_user_attr("local_slots", [int(n) for n in sizes])
+            finally:
+                main.set_user_attr("enqueuing", None)
+        else:
+            time.sleep(0.5)
+    _load_local(studies, grace)
+
+
+def _load_local(studies: Studies, grace: float) -> None:
+    name, stored = studies.trials.study_name, studies.trials.user_attrs.get("local_slots")
+    # the local stage's one study from before its runs were laid out after the global stage
+    legacy = stored is None and _exists(studies.storage, local_name(name, 0))
+    if stored is None and not legacy:
+        return
+    sizes = stored if stored is not None else [None]
+    # no pruning in the local stage: CMA-ES learns only from complete trials, and a pruned
+    # sample would be a wasted point of its generation
+    local = tuple(create_or_load(studies.storage, local_name(name, run), directions=["minimize"],
+                                 sampler=optuna.samplers.RandomSampler(seed=0),
+                                 pruner=optuna.pruners.NopPruner())[0]
+                  for run in range(len(sizes)))
+    for run, n in zip(local, sizes):
+        if n is not None:
+            ensure_slots(run, [({}, {})] * n, grace)
+    studies.local, studies.offsets = local, tuple(local_offsets(studies.trials))
+
+
+def _exists(storage, name: str) -> bool:
+    try:
+        load(storage, name)
+        return True
+    except ValueError:
+        return False
+
+
+def stored_stages(storage, study: optuna.Study) -> list[tuple[optuna.Study, int]]:
+    """Every stage's study of a stored study with its shown-number offset (the global stage's
+    alone for a study made before there was a local stage)."""
+    out = [(study, 0)]
+    for run, offset in enumerate(local_offsets(study)):
+        try:
+            out.append((load(storage, local_name(study.study_name, run)), offset))
+        except ValueError:
+            break
+    return out
 
 
 @dataclass(frozen=True)
@@ -263,36 +334,31 @@ def finished_slots(study: optuna.Study) -> int:
 
 # -- opening a study ------------------------------------------------------------------------------
 def open_studies(storage, name: str, *, directions: list, sampler, pruner, identity: dict,
-                 attrs: dict, plan: list, refine_slots: int, baseline_groups: list,
-                 grace: float = 30.0) -> Studies:
+                 attrs: dict, plan: list, baseline_groups: list, grace: float = 30.0) -> Studies:
     """Create the study (or join it) and make sure its slots exist.
 
     ``identity``: what the study measures; joining a study stored with another identity is
     refused. ``attrs``: user attributes written by the creator. ``plan``: the global stage's
     slots in order, each the user attributes and fixed parameters ``(attrs, params)`` it is
-    enqueued with. ``refine_slots``: slots of the local stage. ``baseline_groups``: lists of
-    baseline keys, one slot each.
+    enqueued with. ``baseline_groups``: lists of baseline keys, one slot each. The local stage's
+    runs are laid out once the global stage is done (``open_local``); a study that has them
+    already gets them here.
     """
     study, created = create_or_load(storage, name, directions=directions, sampler=sampler,
                                     pruner=pruner)
-    if created:
-        study.set_user_attr("identity", identity)
-        for k, v in attrs.items():
+    if created:   # identity last: a joining worker waits for it, and then finds the rest
+        for k, v in {**attrs, "identity": identity}.items():
             study.set_user_attr(k, v)
     else:
         _check_identity(study, identity)
-    # no pruning in the local stage: CMA-ES learns only from complete trials, and a pruned
-    # sample would be a wasted point of its generation
-    refine, _ = create_or_load(storage, f"{name}:refine", directions=directions[:1],
-                               sampler=optuna.samplers.RandomSampler(seed=0),
-                               pruner=optuna.pruners.NopPruner())
     base, _ = create_or_load(storage, f"{name}:baselines", directions=["minimize"],
                              sampler=optuna.samplers.RandomSampler(seed=0))
     ensure_slots(study, plan, grace)
-    ensure_slots(refine, [({}, {})] * refine_slots, grace)
     ensure_slots(base, [({"baselines": list(g)}, {}) for g in baseline_groups], grace,
                  key=lambda attrs: tuple(attrs.get("baselines", ())))
-    return Studies(study, refine, base, storage)
+    studies = Studies(study, (), base, storage)
+    _load_local(studies, grace)
+    return studies
 
 
 def _check_identity(study: optuna.Study, identity: dict) -> None:

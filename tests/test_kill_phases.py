@@ -38,7 +38,7 @@ def run(out, *prefix):
 
 def finished(storage):
     out = {}
-    for suffix in ("", ":refine", ":baselines"):
+    for suffix in ("", ":refine", ":refine:2", ":baselines"):
         try:
             study = optuna.load_study(study_name="gmm-4nfe" + suffix, storage=storage)
         except KeyError:

@@ -182,3 +182,13 @@ def test_score_with_a_prompt_folder_exits_2_with_one_line(tmp_path):
     assert code == 2, (out, err)
     line = _one_error_line(err, "score")
     assert "is a folder" in line and "prompt file" in line and "does not exist" not in line
+
+
+@pytest.mark.parametrize("flag, value, message", [("--refine-margin", "-0.5", "refine_margin"),
+                                                  ("--refine-starts", "0", "refine_starts")])
+def test_run_with_a_bad_local_stage_flag_exits_2_with_one_line(tmp_path, flag, value, message):
+    code, out, err = _cli("run", "--model", "gmm", "--out", str(tmp_path / "run"), flag, value)
+    assert code == 2, (out, err)
+    line = _one_error_line(err, "run")
+    assert message in line and value in line
+    assert not (tmp_path / "run").exists()   # refused before anything was made

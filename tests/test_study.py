@@ -19,7 +19,8 @@ from schedsearch.space import Space, Target
 from schedsearch.study import RunOptions, run_study
 
 SMALL = dict(model="gmm", budget=5, n_search=64, n_heldout=64, batch_size=64, trials=5,
-             refine=0.4, baselines=["karras", "paper", "ays"], checkpoints=[16, 32])
+             refine=0.4, baselines=["karras", "paper", "ays"], checkpoints=[16, 32],
+             validation_sets=2, refine_margin=100.0)   # a second local run, whatever its start
 
 
 def cli(*args, env=None, **kw):
@@ -68,6 +69,35 @@ def test_refine_splits_the_first_48_trials_and_the_rest_are_local(trials, refine
     assert StudyConfig(trials=trials, refine=refine).stages() == stages
 
 
+@pytest.mark.parametrize("trials, found, starts, runs", [
+    (60, 2, 2, [21, 20]), (72, 2, 2, [27, 26]), (60, 1, 2, [41]), (60, 0, 2, [41]),
+    (60, 3, 2, [21, 20]), (4, 3, 3, [1, 1]), (2, 2, 2, [1]), (60, 3, 3, [14, 14, 13])])
+def test_the_local_stage_is_split_between_its_cmaes_runs(trials, found, starts, runs):
+    """``found`` starts, at most ``refine_starts`` of them used, share the local trials evenly."""
+    config = StudyConfig(trials=trials, refine_starts=starts)
+    assert config.local_runs(found) == runs and sum(runs) == config.stages()[1]
+
+
+def test_local_runs_start_from_the_best_trial_of_each_solver_best_first():
+    from schedsearch.study import local_starts
+
+    study = optuna.create_study()
+    dist = {"solver": optuna.distributions.CategoricalDistribution(["unipc", "dpmpp_2m", "ipndm"])}
+    for value, solver in [(7.0, "dpmpp_2m"), (6.5, "unipc"), (6.9, "unipc"), (6.8, "dpmpp_2m")]:
+        study.add_trial(optuna.trial.create_trial(params={"solver": solver}, distributions=dist,
+                                                  value=value))
+    study.add_trial(optuna.trial.create_trial(params={"solver": "ipndm"}, distributions=dist,
+                                              state=optuna.trial.TrialState.FAIL))
+    def starts(**kw):
+        return [t.number for t in local_starts(study, StudyConfig(**kw))]
+    # unipc's best (6.5), then dpmpp_2m's best (6.8, 4.6% behind); ipndm never completed
+    assert starts(refine_starts=4, refine_margin=0.1) == [1, 3]
+    assert starts(refine_starts=1, refine_margin=0.1) == [1]
+    assert starts(refine_starts=4, refine_margin=0.04) == [1]   # 6.8 > 6.5 × 1.04
+    assert starts(refine_starts=4, refine_margin=0.0) == [1]
+    assert local_starts(optuna.create_study(), StudyConfig()) == []
+
+
 @pytest.mark.parametrize("data, message", [
     (dict(budget=0), "budget must be an integer >= 1"),
     (dict(trials=0), "trials must be an integer >= 1"),
@@ -89,6 +119,9 @@ def test_refine_splits_the_first_48_trials_and_the_rest_are_local(trials, refine
     (dict(refine=1.0), r"refine .* must lie in \[0, 1\)"),
     (dict(heldout_sets=0), "heldout_sets must be an integer >= 1"),
     (dict(validation_sets=0), "validation_sets must be an integer >= 1"),
+    (dict(refine_starts=0), "refine_starts must be an integer >= 1"),
+    (dict(refine_margin=-0.1), "refine_margin .* must be a number >= 0"),
+    (dict(refine_margin=float("nan")), "refine_margin .* must be a number >= 0"),
     (dict(n_search=100_000, validation_sets=5), "validation and held-out seeds never meet"),
     (dict(checkpoints=[1000]), "checkpoints must lie in"),
     (dict(colour="red"), "unknown study config keys: colour"),
@@ -115,15 +148,18 @@ def test_study_compares_winner_and_baselines_on_search_and_heldout(finished):
         assert r["nfe"] == 5 and r["fid"] > 0 and r["fid_heldout"] > 0
     url = f"sqlite:///{out / 'study.db'}"
     trials = optuna.load_study(study_name="gmm-5nfe", storage=url).get_trials()
-    local = optuna.load_study(study_name="gmm-5nfe:refine", storage=url).get_trials()
+    runs = [optuna.load_study(study_name=n, storage=url).get_trials()
+            for n in ("gmm-5nfe:refine", "gmm-5nfe:refine:2")]
+    local = runs[0] + runs[1]
     base = optuna.load_study(study_name="gmm-5nfe:baselines", storage=url)
     assert sorted(tuple(t.user_attrs["baselines"]) for t in base.get_trials()) == \
         [("ays",), ("karras",), ("paper",)]
-    # 5 trials: 3 in the global stage, 2 in the local one (numbered 3 and 4)
-    assert [t.number for t in trials] == [0, 1, 2] and [t.number for t in local] == [0, 1]
+    # 5 trials: 3 in the global stage, 2 in the local one's two runs (shown as 3 and 4)
+    assert [t.number for t in trials] == [0, 1, 2] and [[t.number for t in r] for r in runs] == [[0], [0]]
     assert all(t.state.is_finished() for t in trials + local)
     done = [(t.value, t.number) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    done += [(t.value, t.number + 3) for t in local if t.state == optuna.trial.TrialState.COMPLETE]
+    done += [(t.value, t.number + 3 + k) for k, r in enumerate(runs) for t in r
+             if t.state == optuna.trial.TrialState.COMPLETE]
     # the winner: of the 3 best on the search subset and the best warm start, the lowest mean
     # FID on the 2 validation sets (fresh seeds)
     contenders = [n for _, n in sorted(done)[:3]]
@@ -158,10 +194,13 @@ def test_study_compares_winner_and_baselines_on_search_and_heldout(finished):
     stored = [b.user_attrs["results"][best_base]["preset"]["sigmas"] for b in base.get_trials()
               if best_base in b.user_attrs["results"]][0]
     assert warm.user_attrs["candidate"]["sigmas"] == pytest.approx(stored, rel=1e-9)
-    # the local stage moves the global stage's best continuous parameters, keeping its choices
-    incumbent = min((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
+    # the local stage's first run moves the global stage's best continuous parameters, keeping
+    # its choices; the second run starts from the best trial with another solver
+    ranked = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
                     key=lambda t: t.value)
-    for t in local:
+    other = [t for t in ranked if t.params["solver"] != ranked[0].params["solver"]]
+    assert other, "the global stage should have run two solvers"
+    for incumbent, t in zip((ranked[0], other[0]), local):
         assert t.user_attrs["candidate"]["stage"] == 2
         moved = t.user_attrs["candidate"]["params"]
         assert {k: v for k, v in moved.items() if not isinstance(v, float)} == \
@@ -185,8 +224,11 @@ def test_the_best_warm_start_always_meets_the_top_trials_on_fresh_seeds(finished
     for f in out.glob("study.db*"):   # the database and any write-ahead log beside it
         shutil.copy(f, tmp_path / f.name)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
-    studies = slots.Studies(*(slots.load(storage, n) for n in
-                              ("gmm-5nfe", "gmm-5nfe:refine", "gmm-5nfe:baselines")), storage)
+    main = slots.load(storage, "gmm-5nfe")
+    stages = slots.stored_stages(storage, main)
+    studies = slots.Studies(main, tuple(st for st, _ in stages[1:]),
+                            slots.load(storage, "gmm-5nfe:baselines"), storage,
+                            tuple(offset for _, offset in stages[1:]))
     for key in list(studies.trials.user_attrs):   # forget the study's own re-scoring
         if key.startswith("validation"):
             storage.set_study_user_attr(studies.trials._study_id, key, None)
@@ -469,3 +511,35 @@ def _config(tmp_path, **keys):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(keys))
     return path
+
+
+def test_local_runs_are_laid_out_once_and_every_worker_follows_that_layout(tmp_path):
+    """The first worker done with the global stage stores the layout; a worker that computed
+    another one (another refine_starts) and a restarted study use the stored one, so the study
+    keeps its trial count."""
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    common = dict(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=0),
+                  pruner=optuna.pruners.NopPruner(), identity={"model": "gmm"}, attrs={},
+                  plan=[({}, {})] * 2, baseline_groups=[["karras"]])
+    first = slots.open_studies(storage, "s", **common)
+    assert first.local == ()                       # not before the global stage is done
+    slots.open_local(first, [3, 2])
+    other = slots.open_studies(storage, "s", **common)   # a worker joining later gets them
+    slots.open_local(other, [1, 1, 1, 1, 1])
+    for st in (first, other):
+        assert [len(r.get_trials()) for r in st.local] == [3, 2] and st.offsets == (2, 5)
+    assert sorted(s.study_name for s in optuna.get_all_study_summaries(storage)) == \
+        ["s", "s:baselines", "s:refine", "s:refine:2"]
+    assert [off for _, off in slots.stored_stages(storage, first.trials)] == [0, 2, 5]
+
+
+def test_a_study_from_before_the_local_runs_keeps_its_one_local_study(tmp_path):
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    common = dict(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=0),
+                  pruner=optuna.pruners.NopPruner(), identity={"model": "gmm"}, attrs={},
+                  plan=[({}, {})] * 2, baseline_groups=[["karras"]])
+    slots.open_studies(storage, "s", **common)
+    old = optuna.create_study(storage=storage, study_name="s:refine")   # as 0.1.0 made it
+    slots.ensure_slots(old, [({}, {})] * 4, grace=30)
+    again = slots.open_studies(storage, "s", **common)
+    assert [len(r.get_trials()) for r in again.local] == [4] and again.offsets == (2,)

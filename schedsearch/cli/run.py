@@ -33,19 +33,7 @@ def register(sub) -> None:
     options.prompts(p, default_seed=None)
     p.add_argument("--n-search", type=int, help="images per candidate (the search subset)")
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
-    p.add_argument("--trials", type=int,
-                   help=f"number of trials in the study (default: {TRIALS_PER_NFE} per model call, "
-                        f"at least {MIN_TRIALS}; {default_trials(5)} at budget 5)")
-    p.add_argument("--refine", type=float, metavar="FRACTION",
-                   help=f"share of the first {MIN_TRIALS} trials in the local stage around the "
-                        f"global stage's best; every trial beyond them is local too, unless 0 "
-                        f"(default {StudyConfig.refine})")
-    p.add_argument("--heldout-sets", type=int, metavar="K",
-                   help=f"disjoint held-out seed sets the winner is re-scored on "
-                        f"(default {StudyConfig.heldout_sets})")
-    p.add_argument("--validation-sets", type=int, metavar="V",
-                   help=f"fresh seed sets the best few trials and the best warm start are "
-                        f"re-scored on before one wins (default {StudyConfig.validation_sets})")
+    _search_options(p)
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
     p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, help="the search's seed (default 0)")
@@ -73,9 +61,35 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def _search_options(p) -> None:
+    """How the study spends its trials and picks its winner, in their own --help section."""
+    g = p.add_argument_group("how the trials are spent and the winner is picked")
+    g.add_argument("--trials", type=int,
+                   help=f"number of trials in the study (default: {TRIALS_PER_NFE} per model call, "
+                        f"at least {MIN_TRIALS}; {default_trials(5)} at budget 5)")
+    g.add_argument("--refine", type=float, metavar="FRACTION",
+                   help=f"share of the first {MIN_TRIALS} trials in the local stage around the "
+                        f"global stage's best; every trial beyond them is local too, unless 0 "
+                        f"(default {StudyConfig.refine})")
+    g.add_argument("--refine-starts", type=int, metavar="N",
+                   help=f"at most N CMA-ES runs share the local stage: around the global stage's "
+                        f"best, then around the best trial of each other solver "
+                        f"(default {StudyConfig.refine_starts})")
+    g.add_argument("--refine-margin", type=float, metavar="SHARE",
+                   help=f"a further local run starts only from a trial whose search FID is within "
+                        f"this share of the best's (default {StudyConfig.refine_margin})")
+    g.add_argument("--heldout-sets", type=int, metavar="K",
+                   help=f"disjoint held-out seed sets the winner is re-scored on "
+                        f"(default {StudyConfig.heldout_sets})")
+    g.add_argument("--validation-sets", type=int, metavar="V",
+                   help=f"fresh seed sets the best few trials and the best warm start are "
+                        f"re-scored on before one wins (default {StudyConfig.validation_sets})")
+
+
 # flag → config key, for the flags that override a study config
 OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_search",
-             "n_heldout", "trials", "refine", "heldout_sets", "validation_sets", "sampler", "seed", "guidance", "ref_stats", "extractor",
+             "n_heldout", "trials", "refine", "refine_starts", "refine_margin", "heldout_sets",
+             "validation_sets", "sampler", "seed", "guidance", "ref_stats", "extractor",
              "inception", "clip", "batch_size", "device", "dtype")
 
 
