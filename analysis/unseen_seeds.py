@@ -1,0 +1,129 @@
+"""The benchmark's winners and baselines scored again on prompt seeds no study and no held-out set
+uses — the check that a result is not tuned to the benchmark's own seeds.
+
+    python analysis/unseen_seeds.py [--work analysis/results/runs] [--testbed digits]
+                                    [--budgets 4 5 6 8] [--prompt-seeds 77 78 79] [--n 200]
+
+For every finished study ``<work>/<testbed>-<B>nfe-seed<S>`` (what ``analysis/benchmark.py``
+leaves), takes the searched winner (the trial the study picked, as the benchmark's *found*) and
+every baseline the study scored, samples ``--n`` images per prompt seed exactly as
+``schedsearch score --prompt-seed P --n N`` does, and reports per budget the mean FID over the
+prompt seeds of each winner and baseline, and found / best same-NFE baseline and found / each
+longer-step reference (Karras@20 on DDPM testbeds), the winners averaged over the study seeds.
+Writes ``<out>/unseen_seeds_<testbed>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "analysis"))
+
+
+def study_presets(folder: Path) -> tuple[dict, object]:
+    """The baselines (key → (nfe, preset)) and the searched winner's preset of a finished study."""
+    import optuna
+
+    from schedsearch import report, slots
+
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}")
+    main = slots.load(storage, summary["study"])
+    stages = slots.stored_stages(storage, main)
+    studies = slots.Studies(trials=main, local=tuple(s for s, _ in stages[1:]),
+                            baselines=slots.load(storage, f"{summary['study']}:baselines"),
+                            storage=storage, offsets=tuple(o for _, o in stages[1:]))
+    shown = {d.number: d for d in report.completed(studies)}
+    winner = shown[summary["best_trial"]]
+    baselines = {k: (b["nfe"], b["preset"]) for k, b in report.collect_baselines(studies).items()}
+    return baselines, report.stored_preset(winner.trial.user_attrs["candidate"])
+
+
+def ratios(budget: int, winners: list[float], baselines: dict) -> dict:
+    """found (mean over the studies) over the best same-NFE baseline and over the long-step
+    references the benchmark reports (Karras@20; flow@28 and @50); ``baselines``: key → (nfe,
+    fid). A baseline at another NFE that is no reference (the paper's nearest preset) is left
+    out, as in the benchmark."""
+    from benchmark_report import REFERENCES
+
+    found = sum(winners) / len(winners)
+    same = {k: fid for k, (nfe, fid) in baselines.items() if nfe == budget}
+    best = min(same, key=same.get)
+    out = {"found": found, "winners": winners, "best_same_nfe": best,
+           "found_over_best_same_nfe": found / same[best]}
+    for key, (nfe, fid) in baselines.items():
+        if key in REFERENCES:
+            out[f"found_over_{key}"] = found / fid
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default=str(ROOT / "analysis" / "results" / "runs"))
+    ap.add_argument("--testbed", default="digits")
+    ap.add_argument("--budgets", nargs="+", type=int, default=[4, 5, 6, 8])
+    ap.add_argument("--prompt-seeds", nargs="+", type=int, default=[77, 78, 79])
+    ap.add_argument("--n", type=int, default=200, help="images per prompt seed (default 200)")
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--out", default=str(ROOT / "analysis" / "results"))
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from schedsearch import models, prompts
+    from schedsearch.metrics.score import Scorer, scoring_setup
+
+    model = models.load(args.testbed)
+    extractor, ref = scoring_setup(model)
+    guidance = models.default_guidance(model.family)
+    sets = [prompts.load(models.default_prompts(model), args.n, p) for p in args.prompt_seeds]
+    scorers = [Scorer(model, extractor, ref, s, guidance=guidance, batch_size=args.batch_size,
+                      checkpoints=[], kid_subsets=0) for s in sets]
+    cache: dict = {}
+
+    def fid(preset) -> float:
+        """Mean FID over the prompt seeds; a baseline shared by several budgets is scored once."""
+        key = (tuple(np.round(preset.sigmas, 12)), preset.solver,
+               json.dumps(preset.freeu.to_json() if preset.freeu else None, sort_keys=True))
+        if key not in cache:
+            cache[key] = float(np.mean([s.score(preset.sigmas, solver=preset.solver,
+                                                freeu=preset.freeu).fid for s in scorers]))
+        return cache[key]
+
+    result = {"testbed": args.testbed, "prompt_seeds": args.prompt_seeds, "n": args.n,
+              "budgets": {}}
+    for budget in args.budgets:
+        folders = sorted(Path(args.work).glob(f"{args.testbed}-{budget}nfe-seed*"))
+        folders = [f for f in folders if (f / "summary.json").exists()]
+        if not folders:
+            raise SystemExit(f"no finished {args.testbed} study at {budget} NFE in {args.work}: "
+                             f"run analysis/benchmark.py first")
+        winners, baselines = [], {}
+        for folder in folders:
+            bl, winner = study_presets(folder)
+            winners.append(fid(winner))
+            for key, (nfe, preset) in bl.items():   # the same in every study (no search seed)
+                baselines.setdefault(key, (nfe, fid(preset)))
+        entry = ratios(budget, winners, baselines)
+        entry["studies"] = [f.name for f in folders]
+        entry["baselines"] = {k: {"nfe": nfe, "fid": v} for k, (nfe, v) in baselines.items()}
+        result["budgets"][str(budget)] = entry
+        refs = {k[len("found_over_"):]: v for k, v in entry.items()
+                if k.startswith("found_over_") and k != "found_over_best_same_nfe"}
+        print(f"| {budget} | {', '.join(f'{w:.2f}' for w in winners)} | {entry['best_same_nfe']} "
+              f"{baselines[entry['best_same_nfe']][1]:.2f} | {entry['found_over_best_same_nfe']:.3f} | "
+              + ", ".join(f"{k} {v:.3f}" for k, v in refs.items()) + " |", flush=True)
+    path = Path(args.out) / f"unseen_seeds_{args.testbed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
