@@ -26,22 +26,19 @@ sys.path.insert(0, str(ROOT / "analysis"))
 
 
 def study_presets(folder: Path) -> tuple[dict, object]:
-    """The baselines (key → (nfe, preset)) and the searched winner's preset of a finished study."""
-    import optuna
-
+    """The baselines (key → (nfe, preset)) and the searched winner's preset of a finished study:
+    the winner as ``schedsearch presets export --trial <the study's pick>`` reads it."""
     from schedsearch import report, slots
 
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}")
-    main = slots.load(storage, summary["study"])
-    stages = slots.stored_stages(storage, main)
-    studies = slots.Studies(trials=main, local=tuple(s for s, _ in stages[1:]),
-                            baselines=slots.load(storage, f"{summary['study']}:baselines"),
-                            storage=storage, offsets=tuple(o for _, o in stages[1:]))
-    shown = {d.number: d for d in report.completed(studies)}
-    winner = shown[summary["best_trial"]]
+    url, name = f"sqlite:///{folder / 'study.db'}", summary["study"]
+    winner = report.preset_from_study(url, name, "found", summary["best_trial"])
+    storage = slots.make_storage(url)
+    # collect_baselines reads the baseline slots only
+    studies = slots.Studies(trials=slots.load(storage, name), local=(),
+                            baselines=slots.load(storage, f"{name}:baselines"), storage=storage)
     baselines = {k: (b["nfe"], b["preset"]) for k, b in report.collect_baselines(studies).items()}
-    return baselines, report.stored_preset(winner.trial.user_attrs["candidate"])
+    return baselines, winner
 
 
 def ratios(budget: int, winners: list[float], baselines: dict) -> dict:
@@ -74,6 +71,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import numpy as np
+    from benchmark_report import REFERENCES
 
     from schedsearch import models, prompts
     from schedsearch.metrics.score import Scorer, scoring_setup
@@ -84,16 +82,13 @@ def main(argv=None) -> int:
     sets = [prompts.load(models.default_prompts(model), args.n, p) for p in args.prompt_seeds]
     scorers = [Scorer(model, extractor, ref, s, guidance=guidance, batch_size=args.batch_size,
                       checkpoints=[], kid_subsets=0) for s in sets]
-    cache: dict = {}
 
     def fid(preset) -> float:
-        """Mean FID over the prompt seeds; a baseline shared by several budgets is scored once."""
-        key = (tuple(np.round(preset.sigmas, 12)), preset.solver,
-               json.dumps(preset.freeu.to_json() if preset.freeu else None, sort_keys=True))
-        if key not in cache:
-            cache[key] = float(np.mean([s.score(preset.sigmas, solver=preset.solver,
-                                                freeu=preset.freeu).fid for s in scorers]))
-        return cache[key]
+        """Mean FID over the prompt seeds."""
+        return float(np.mean([s.score(preset.sigmas, solver=preset.solver,
+                                      freeu=preset.freeu).fid for s in scorers]))
+
+    references: dict = {}   # the long-step references are the same at every budget: scored once
 
     result = {"testbed": args.testbed, "prompt_seeds": args.prompt_seeds, "n": args.n,
               "budgets": {}}
@@ -107,8 +102,14 @@ def main(argv=None) -> int:
         for folder in folders:
             bl, winner = study_presets(folder)
             winners.append(fid(winner))
-            for key, (nfe, preset) in bl.items():   # the same in every study (no search seed)
-                baselines.setdefault(key, (nfe, fid(preset)))
+            # the same in every study (no search seed); only those the ratios use are scored
+            for key, (nfe, preset) in bl.items():
+                if key in REFERENCES:
+                    if key not in references:
+                        references[key] = fid(preset)
+                    baselines[key] = (nfe, references[key])
+                elif nfe == budget and key not in baselines:
+                    baselines[key] = (nfe, fid(preset))
         entry = ratios(budget, winners, baselines)
         entry["studies"] = [f.name for f in folders]
         entry["baselines"] = {k: {"nfe": nfe, "fid": v} for k, (nfe, v) in baselines.items()}

@@ -8,8 +8,8 @@ storage, so any worker — or a resumed one — writes the same report.
 from __future__ import annotations
 
 import json
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -473,7 +473,6 @@ def _stored_trials(storage, study: optuna.Study) -> list[tuple[int, optuna.trial
     """(shown number, trial) of every trial of both stages (0.1.0 studies have one stage)."""
     return [(t.number + offset, t) for st, offset in slots.stored_stages(storage, study)
             for t in slots.trials_of(st)]
-
 
 
 def _pick_trial(storage, study: optuna.Study, number: Optional[int]) -> Done:

@@ -171,6 +171,14 @@ class Worker:
             studies, ctx, tracker, parent, opts)
         self.space = Space(dict(ctx.config.space))
         self.multi = _multi(ctx.config)
+        self._starts: Optional[list] = None
+
+    def local_starts(self) -> list:
+        """Where the local runs start. Read once: the local stage opens only when the global one
+        is done, so its trials no longer change (and every local trial needs them)."""
+        if self._starts is None:
+            self._starts = local_starts(self.studies.trials, self.ctx.config)
+        return self._starts
 
     def work(self, deadline: Optional[float]) -> None:
         """Claim and run slots until none is left — baselines, then the global stage (warm-start
@@ -211,8 +219,8 @@ class Worker:
             return False
         if not st.local and self.ctx.config.stages()[1]:
             # the global stage is done: it decides where the local runs start, and how many
-            starts = local_starts(st.trials, self.ctx.config)
-            slots.open_local(st, self.ctx.config.local_runs(len(starts)), self.opts.grace)
+            slots.open_local(st, self.ctx.config.local_runs(len(self.local_starts())),
+                             self.opts.grace)
         for run, study in enumerate(st.local):   # one CMA-ES run after the other
             slot = slots.claim(study, st.storage)
             if slot is not None:
@@ -232,7 +240,7 @@ class Worker:
         else:
             fixed, study = None, st.local[run]
             number = st.offsets[run] + slot.number
-            starts = local_starts(st.trials, config)
+            starts = self.local_starts()
             # a run without a start of its own (a study resumed with another config) refines
             # the best
             incumbent = starts[run] if run < len(starts) else starts[0] if starts else None
