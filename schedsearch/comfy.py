@@ -91,6 +91,9 @@ SAMPLERS = {
     # corrector on every step but the last: the same orders and weights as schedsearch's unipc.
     "unipc": ComfySampler("KSamplerSelect", {"sampler_name": "uni_pc_bh2"},
                           "uni_pc.sample_unipc_bh2"),
+    # uni_pc: the same sampler with B(h) = h, i.e. schedsearch's unipc_bh1.
+    "unipc_bh1": ComfySampler("KSamplerSelect", {"sampler_name": "uni_pc"},
+                              "uni_pc.sample_unipc"),
     "ipndm": _select("ipndm"),
 }
 
@@ -99,7 +102,7 @@ def comfy_sampler(preset) -> ComfySampler:
     """The ComfyUI sampler for the preset's solver on its σ list."""
     if preset.solver not in SAMPLERS:
         raise ValueError(f"no ComfyUI sampler is known for solver {preset.solver!r}")
-    if preset.solver == "unipc" and preset.steps == 1:
+    if preset.solver in ("unipc", "unipc_bh1") and preset.steps == 1:
         # ComfyUI's uni_pc runs order min(3, steps − 1) = 0 for one step and never moves x; a
         # one-step UniPC is a single DDIM step, which euler is exactly.
         return SAMPLERS["euler"]
@@ -110,8 +113,8 @@ def solver_caveat(preset) -> Optional[str]:
     """One line when ComfyUI's sampler does not take exactly the preset's solver steps."""
     if preset.steps < 2 or float(preset.sigmas[-1]) != 0:
         return None
-    if preset.solver == "unipc":
-        return ("solver unipc runs as ComfyUI's uni_pc_bh2, which replaces a final σ = 0 by 0.001 "
+    if preset.solver in ("unipc", "unipc_bh1"):
+        return (f"solver {preset.solver} runs as ComfyUI's {SAMPLERS[preset.solver].inputs['sampler_name']}, which replaces a final σ = 0 by 0.001 "
                 "(comfy/extra_samplers/uni_pc.py, sample_unipc): its last step lands at σ = 0.001 "
                 "and the image keeps noise of that scale, where schedsearch ends at x = D")
     if preset.solver == "ipndm":

@@ -162,7 +162,8 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
 
 
 @functools.lru_cache(maxsize=1024)   # the same σ list is replayed step by step (PresetScheduler)
-def _unipc_rhos(rks: tuple[float, ...], h: float) -> tuple[list[float], list[float]]:
+def _unipc_rhos(rks: tuple[float, ...], h: float, bh1: bool = False
+                ) -> tuple[list[float], list[float]]:
     """UniPC's weights for B(h) = expm1(−h) in the data-prediction form.
 
     ``rks`` are r_k = log(σ_i/σ_{i−k})/h (< 0) for the k = 1..p−1 older model outputs of a step of
@@ -174,17 +175,18 @@ def _unipc_rhos(rks: tuple[float, ...], h: float) -> tuple[list[float], list[flo
     order = len(rks) + 1
     if order == 1:
         return [], [0.5]
-    b = _unipc_b(h, order)
+    b = _unipc_b(h, order, bh1)
     rows = [[r ** j for r in (*rks, 1.0)] for j in range(order)]
     pred = [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
     return pred, _solve(rows, b)
 
 
-def _unipc_b(h: float, count: int) -> list[float]:
-    """b_j = j!·(−h)·φ_{j+1}(−h)/B(h), j = 1..count, by diffusers' recursion."""
+def _unipc_b(h: float, count: int, bh1: bool = False) -> list[float]:
+    """b_j = j!·(−h)·φ_{j+1}(−h)/B(h), j = 1..count, by diffusers' recursion; B(h) = −h for bh1,
+    expm1(−h) for bh2 (the φ recursion itself starts from expm1(−h) in both)."""
     hh = -h
-    b_h = math.expm1(hh)
-    phi, fact, b = b_h / hh - 1.0, 1, []
+    b_h = hh if bh1 else math.expm1(hh)
+    phi, fact, b = math.expm1(hh) / hh - 1.0, 1, []
     for j in range(1, count + 1):
         b.append(phi * fact / b_h)
         fact *= j + 1
@@ -193,19 +195,18 @@ def _unipc_b(h: float, count: int) -> list[float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _unipc_rhos_after_infinity(rks: tuple[float, ...], h: float
+def _unipc_rhos_after_infinity(rks: tuple[float, ...], h: float, bh1: bool = False
                                ) -> tuple[list[float], list[float]]:
     """The r → −∞ limit of ``_unipc_rhos`` when the oldest node is σ = ∞ (``rks`` holds the
     finite ones): that node's weight and its highest-power equation drop out, leaving the
     Vandermonde systems on the other nodes, solved as such (no fixed ρ = ½ there)."""
     m = len(rks)
-    b = _unipc_b(h, m + 1)
+    b = _unipc_b(h, m + 1, bh1)
     rows = [[r ** j for r in (*rks, 1.0)] for j in range(m + 1)]
     pred = _solve([r[:-1] for r in rows[:-1]], b[:m]) if m else []
     return pred, _solve(rows, b)
 
 
-@torch.no_grad()
 def unipc(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = None) -> torch.Tensor:
     """UniPC (Zhao et al. 2023), data prediction, B(h) = expm1(−h) ("bh2"), one call per step.
 
@@ -224,7 +225,26 @@ def unipc(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
     From σ = ∞ the first step is D_0 + σ_1·ε and the node at ∞ (r = −∞) drops out of the later
     weights (``_unipc_rhos_after_infinity``).
     """
+    return _unipc(denoiser, x, sigmas, hook, bh1=False)
+
+
+def unipc_bh1(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = None
+              ) -> torch.Tensor:
+    """UniPC with B(h) = h ("bh1"; diffusers' ``solver_type="bh1"``, ComfyUI's ``uni_pc``, the
+    variant F-scheduler runs). The same orders, nodes and steps as ``unipc``; only the weights
+    change: b_j is divided by B(h) = −h instead of expm1(−h), and the correction terms are scaled
+    by h instead of 1 − q = −expm1(−h). The two agree as h → 0; on long steps bh1's corrections
+    are larger (Zhao et al. 2023 recommend it for few-step unconditional sampling)."""
+    return _unipc(denoiser, x, sigmas, hook, bh1=True)
+
+
+@torch.no_grad()
+def _unipc(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook], bh1: bool
+           ) -> torch.Tensor:
     s = _floats(sigmas)
+    if bh1 and s[0] == math.inf:
+        raise ValueError("unipc_bh1 cannot start at σ = ∞ (a flow-matching model): its first "
+                         "corrector weight h/2 is infinite there; use unipc (bh2)")
     n = len(s) - 1
     ds: list[torch.Tensor] = []  # the model outputs of the last steps, newest last
     pending = None  # the corrector of the previous step: (x without its last term, weight, D_prev)
@@ -243,14 +263,15 @@ def unipc(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
         order = min(3, n - i, i + 1)
         # a node at σ = ∞ has r = −∞ and drops out of both systems (_unipc_rhos_after_infinity)
         rks = tuple(math.log(s[i] / s[i - k]) / h for k in range(1, order) if s[i - k] < math.inf)
-        rho_p, rho_c = (_unipc_rhos(rks, h) if len(rks) == order - 1
-                        else _unipc_rhos_after_infinity(rks, h))
+        rho_p, rho_c = (_unipc_rhos(rks, h, bh1) if len(rks) == order - 1
+                        else _unipc_rhos_after_infinity(rks, h, bh1))
+        f = h if bh1 else 1 - q  # −B(h), the scale of every correction term
         diffs = [(ds[-1 - k] - d) / rks[k - 1] for k in range(1, len(rks) + 1)]
         # x is handed to the model next; never the corrector's own tensor, which must not see
         # in-place edits of x (as in diffusers, the corrector restarts from the previous x)
-        x = base + sum(((1 - q) * r) * dk for r, dk in zip(rho_p, diffs)) if diffs else base.clone()
-        partial = base + sum(((1 - q) * r) * dk for r, dk in zip(rho_c, diffs)) if diffs else base
-        pending = (partial, (1 - q) * rho_c[-1], d)
+        x = base + sum((f * r) * dk for r, dk in zip(rho_p, diffs)) if diffs else base.clone()
+        partial = base + sum((f * r) * dk for r, dk in zip(rho_c, diffs)) if diffs else base
+        pending = (partial, f * rho_c[-1], d)
     return x
 
 
@@ -319,9 +340,10 @@ def ipndm(denoiser: Denoise, x: torch.Tensor, sigmas, hook: Optional[Hook] = Non
 
 
 SOLVERS = {"dpmpp_1s": dpmpp_1s, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun,
-           "unipc": unipc, "dpmpp_3m": dpmpp_3m, "ipndm": ipndm}
+           "unipc": unipc, "unipc_bh1": unipc_bh1, "dpmpp_3m": dpmpp_3m, "ipndm": ipndm}
 _ALIASES = {"dpm++1s": "dpmpp_1s", "dpm++2m": "dpmpp_2m", "ddim": "dpmpp_1s", "1s": "dpmpp_1s",
-            "2m": "dpmpp_2m", "dpm++3m": "dpmpp_3m", "3m": "dpmpp_3m", "uni_pc": "unipc"}
+            "2m": "dpmpp_2m", "dpm++3m": "dpmpp_3m", "3m": "dpmpp_3m", "uni_pc_bh2": "unipc",
+            "uni_pc": "unipc_bh1", "unipc_bh2": "unipc"}  # ComfyUI's names: uni_pc is bh1
 
 
 def canonical(name: str) -> str:

@@ -39,6 +39,10 @@ from .presets import Preset
 FREEU_KEYS = ("b1", "b2", "s1", "s2")
 FAMILIES = ("paper", "knots")
 # One model call per step and exact on any σ list: the solvers a budget can be spent on.
+SEARCHABLE_SOLVERS = ("dpmpp_1s", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1", "ipndm")
+# Searched unless the config says otherwise. unipc_bh1 is opt-in: on digits at 5 NFE it led the
+# global stage (AYS's σ list scores better with it than with unipc) but none of its refined lists
+# won the validation round, so by default its warm starts would only take trials (docs/search.md).
 SEARCHED_SOLVERS = ("dpmpp_1s", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm")
 
 DEFAULT_SPACE = {
@@ -114,10 +118,10 @@ class Space:
             if _range(r, k)[0] <= 0:
                 raise ValueError(f"search space: FreeU {k} must stay > 0 (diffusers treats 0 as off)")
         names = [solvers.canonical(s) for s in r["solver"]] if r["solver"] else []
-        bad = [s for s in names if s not in SEARCHED_SOLVERS]
+        bad = [s for s in names if s not in SEARCHABLE_SOLVERS]
         if not names or bad:
             raise ValueError(f"search space: solver must be a non-empty list of "
-                             f"{', '.join(SEARCHED_SOLVERS)} (one model call per step), got "
+                             f"{', '.join(SEARCHABLE_SOLVERS)} (one model call per step), got "
                              f"{r['solver']!r}")
         r["solver"] = names
         if r["guidance"] is not None:
@@ -155,7 +159,11 @@ class Space:
 
     def check_flow(self) -> None:
         """Refuse, in one line, a space a flow-matching model cannot search: the paper family
-        alone."""
+        alone, or unipc_bh1 (undefined from σ = ∞, docs/solvers.md)."""
+        if "unipc_bh1" in self.ranges["solver"]:
+            raise ValueError("search space: unipc_bh1 cannot start at σ = ∞ (its first corrector "
+                             "weight h/2 is infinite there, docs/solvers.md); on a flow-matching "
+                             "model remove it from space.solver (unipc is the bh2 variant)")
         if "knots" not in self.ranges["family"]:
             raise ValueError("search space: family [paper] has no faithful analogue on a "
                              "flow-matching model (docs/flow.md); use family: [knots], the "

@@ -208,7 +208,7 @@ def test_each_solver_and_end(solver, end, defs):
     sampler = wf["6"]
     assert sampler["class_type"] == comfy.SAMPLERS[solver].node
     assert sampler["inputs"] == comfy.SAMPLERS[solver].inputs
-    inexact = solver in ("unipc", "ipndm") and end == "zero"
+    inexact = solver in ("unipc", "unipc_bh1", "ipndm") and end == "zero"
     assert (comfy.solver_caveat(preset) is not None) == inexact
     assert kinds(lines) == ({"solver"} if inexact else set()), lines
 
@@ -216,19 +216,19 @@ def test_each_solver_and_end(solver, end, defs):
 def test_sampler_names():
     names = {k: v.inputs.get("sampler_name") for k, v in comfy.SAMPLERS.items()}
     assert names["dpmpp_1s"] == names["euler"] == "euler"
-    assert (names["heun"], names["dpmpp_2m"], names["unipc"], names["ipndm"]) == (
-        "heun", "dpmpp_2m", "uni_pc_bh2", "ipndm")
+    assert (names["heun"], names["dpmpp_2m"], names["unipc"], names["unipc_bh1"], names["ipndm"]) == (
+        "heun", "dpmpp_2m", "uni_pc_bh2", "uni_pc", "ipndm")
     three = comfy.SAMPLERS["dpmpp_3m"]
     assert three.node == "SamplerDPMPP_3M_SDE" and three.inputs["eta"] == 0.0
 
 
-@pytest.mark.parametrize("solver", [s for s in ("unipc", "ipndm", "dpmpp_3m")
+@pytest.mark.parametrize("solver", [s for s in ("unipc", "unipc_bh1", "ipndm", "dpmpp_3m")
                                     if s in solvers.SOLVERS])
 def test_one_step_lists_are_exact(solver, defs):
     preset = make([float(SD.sigmas[500]), 0.0], solver=solver)
     wf, lines = comfy.export(preset)
     assert validate(wf, defs) == [] and lines == []
-    if solver == "unipc":  # ComfyUI's uni_pc never steps on one step; one UniPC step is DDIM
+    if solver.startswith("unipc"):  # ComfyUI's uni_pc never steps on one step; one UniPC step is DDIM
         assert wf["6"]["inputs"] == {"sampler_name": "euler"}
 
 

@@ -107,6 +107,23 @@ def problem(mixture):
 
 
 FIRST_ORDER_START = ["dpmpp_1s", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
+FROM_INFINITY = [s for s in solvers.SOLVERS if s != "unipc_bh1"]   # bh1 has no limit there
+
+
+def test_unipc_bh1_refuses_to_start_at_infinity(problem):
+    """Its first corrector weighs D_1 − D_0 by h/2, infinite from σ = ∞: from finite σ_0 → ∞ it
+    drifts away from bh2's limit (which bh2 itself approaches like 1/log σ_0) instead of settling."""
+    den, eps = problem
+    with pytest.raises(ValueError, match="unipc_bh1 cannot start at σ = ∞"):
+        solvers.unipc_bh1(den, eps, [INF, 2.0, 0.0])
+    sig = [9.0, 3.0, 1.0, 0.3, 0.05]
+    limit = solvers.unipc(den, eps, [INF] + sig)
+
+    def gap(name, p):
+        return float((solvers.get(name)(den, 10.0 ** p * eps, [10.0 ** p] + sig) - limit)
+                     .pow(2).mean().sqrt())
+    assert gap("unipc", 32) < gap("unipc", 8) / 3
+    assert gap("unipc_bh1", 32) > gap("unipc_bh1", 8) > gap("unipc_bh1", 2) > 10 * gap("unipc", 32)
 
 
 @pytest.mark.parametrize("name", FIRST_ORDER_START)
@@ -133,7 +150,7 @@ def test_heun_from_infinity_is_the_trapezoid_in_one_over_sigma(problem):
     torch.testing.assert_close(corrected, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(solvers.SOLVERS))
+@pytest.mark.parametrize("name", FROM_INFINITY)
 def test_model_calls_and_hooks_from_infinity(problem, name):
     den, eps = problem
     for sig in ([INF, 9.0, 2.0, 0.4, 0.0], [INF, 9.0, 2.0, 0.4, 0.05], [INF, 0.0]):
@@ -276,7 +293,7 @@ def test_every_solver_samples_the_gmm_flow_testbed():
     model = load("gmm-flow", device="cpu")
     assert model.family == "gmm-flow" and model.table is FLOW
     data = torch.from_numpy(model.moments([0])[0]).float()
-    for name in solvers.SOLVERS:
+    for name in FROM_INFINITY:
         out = sample(model, S.build({"name": "flow", "steps": 12}, model.table), [0] * 64,
                      range(64), solver=name, guidance=1.0)
         # 64 samples of class 0: their mean sits near the class mean

@@ -95,6 +95,11 @@ def test_a_paper_only_space_and_a_ddpm_baseline_are_refused_in_one_line(tmp_path
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "family [paper] has no faithful analogue on a flow-matching model" in r.stderr
     assert not (tmp_path / "r" / "study.db").exists()          # before any work
+    config.write_text("space: {solver: [unipc, unipc_bh1]}\n")
+    r = _cli("--config", str(config), tmp_path=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "unipc_bh1 cannot start at σ = ∞" in r.stderr
+    assert not (tmp_path / "r" / "study.db").exists()
     r = _cli("--baselines", "karras,flow", tmp_path=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip() == ("schedsearch run: error: baseline karras does not apply to a "

@@ -40,7 +40,8 @@ def convergence_problem(smooth_gmm):
 #   for equal steps used on the unequal steps of a Karras list; with an exact start and
 #   variable-step weights it measures 3.1-3.8.
 @pytest.mark.parametrize("name, order", [("dpmpp_1s", 1.0), ("dpmpp_2m", 2.0), ("heun", 2.0),
-                                         ("dpmpp_3m", 2.8), ("unipc", 3.95), ("ipndm", 2.6)])
+                                         ("dpmpp_3m", 2.8), ("unipc", 3.95), ("unipc_bh1", 3.95),
+                                         ("ipndm", 2.6)])
 def test_convergence_order_on_the_exact_testbed(convergence_problem, name, order):
     den, x0, ref = convergence_problem
     ns = [16, 32, 64, 128]
@@ -125,13 +126,15 @@ def test_hook_sees_every_step_and_can_stop_on_non_finite_values():
 def test_solver_names():
     assert solvers.canonical("DPM++1S") == "dpmpp_1s" and solvers.canonical("dpm++2m") == "dpmpp_2m"
     assert solvers.canonical("DPM++3M") == "dpmpp_3m" and solvers.canonical("3m") == "dpmpp_3m"
-    assert solvers.canonical("UniPC") == "unipc" and solvers.canonical("uni-pc") == "unipc"
+    assert solvers.canonical("UniPC") == "unipc" and solvers.canonical("unipc-bh2") == "unipc"
+    # ComfyUI's sampler names: its uni_pc is the bh1 variant, uni_pc_bh2 the bh2 one
+    assert solvers.canonical("uni_pc") == "unipc_bh1" and solvers.canonical("uni_pc_bh2") == "unipc"
     assert solvers.canonical("iPNDM") == "ipndm"
     with pytest.raises(ValueError, match="solver must be one of"):
         solvers.canonical("lms")
 
 
-@pytest.mark.parametrize("name", ["unipc", "dpmpp_3m", "ipndm"])
+@pytest.mark.parametrize("name", ["unipc", "unipc_bh1", "dpmpp_3m", "ipndm"])
 def test_multistep_hooks_see_each_model_call_and_its_input(name):
     """One hook call per step, right after the step's model call, with the x the model saw; for
     UniPC that is the predictor's x_i, which the corrector then replaces."""
@@ -158,12 +161,12 @@ def test_steps_to_zero_and_warm_up_of_the_multistep_solvers():
     den = lambda x, s: g.denoise(x, s, cond, 2.0)  # noqa: E731
     x = initial_noise(g.latent_shape, [1, 2], SD.sigma_max).double()
     one = torch.tensor([14.0, 3.0], dtype=torch.float64)
-    for name in ("unipc", "dpmpp_3m", "ipndm"):
+    for name in ("unipc", "unipc_bh1", "dpmpp_3m", "ipndm"):
         torch.testing.assert_close(solvers.get(name)(den, x, one), solvers.dpmpp_1s(den, x, one),
                                    rtol=1e-12, atol=1e-12)
     sig = torch.tensor([14.0, 6.0, 2.0, 0.0], dtype=torch.float64)
     seen = []
-    for name in ("unipc", "dpmpp_3m"):
+    for name in ("unipc", "unipc_bh1", "dpmpp_3m"):
         out = solvers.get(name)(den, x, sig, lambda i, s, sn, xx, d: seen.append((xx, d)))
         torch.testing.assert_close(out, seen[-1][1], rtol=0, atol=0)
     # iPNDM's third step is AB3 on the slopes at 14, 6 and 2, down to 0

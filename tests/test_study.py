@@ -131,6 +131,15 @@ def test_bad_configs_are_refused(data, message):
         StudyConfig.from_dict(data)
 
 
+def test_unipc_bh1_is_searchable_on_request_and_off_by_default():
+    assert "unipc_bh1" not in Space().ranges["solver"]
+    space = Space({"solver": ["UniPC", "uni_pc"]})   # ComfyUI's uni_pc is the bh1 variant
+    assert space.ranges["solver"] == ["unipc", "unipc_bh1"]
+    assert StudyConfig.from_dict(dict(space={"solver": ["unipc_bh1"]})).space["solver"] == ["unipc_bh1"]
+    with pytest.raises(ValueError, match="unipc_bh1 cannot start at σ = ∞"):
+        StudyConfig.from_dict(dict(model="digits-flow", space={"solver": ["unipc_bh1"]}))
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
