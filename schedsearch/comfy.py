@@ -98,11 +98,17 @@ SAMPLERS = {
 }
 
 
+def _is_uni_pc(solver: str) -> bool:
+    """Whether ComfyUI runs the solver with its uni_pc module (both B(h) variants), whose quirks
+    the two functions below handle."""
+    return solver in SAMPLERS and SAMPLERS[solver].runs.startswith("uni_pc.")
+
+
 def comfy_sampler(preset) -> ComfySampler:
     """The ComfyUI sampler for the preset's solver on its σ list."""
     if preset.solver not in SAMPLERS:
         raise ValueError(f"no ComfyUI sampler is known for solver {preset.solver!r}")
-    if preset.solver in ("unipc", "unipc_bh1") and preset.steps == 1:
+    if _is_uni_pc(preset.solver) and preset.steps == 1:
         # ComfyUI's uni_pc runs order min(3, steps − 1) = 0 for one step and never moves x; a
         # one-step UniPC is a single DDIM step, which euler is exactly.
         return SAMPLERS["euler"]
@@ -113,10 +119,12 @@ def solver_caveat(preset) -> Optional[str]:
     """One line when ComfyUI's sampler does not take exactly the preset's solver steps."""
     if preset.steps < 2 or float(preset.sigmas[-1]) != 0:
         return None
-    if preset.solver in ("unipc", "unipc_bh1"):
-        return (f"solver {preset.solver} runs as ComfyUI's {SAMPLERS[preset.solver].inputs['sampler_name']}, which replaces a final σ = 0 by 0.001 "
-                "(comfy/extra_samplers/uni_pc.py, sample_unipc): its last step lands at σ = 0.001 "
-                "and the image keeps noise of that scale, where schedsearch ends at x = D")
+    if _is_uni_pc(preset.solver):
+        name = SAMPLERS[preset.solver].inputs["sampler_name"]
+        return (f"solver {preset.solver} runs as ComfyUI's {name}, which replaces a final σ = 0 "
+                "by 0.001 (comfy/extra_samplers/uni_pc.py, sample_unipc): its last step lands at "
+                "σ = 0.001 and the image keeps noise of that scale, where schedsearch ends at "
+                "x = D")
     if preset.solver == "ipndm":
         return (f"solver ipndm runs as ComfyUI's ipndm, whose step to σ = 0 is x = D (first order, "
                 f"comfy/k_diffusion/sampling.py, sample_ipndm) where schedsearch takes its "

@@ -164,7 +164,8 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
 @functools.lru_cache(maxsize=1024)   # the same σ list is replayed step by step (PresetScheduler)
 def _unipc_rhos(rks: tuple[float, ...], h: float, bh1: bool = False
                 ) -> tuple[list[float], list[float]]:
-    """UniPC's weights for B(h) = expm1(−h) in the data-prediction form.
+    """UniPC's weights for B(h) = expm1(−h) (or B(h) = −h with ``bh1``) in the data-prediction
+    form.
 
     ``rks`` are r_k = log(σ_i/σ_{i−k})/h (< 0) for the k = 1..p−1 older model outputs of a step of
     order p. Returns the p−1 predictor weights and the p corrector weights (the last one for the
@@ -185,8 +186,9 @@ def _unipc_b(h: float, count: int, bh1: bool = False) -> list[float]:
     """b_j = j!·(−h)·φ_{j+1}(−h)/B(h), j = 1..count, by diffusers' recursion; B(h) = −h for bh1,
     expm1(−h) for bh2 (the φ recursion itself starts from expm1(−h) in both)."""
     hh = -h
-    b_h = hh if bh1 else math.expm1(hh)
-    phi, fact, b = math.expm1(hh) / hh - 1.0, 1, []
+    e = math.expm1(hh)
+    b_h = hh if bh1 else e
+    phi, fact, b = e / hh - 1.0, 1, []
     for j in range(1, count + 1):
         b.append(phi * fact / b_h)
         fact *= j + 1
