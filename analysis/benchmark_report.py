@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 # In the FID table's column order: the same-NFE baselines, then the long-step references. A DDPM
 # testbed has the karras … karras20 keys, a flow-matching one the flow … flow50 keys
@@ -101,7 +102,16 @@ def study_details(out: Path, summary: dict) -> dict:
 # ---------------------------------------------------------------- over the search seeds
 
 def spread(values: list) -> dict:
-    return {"mean": mean(values), "min": min(values), "max": max(values), "per_seed": values}
+    """Mean, min–max and, from two values on, the 95% Student-t interval of the mean. Over study
+    seeds that interval is the search's own randomness: the held-out sets and the baselines are
+    the same for every seed, so their noise is not in it (the paired CIs carry that)."""
+    out = {"mean": mean(values), "min": min(values), "max": max(values), "per_seed": values}
+    if len(values) > 1:
+        from scipy.stats import t
+
+        half = t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values))
+        out.update(sd=stdev(values), ci95=[out["mean"] - half, out["mean"] + half])
+    return out
 
 
 WORSE_RTOL = 1e-6
@@ -185,7 +195,11 @@ def _spread_text(s: dict, fmt=_g) -> str:
 
 
 def _ratio(x) -> str:
-    return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def _ci95_text(s: dict) -> str:
+    return f"{s['ci95'][0]:.3f}–{s['ci95'][1]:.3f}" if "ci95" in s else "—"
 
 
 def _sigmas(sig: list) -> str:
@@ -269,16 +283,19 @@ def ratio_table(tb: str, data: dict) -> list[str]:
     lines = [f"#### {tb}: found schedule vs the best same-NFE baseline\n",
              "Ratios of held-out FIDs, mean over the study seeds (min–max). The best same-NFE "
              "baseline is the baseline with the lowest held-out FID among those spending the "
-             "budget's NFE. CI: the paired bootstrap 95% interval of FID(found) − FID(that "
-             "baseline) on the same held-out images, one per study.\n",
-             "| budget | best same-NFE baseline | found / it | "
+             "budget's NFE. Mean's 95% CI: the Student-t interval of that mean ratio over the "
+             "study seeds — how much a mean of this many searches moves with the search's own "
+             "randomness (the held-out images are shared, so their noise is not in it). CI: the "
+             "paired bootstrap 95% interval of FID(found) − FID(that baseline) on the same "
+             "held-out images, one per study.\n",
+             "| budget | best same-NFE baseline | found / it | mean's 95% CI | "
              + "".join(f"found / {REFERENCES[r]} | " for r in refs)
              + "CIs excluding 0 (found better / worse) | mean Δ FID | found worse (held-out "
                "mean)? |",
-             "|---" * (len(refs) + 6) + "|"]
+             "|---" * (len(refs) + 7) + "|"]
     for a in budgets:
         if "best_same_nfe" not in a:
-            lines.append(f"| {a['budget']} | none | " + " | ".join(["—"] * (len(refs) + 4)) + " |")
+            lines.append(f"| {a['budget']} | none | " + " | ".join(["—"] * (len(refs) + 5)) + " |")
             continue
         names = " / ".join(sorted({LABELS.get(k, k) for k in a["best_same_nfe"]["keys"]}))
         ci = a["ci_vs_best_same_nfe"]
@@ -287,6 +304,7 @@ def ratio_table(tb: str, data: dict) -> list[str]:
         delta = "n/a" if ci["mean_delta"] is None else f"{ci['mean_delta']:+.4g}"
         lines.append(
             f"| {a['budget']} | {names} | {_spread_text(a['found_over_best_same_nfe'], _ratio)} | "
+            f"{_ci95_text(a['found_over_best_same_nfe'])} | "
             + "".join(f"{_spread_text(x, _ratio) if x else '—'} | " for x in ratios)
             + f"{ci['excludes_zero']} of "
             f"{ci['seeds']} ({ci['better']} / {ci['worse']}) | "

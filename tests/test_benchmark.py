@@ -68,6 +68,13 @@ def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme
         (max(found) > rows0[best_key]["fid_heldout"] * (1 + 1e-6))   # beyond float round-off
     assert abs(agg["found_over_karras20"]["mean"]
                - sum(found) / 2 / rows0["karras20"]["fid_heldout"]) < 1e-12
+    # the mean ratio's Student-t 95% interval over the 2 seeds: mean ± t(0.975, 1)·|a − b|/2,
+    # t(0.975, 1) = 12.7062 from the tables
+    r = agg["found_over_best_same_nfe"]["per_seed"]
+    half = 12.706205 * abs(r[0] - r[1]) / 2
+    lo, hi = agg["found_over_best_same_nfe"]["ci95"]
+    assert abs(lo - (sum(r) / 2 - half)) < 1e-6 and abs(hi - (sum(r) / 2 + half)) < 1e-6
+    assert res["study_wall_seconds"] == sum(s["wall_seconds"] for s in sd["studies"]["3"].values())
     assert [len(w["sigmas"]) for w in agg["winners"]] == [4, 4]   # 3 steps, one call each
     assert [c["nfe"] for c in sd["curve"]] == [3, 6]
     # Karras at 3 NFE is scored twice (as a baseline in the study and on the curve): same prompts,
@@ -85,6 +92,7 @@ def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme
                     "baseline", "the found schedules", "search cost"):
         assert f"#### sd: {heading}" in text
     assert "(results/winners_sigmas_sd.png)" in text and "★" in text   # figures relative to the README
+    assert f"| {lo:.3f}–{hi:.3f} |" in text     # the mean's interval, in the ratio table
 
     # again: the finished studies are read back, not searched again
     stdout = _run(args, env)
