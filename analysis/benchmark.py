@@ -370,9 +370,11 @@ def main(argv=None) -> int:
     results["environment"] = {"schedsearch": __version__, "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     _write_json(out / "benchmark.json", results)
-    figures = os.path.relpath(out, Path(args.readme).resolve().parent if args.readme else ROOT)
-    block = benchmark_report.markdown(results, figures.replace(os.sep, "/"))
-    (out / "benchmark.md").write_text(block + "\n", encoding="utf-8")
+    # benchmark.md sits next to its figures; README's block links them from README's folder
+    (out / "benchmark.md").write_text(benchmark_report.markdown(results, ".") + "\n",
+                                      encoding="utf-8")
+    block = benchmark_report.markdown(results, os.path.relpath(
+        out, Path(args.readme).resolve().parent if args.readme else ROOT).replace(os.sep, "/"))
     if args.readme:
         update_readme(block, Path(args.readme))
     print(block)

@@ -93,6 +93,8 @@ def test_benchmark_runs_on_a_stable_diffusion_checkpoint_and_rewrites_the_readme
         assert f"#### sd: {heading}" in text
     assert "(results/winners_sigmas_sd.png)" in text and "★" in text   # figures relative to the README
     assert f"| {lo:.3f}–{hi:.3f} |" in text     # the mean's interval, in the ratio table
+    # benchmark.md links the figures beside it
+    assert "](./winners_sigmas_sd.png)" in (out / "benchmark.md").read_text()
 
     # again: the finished studies are read back, not searched again
     stdout = _run(args, env)
