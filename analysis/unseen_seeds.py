@@ -2,10 +2,12 @@
 uses — the check that a result is not tuned to the benchmark's own seeds.
 
     python analysis/unseen_seeds.py [--work analysis/results/runs] [--testbed digits]
-                                    [--budgets 4 5 6 8] [--prompt-seeds 77 78 79] [--n 200]
+                                    [--budgets 4 5 6 8] [--study-seeds 3]
+                                    [--prompt-seeds 77 78 79] [--n 200]
 
-For every finished study ``<work>/<testbed>-<B>nfe-seed<S>`` (what ``analysis/benchmark.py``
-leaves), takes the searched winner (the trial the study picked, as the benchmark's *found*) and
+For the finished studies ``<work>/<testbed>-<B>nfe-seed<S>``, S = 0 … ``--study-seeds`` − 1 (what
+``analysis/benchmark.py --study-seeds`` leaves; the same default, 3, so a work folder that also
+holds extra seeds of one budget gives the benchmark's own set unless asked), takes the searched winner (the trial the study picked, as the benchmark's *found*) and
 every baseline the study scored, samples ``--n`` images per prompt seed exactly as
 ``schedsearch score --prompt-seed P --n N`` does, and reports per budget the mean FID over the
 prompt seeds of each winner and baseline, and found / best same-NFE baseline and found / each
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "analysis" / "results" / "runs"))
     ap.add_argument("--testbed", default="digits")
     ap.add_argument("--budgets", nargs="+", type=int, default=[4, 5, 6, 8])
+    ap.add_argument("--study-seeds", type=int, default=3,
+                    help="studies per budget, search seeds 0 … N−1 (default 3, as the benchmark)")
     ap.add_argument("--prompt-seeds", nargs="+", type=int, default=[77, 78, 79])
     ap.add_argument("--n", type=int, default=200, help="images per prompt seed (default 200)")
     ap.add_argument("--batch-size", type=int, default=200)
@@ -93,11 +97,13 @@ def main(argv=None) -> int:
     result = {"testbed": args.testbed, "prompt_seeds": args.prompt_seeds, "n": args.n,
               "budgets": {}}
     for budget in args.budgets:
-        folders = sorted(Path(args.work).glob(f"{args.testbed}-{budget}nfe-seed*"))
-        folders = [f for f in folders if (f / "summary.json").exists()]
-        if not folders:
-            raise SystemExit(f"no finished {args.testbed} study at {budget} NFE in {args.work}: "
-                             f"run analysis/benchmark.py first")
+        folders = [Path(args.work) / f"{args.testbed}-{budget}nfe-seed{seed}"
+                   for seed in range(args.study_seeds)]
+        missing = [f.name for f in folders if not (f / "summary.json").exists()]
+        if missing:
+            raise SystemExit(f"no finished {', '.join(missing)} in {args.work}: run "
+                             f"analysis/benchmark.py first (with --study-seeds "
+                             f"{args.study_seeds})")
         winners, baselines = [], {}
         for folder in folders:
             bl, winner = study_presets(folder)
