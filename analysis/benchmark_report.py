@@ -101,16 +101,18 @@ def study_details(out: Path, summary: dict) -> dict:
 
 # ---------------------------------------------------------------- over the search seeds
 
-def spread(values: list) -> dict:
-    """Mean, min–max and, from two values on, the 95% Student-t interval of the mean. Over study
-    seeds that interval is the search's own randomness: the held-out sets and the baselines are
+def spread(values: list, *, interval: bool = False) -> dict:
+    """Mean and min–max over the study seeds; with ``interval`` (the search's results, not the
+    baselines or costs) and two values or more, also the SD and the 95% Student-t interval of the
+    mean. That interval is the search's own randomness: the held-out sets and the baselines are
     the same for every seed, so their noise is not in it (the paired CIs carry that)."""
     out = {"mean": mean(values), "min": min(values), "max": max(values), "per_seed": values}
-    if len(values) > 1:
+    if interval and len(values) > 1:
         from scipy.stats import t
 
-        half = t.ppf(0.975, len(values) - 1) * stdev(values) / math.sqrt(len(values))
-        out.update(sd=stdev(values), ci95=[out["mean"] - half, out["mean"] + half])
+        sd = stdev(values)
+        half = t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+        out.update(sd=sd, ci95=[out["mean"] - half, out["mean"] + half])
     return out
 
 
@@ -130,7 +132,7 @@ def aggregate(budget: int, summaries: list[dict]) -> dict:
     seeds = [s["seed"] for s in summaries]
     found = [rows["best"]["fid_heldout"] for rows in per_seed]
     cfg = summaries[0].get("config") or {}
-    out = {"budget": budget, "seeds": seeds, "found": spread(found), "baselines": {},
+    out = {"budget": budget, "seeds": seeds, "found": spread(found, interval=True), "baselines": {},
            "search": {**{k: cfg.get(k) for k in ("trials", "refine", "refine_starts",
                                                  "refine_margin", "warm_start", "sampler",
                                                  "pruner")},
@@ -145,7 +147,7 @@ def aggregate(budget: int, summaries: list[dict]) -> dict:
         out["best_same_nfe"] = {"keys": [b["key"] for b in bests],
                                 "names": [b["name"] for b in bests]}
         out["found_over_best_same_nfe"] = spread(
-            [f / b["fid_heldout"] for f, b in zip(found, bests)])
+            [f / b["fid_heldout"] for f, b in zip(found, bests)], interval=True)
         cis = [dict(b.get("vs_best") or {}, seed=s) for b, s in zip(bests, seeds)]
         out["ci_vs_best_same_nfe"] = {
             "per_seed": cis, "seeds": len(cis),
@@ -161,7 +163,7 @@ def aggregate(budget: int, summaries: list[dict]) -> dict:
     for ref in REFERENCES:
         if all(ref in rows for rows in per_seed):
             out[f"found_over_{ref}"] = spread(
-                [f / rows[ref]["fid_heldout"] for f, rows in zip(found, per_seed)])
+                [f / rows[ref]["fid_heldout"] for f, rows in zip(found, per_seed)], interval=True)
     out["winners"] = [winner_row(s, rows) for s, rows in zip(summaries, per_seed)]
     out["cost"] = {k: spread([s["cost"][k] for s in summaries if s["cost"].get(k) is not None])
                    for k in ("image_model_calls", "trial_seconds", "share_model_features",
