@@ -11,6 +11,7 @@ from typing import Optional
 
 import yaml
 
+from .files import first_bad_byte
 from .models import BUILTIN, is_flow
 from .prompts import SEED_STRIDE
 from .space import Space
@@ -53,6 +54,13 @@ MIN_TRIALS = 48
 def default_trials(budget: int) -> int:
     """A study's trials when the config does not say: 16 per model call, at least 48."""
     return max(MIN_TRIALS, TRIALS_PER_NFE * budget)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one clause: what it found, and where (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 @dataclass
@@ -156,8 +164,11 @@ class StudyConfig:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"study config {str(path)!r} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text ({first_bad_byte(path)}); a study config "
+                             f"is a YAML text file") from None
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+            raise ValueError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a study config is a mapping of keys to values")
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}})

@@ -58,6 +58,18 @@ def check_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def first_bad_byte(path: str | os.PathLike) -> str:
+    """Where a file stops being UTF-8, for the one line that says so ("byte 0x80 on line 1")."""
+    # The decoder's own offset is relative to the chunk it was reading, so find it in the file.
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte 0x{data[exc.start]:02x} on line {line}"
+    return "it changed while being read"
+
+
 def cache_dir(*parts: str) -> Path:
     """``$SCHEDSEARCH_CACHE`` (default ``~/.cache/schedsearch``), joined with ``parts``."""
     root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",

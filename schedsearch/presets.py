@@ -144,6 +144,9 @@ def read(path: str | os.PathLike) -> Preset:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"preset file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text ({files.first_bad_byte(path)}); a preset is "
+                         f"a JSON text file") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -19,6 +19,8 @@ import os
 import random
 from dataclasses import dataclass
 
+from .files import first_bad_byte
+
 SEED_STRIDE = 1_000_000
 
 
@@ -111,24 +113,12 @@ def _read_file(path: str, seed: int, caption_column: str) -> list:
             return _read_csv(path, caption_column)
         return _read_lines(path)
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text ({_first_bad_byte(path)}); save the prompt "
+        raise ValueError(f"{path}: not UTF-8 text ({first_bad_byte(path)}); save the prompt "
                          "file as UTF-8") from None
     except csv.Error as exc:
         raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
     except OSError as exc:
         raise ValueError(f"cannot read prompt file {path!r}: {exc.strerror or exc}") from None
-
-
-def _first_bad_byte(path: str) -> str:
-    # The decoder's own offset is relative to the chunk it was reading, so find it in the file.
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        return f"byte 0x{data[exc.start]:02x} on line {line}"
-    return "it changed while being read"
 
 
 def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: str = "caption"

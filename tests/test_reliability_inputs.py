@@ -1,6 +1,7 @@
 """Bad input is refused up front as one line that says what to do: damaged reference statistics,
-a busy port for the MLflow UI, and prompt sources that are not prompt files. Everything runs for
-real: safetensors files on disk, bound sockets, and the CLI in a subprocess."""
+a busy port for the MLflow UI, prompt sources that are not prompt files, configs and presets that
+are not UTF-8 (or not valid YAML), and an output folder the file system cannot hold. Everything
+runs for real: safetensors files on disk, bound sockets, and the CLI in a subprocess."""
 
 import os
 import signal
@@ -192,3 +193,44 @@ def test_run_with_a_bad_local_stage_flag_exits_2_with_one_line(tmp_path, flag, v
     line = _one_error_line(err, "run")
     assert message in line and value in line
     assert not (tmp_path / "run").exists()   # refused before anything was made
+
+
+# -- files that are not text, or not the text they should be ---------------------------------------
+# A pickle (or any binary) handed over as a config or preset is refused by its first bytes, never
+# unpickled; a YAML mistake is one line with PyYAML's 1-based position, not its several-line dump.
+PICKLE = b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."
+
+
+@pytest.mark.parametrize("command, flag, name, content, message", [
+    ("run", "--config", "study.yaml", PICKLE,
+     "study.yaml: not UTF-8 text (byte 0x80 on line 1); a study config is a YAML text file"),
+    ("run", "--config", "study.yaml", b"budget: 5\n  trials: 3\n",
+     "study.yaml: not valid YAML (mapping values are not allowed here at line 2, column 9)"),
+    ("run", "--config", "study.yaml", b"budget: [\n",
+     "study.yaml: not valid YAML (expected the node content, but found '<stream end>' at line 2, "
+     "column 1)"),
+    ("score", "--preset", "winner.json", b'{"name": "x"}\n\xff',
+     "winner.json: not UTF-8 text (byte 0xff on line 2); a preset is a JSON text file"),
+])
+def test_a_config_or_preset_that_is_not_its_text_is_one_line(tmp_path, command, flag, name,
+                                                             content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    out_flag = ["--out", str(tmp_path / "out")] if command == "run" else []
+    code, out, err = _cli(command, flag, str(path), *out_flag,
+                          env={"SCHEDSEARCH_CACHE": str(tmp_path / "cache")})
+    assert code == 2, (out, err)
+    assert _one_error_line(err, command) == f"schedsearch {command}: error: {path.parent}/{message}"
+    assert path.read_bytes() == content and not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_the_file_system_cannot_hold_is_one_line(tmp_path):
+    """/proc takes no new files: creating a folder there fails with ENOENT, not EACCES."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    out = "/proc/schedsearch-out"
+    code, _, err = _cli("run", "--model", "gmm", "--out", out,
+                        env={"SCHEDSEARCH_CACHE": str(tmp_path / "cache")})
+    assert code == 2, err
+    assert _one_error_line(err, "run") == (f"schedsearch run: error: cannot write '{out}' (No such "
+                                           f"file or directory); choose another --out")

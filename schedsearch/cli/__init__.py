@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 # permissions, space), so the command says which path and what to do instead of a traceback.
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _OUTPUT_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
-                  errno.EROFS, *_FULL)
+                  errno.EROFS, errno.ENOENT, *_FULL)
 
 
 def _blocking_file(path: Path) -> Path | None:
@@ -64,6 +64,8 @@ def output_error(exc: OSError, args) -> str | None:
     flag = "--out" if getattr(args, "out", None) else "--to"
     p, t = Path(path or "."), Path(target or ".")
     output = None not in (path, target) and (p == t or p in t.parents or t in p.parents)
+    if exc.errno == errno.ENOENT and not output:
+        return None   # a missing input file: its reader's own message says which
     instead = f"choose another {flag}" if output else "choose another path"
     if exc.errno in _FULL:
         return (f"no space left on the disk holding {where}; free some space there or "
@@ -108,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as exc:
         if debug:
             raise
-        print(f"schedsearch {args.command}: error: {exc}", file=sys.stderr)
+        # a folder that cannot be made where --out points (e.g. inside /proc) is ENOENT too
+        line = output_error(exc, args) if isinstance(exc, OSError) and exc.errno else None
+        print(f"schedsearch {args.command}: error: {line or exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # an OSError (or one in disguise) under an output path, else raised
         err = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
