@@ -229,14 +229,23 @@ def _search_text(budgets: list) -> str:
                     + ", ".join(f"{n1} / {n2}" for _, (n1, n2) in counts)))
     starts = s.get("refine_starts") or 1   # studies made before the local stage was split: 1
     # studies made before the margin existed started every second run; say the rule the later
-    # ones ran with (the README's reading says which budgets that changed)
-    margin = next((b["search"].get("refine_margin") for b in budgets
-                   if b["search"].get("refine_margin") is not None), None)
+    # ones ran with (the README's reading says which budgets that changed). Studies with a 10%
+    # margin ran the rule before it: any family's trial could start a further run.
+    margins = {b["budget"]: b["search"].get("refine_margin") for b in budgets
+               if b["search"].get("refine_margin") is not None}
+    margin = StudyConfig.refine_margin if StudyConfig.refine_margin in margins.values() else \
+        next(iter(margins.values()), None)
     if starts > 1:
-        others = ("the best trial with another solver" if starts == 2
-                  else f"the best trials of up to {starts - 1} other solvers")
+        free = " free-form" if margin == StudyConfig.refine_margin else ""
+        others = (f"the best{free} trial with another solver" if starts == 2
+                  else f"the best{free} trials of up to {starts - 1} other solvers")
         within = (f" if its search FID is within {margin * 100:.0f}% of the best's"
                   if margin is not None else "")
+        older = sorted(b for b, m in margins.items() if m != margin)
+        if older:
+            within += (f"; the {', '.join(map(str, older[:-1]))}{' and ' if len(older) > 1 else ''}"
+                       f"{older[-1]} NFE studies ran the earlier rule: a trial of any family "
+                       f"within {margins[older[0]] * 100:.0f}%")
         split += (f", in up to {starts} CMA-ES runs (around the global stage's best trial and "
                   f"{others}{within})")
     text = (f"{split}, {s['sampler']} in the global stage, warm-started from the "

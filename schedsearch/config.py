@@ -80,7 +80,7 @@ class StudyConfig:
     trials: Optional[int] = None            # None: default_trials(budget)
     refine: float = 0.6                     # share of the first 48 trials in the local (CMA-ES) stage
     refine_starts: int = 2                  # at most this many CMA-ES runs share the local stage
-    refine_margin: float = 0.1              # ... each from a trial within this share of the best's FID
+    refine_margin: float = 0.05             # ... each from a trial within this share of the best's FID
     warm_start: int = 2                     # best same-NFE baselines re-run as knots trials
     rerank: int = 3                         # best trials re-scored on fresh seeds before one wins
     validation_sets: int = 4                # fresh seed sets (n_search each) the contenders meet

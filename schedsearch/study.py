@@ -281,20 +281,25 @@ class Worker:
 
 def local_starts(study: optuna.Study, config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     """Where the local stage's CMA-ES runs start: the global stage's best trial, then the best
-    trial of each other solver, best first, while its search FID is within ``refine_margin`` of
-    the best's, ``refine_starts`` at most (empty if nothing completed).
+    free-form (``knots``) trial of each other solver, best first, while its search FID is within
+    ``refine_margin`` of the best's, ``refine_starts`` at most (empty if nothing completed).
 
     Solvers and schedules interact, and which solver leads after the global stage says little
     about which leads once its σ list is refined: at 6 NFE on digits a UniPC start 2.5% behind
-    the best DPM++(2M) one gave every study's winner (held-out 6.86 against 7.06). A start far
-    behind (iPNDM 13% behind at 8 NFE) only takes trials from the best's run (docs/search.md)."""
+    the best DPM++(2M) one gave every study's winner (held-out 6.86 against 7.06). But a second
+    run halves the first one's trials: at 5 NFE on digits one run of 61 trials beat two of 31
+    and 30 in each of four studies (the second from a paper-family point 3% behind), and a start
+    far behind (iPNDM 13% behind at 8 NFE) never led. A paper-family trial starts only the
+    first run: in the ten benchmark studies with a paper-family run beside a free-form one (4
+    and 5 NFE on digits), it gave one winner, the worst of its budget (docs/search.md)."""
     done = sorted(slots.trials_of(study, slots.COMPLETE), key=lambda t: (t.values[0], t.number))
     if not done:
         return []
     limit = done[0].values[0] + config.refine_margin * abs(done[0].values[0])
-    firsts: dict = {}
-    for t in done:
-        if t.values[0] <= limit:
+    free = "knots" in Space(dict(config.space)).ranges["family"]
+    firsts = {done[0].params.get("solver"): done[0]}
+    for t in done[1:]:
+        if t.values[0] <= limit and not (free and t.params.get("family") == "paper"):
             firsts.setdefault(t.params.get("solver"), t)
     return list(firsts.values())[:config.refine_starts]
 

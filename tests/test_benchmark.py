@@ -145,3 +145,25 @@ def test_benchmark_on_a_flow_testbed_runs_the_flow_baselines_and_the_flow_defaul
     assert ("| budget | found | flow default Euler | OptimalSteps | GITS | OSS | "
             "flow default Euler @28 | flow default Euler @50 |") in text
     assert "| found / flow@28 | found / flow@50 |" in text
+
+
+def test_the_search_text_says_which_studies_ran_an_earlier_local_rule():
+    """A benchmark whose finished studies were made with an earlier margin (their layout the
+    same under the new rule, so they were not re-run) says so instead of claiming one rule."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
+    from benchmark_report import _search_text
+
+    def budget(b, margin):
+        return {"budget": b, "search": dict(trials=max(48, 16 * b), refine=0.6, refine_starts=2,
+                                            refine_margin=margin, warm_start=2, sampler="tpe",
+                                            pruner="median")}
+
+    mixed = _search_text([budget(3, 0.05), budget(4, 0.1), budget(5, 0.05), budget(6, 0.1)])
+    assert ("48, 64, 80, 96 trials at 3, 4, 5, 6 NFE, 19 in the global stage" in mixed)
+    assert ("around the global stage's best trial and the best free-form trial with another "
+            "solver if its search FID is within 5% of the best's; the 4 and 6 NFE studies ran the "
+            "earlier rule: a trial of any family within 10%)") in mixed
+    same = _search_text([budget(3, 0.05), budget(5, 0.05)])
+    assert "within 5% of the best's)" in same and "earlier rule" not in same
+    old = _search_text([budget(4, 0.1), budget(6, 0.1)])
+    assert "the best trial with another solver if its search FID is within 10% of the best's)" in old

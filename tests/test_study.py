@@ -98,6 +98,34 @@ def test_local_runs_start_from_the_best_trial_of_each_solver_best_first():
     assert local_starts(optuna.create_study(), StudyConfig()) == []
 
 
+def test_a_paper_family_trial_starts_only_the_first_local_run():
+    """Further runs refine free-form lists; the paper family's few parameters start a run only
+    when the best trial is one, or when the space holds no free-form family."""
+    from schedsearch.study import local_starts
+
+    dist = {"solver": optuna.distributions.CategoricalDistribution(["unipc", "dpmpp_2m", "ipndm"]),
+            "family": optuna.distributions.CategoricalDistribution(["paper", "knots"])}
+
+    def starts(trials, **kw):
+        study = optuna.create_study()
+        for value, solver, family in trials:
+            study.add_trial(optuna.trial.create_trial(
+                params={"solver": solver, "family": family}, distributions=dist, value=value))
+        return [t.number for t in local_starts(study, StudyConfig(refine_starts=4, **kw))]
+
+    # digits at 5 NFE: UniPC knots best, DPM++(2M) best as a paper point (3% behind), then as
+    # knots (7% behind), iPNDM knots 4% behind
+    five = [(6.89, "unipc", "knots"), (7.10, "dpmpp_2m", "paper"), (7.40, "dpmpp_2m", "knots"),
+            (7.17, "ipndm", "knots")]
+    assert starts(five) == [0, 3]                          # the default margin, 5%
+    assert starts(five, refine_margin=0.1) == [0, 3, 2]    # DPM++(2M) from its knots point
+    # a best trial of the paper family still starts the first run
+    four = [(7.11, "dpmpp_2m", "paper"), (7.33, "unipc", "knots"), (7.20, "unipc", "paper")]
+    assert starts(four) == [0, 1]
+    # a space of the paper family alone: its trials start every run
+    assert starts(four, space={"family": ["paper"]}) == [0, 2]
+
+
 @pytest.mark.parametrize("data, message", [
     (dict(budget=0), "budget must be an integer >= 1"),
     (dict(trials=0), "trials must be an integer >= 1"),
@@ -204,10 +232,11 @@ def test_study_compares_winner_and_baselines_on_search_and_heldout(finished):
               if best_base in b.user_attrs["results"]][0]
     assert warm.user_attrs["candidate"]["sigmas"] == pytest.approx(stored, rel=1e-9)
     # the local stage's first run moves the global stage's best continuous parameters, keeping
-    # its choices; the second run starts from the best trial with another solver
+    # its choices; the second run starts from the best free-form trial with another solver
     ranked = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
                     key=lambda t: t.value)
-    other = [t for t in ranked if t.params["solver"] != ranked[0].params["solver"]]
+    other = [t for t in ranked if t.params["solver"] != ranked[0].params["solver"]
+             and t.params["family"] == "knots"]
     assert other, "the global stage should have run two solvers"
     for incumbent, t in zip((ranked[0], other[0]), local):
         assert t.user_attrs["candidate"]["stage"] == 2
