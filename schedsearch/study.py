@@ -5,7 +5,7 @@ One call runs one worker of a study: it loads the model and prompt sets (``conte
 joins the study's slot queues (``slots``), scores every slot it can claim — the baselines first,
 then the global stage (the paper's seeds, the best baselines re-run as free-form trials with
 every searched solver, then the sampler's own points), then the local stage (CMA-ES runs around
-the global stage's best and the best trial of another solver) — logging each to MLflow
+the global stage's best and the best free-form trial of another solver) — logging each to MLflow
 (``tracking``), and ends with the comparison and the preset (``report``).
 """
 

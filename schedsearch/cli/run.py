@@ -73,7 +73,7 @@ def _search_options(p) -> None:
                         f"(default {StudyConfig.refine})")
     g.add_argument("--refine-starts", type=int, metavar="N",
                    help=f"at most N CMA-ES runs share the local stage: around the global stage's "
-                        f"best, then around the best trial of each other solver "
+                        f"best, then around the best free-form trial of each other solver "
                         f"(default {StudyConfig.refine_starts})")
     g.add_argument("--refine-margin", type=float, metavar="SHARE",
                    help=f"a further local run starts only from a trial whose search FID is within "
