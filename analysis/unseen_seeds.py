@@ -8,10 +8,11 @@ uses — the check that a result is not tuned to the benchmark's own seeds.
 For the finished studies ``<work>/<testbed>-<B>nfe-seed<S>``, S = 0 … ``--study-seeds`` − 1 (what
 ``analysis/benchmark.py --study-seeds`` leaves; the same default, 3, so a work folder that also
 holds extra seeds of one budget gives the benchmark's own set unless asked), takes the searched
-winner (the trial the study picked, as the benchmark's *found*) and every baseline the study scored, samples ``--n`` images per prompt seed exactly as
-``schedsearch score --prompt-seed P --n N`` does, and reports per budget the mean FID over the
-prompt seeds of each winner and baseline, and found / best same-NFE baseline and found / each
-longer-step reference (Karras@20 on DDPM testbeds), the winners averaged over the study seeds.
+winner (the trial the study picked, as the benchmark's *found*) and every baseline the study
+scored, samples ``--n`` images per prompt seed exactly as ``schedsearch score --prompt-seed P
+--n N`` does, and reports per budget the mean FID over the prompt seeds of each winner and
+baseline, and found / best same-NFE baseline and found / each longer-step reference (Karras@20
+on DDPM testbeds), the winners averaged over the study seeds.
 Writes ``<out>/unseen_seeds_<testbed>.json`` and prints a markdown table.
 """
 
