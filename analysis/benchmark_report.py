@@ -187,7 +187,8 @@ def winner_row(summary: dict, rows: dict) -> dict:
 # ---------------------------------------------------------------- markdown
 
 def _g(x) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
+    # '#' keeps trailing zeros: 7.0004 prints as 7.000, not as a bare 7 beside 6.813
+    return "n/a" if x is None else f"{x:#.4g}"
 
 
 def _spread_text(s: dict, fmt=_g) -> str:
@@ -312,7 +313,7 @@ def ratio_table(tb: str, data: dict) -> list[str]:
         ci = a["ci_vs_best_same_nfe"]
         ratios = [a.get(f"found_over_{r}") for r in refs]
         worse = a["found_worse_than_best_same_nfe"]
-        delta = "n/a" if ci["mean_delta"] is None else f"{ci['mean_delta']:+.4g}"
+        delta = "n/a" if ci["mean_delta"] is None else f"{ci['mean_delta']:+#.4g}"
         lines.append(
             f"| {a['budget']} | {names} | {_spread_text(a['found_over_best_same_nfe'], _ratio)} | "
             f"{_ci95_text(a['found_over_best_same_nfe'])} | "
@@ -329,7 +330,7 @@ def _ci_text(ci: dict) -> str:
         return "—"
     if ci["delta"] == ci["lo"] == ci["hi"] == 0:
         return "0 (the same images)"
-    text = f"{ci['delta']:+.4g} [{ci['lo']:+.4g}, {ci['hi']:+.4g}]"
+    text = f"{ci['delta']:+#.4g} [{ci['lo']:+#.4g}, {ci['hi']:+#.4g}]"
     return f"**{text}**" if ci.get("excludes_zero") else text
 
 
