@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -69,6 +70,72 @@ class ModelCalls:
         return out
 
 
+class FirstCalls:
+    """The model's output at a σ list's first step, kept per batch of images.
+
+    Every σ list that starts at the same σ_0 meets the same first state σ_0·ε (the seeds fix ε),
+    so the first model call of a batch gives the same output for all of them. A study scores
+    hundreds of lists on the same images; at 5 NFE this saves one call in five. A hit returns the
+    very tensor the model gave for the same inputs and the same batch (its rows, σ_0, guidance,
+    prompts, FreeU setting at step 0), so results never depend on what ran before. One cache
+    serves one model; at most ``max_bytes`` of outputs are kept, the least recently used dropped.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = int(max_bytes)
+        self.hits = self.misses = 0
+        self._store: OrderedDict = OrderedDict()
+        self._bytes = 0
+
+    def wrap(self, denoise, x0: torch.Tensor, sigma0: float, key: tuple):
+        """``denoise`` with its first call served from the cache when it is the call at
+        (``x0``, ``sigma0``): the same tensor object, not a copy of it (solvers move x out of place
+        and never write into an output)."""
+        state = {"first": True}
+
+        def call(x, sigma):
+            if not state.pop("first", False) or x is not x0 or float(sigma) != sigma0:
+                return denoise(x, sigma)
+            hit = self._store.get(key)
+            if hit is not None:
+                self._store.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+            out = denoise(x, sigma)
+            self._keep(key, out)
+            return out
+        return call
+
+    def _keep(self, key: tuple, out: torch.Tensor) -> None:
+        size = _nbytes(out)
+        if size > self.max_bytes:
+            return
+        self._store[key] = out
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, old = self._store.popitem(last=False)
+            self._bytes -= _nbytes(old)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    # the storage, not the view: a padded batch's output is a slice that keeps all its rows alive
+    return t.untyped_storage().nbytes()
+
+
+def _first_call_key(sigma0: float, guidance: float, plan: Optional[FreeUPlan], prompts, seeds):
+    """What the first model call of a batch depends on besides the model; None when the prompts
+    cannot be compared (then nothing is cached)."""
+    step0 = plan.at(0) if plan is not None else None
+    freeu = None if step0 is None else (plan.variant, tuple(sorted(step0.as_dict().items())))
+    key = (sigma0, float(guidance), freeu, tuple(seeds), tuple(prompts))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -77,12 +144,15 @@ def _batches(n: int, size: int):
 @torch.no_grad()
 def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: str = "dpmpp_2m",
            guidance: float = 5.5, freeu: Optional[FreeUPlan] = None, batch_size: int = 16,
-           hook: Optional[Hook] = None, decode: bool = True, progress=None) -> Samples:
+           hook: Optional[Hook] = None, decode: bool = True, progress=None,
+           first_calls: Optional[FirstCalls] = None) -> Samples:
     """Sample one image per (prompt, seed) pair.
 
     ``sigmas``: a descending σ list (see ``schedules``). ``progress``: a tqdm-like object whose
-    ``update(n)`` is called after each batch. Raises ``solvers.NonFiniteError`` if the model's
-    output turns non-finite, with the step and σ in the message.
+    ``update(n)`` is called after each batch. ``first_calls``: a ``FirstCalls`` cache for this
+    model, shared by calls that sample the same images with many σ lists. Raises
+    ``solvers.NonFiniteError`` if the model's output turns non-finite, with the step and σ in the
+    message.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
@@ -108,7 +178,14 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
             t0 = time.perf_counter()
             cond = model.condition(prompts[sl])
             x = initial_noise(model.latent_shape, seeds[sl], float(sigmas[0])).to(device)
-            timed = ModelCalls(lambda x_, s_: model.denoise(x_, s_, cond, guidance), device)
+
+            def denoise(x_, s_, cond=cond):
+                return model.denoise(x_, s_, cond, guidance)
+            key = None if first_calls is None else _first_call_key(
+                float(sigmas[0]), guidance, plan, prompts[sl], seeds[sl])
+            if key is not None:
+                denoise = first_calls.wrap(denoise, x, float(sigmas[0]), key)
+            timed = ModelCalls(denoise, device)
             step_hook = chain(plan.hook(model.unet) if plan is not None else None, check_finite, hook)
             x = solve(timed, x, sigmas, step_hook)
             timed.sync()

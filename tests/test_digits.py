@@ -14,7 +14,8 @@ from schedsearch.models import load
 from schedsearch.models import digits as D
 from schedsearch.models.unet import Conditioning
 from schedsearch.noise import SD
-from schedsearch.sampler import sample
+from schedsearch.sampler import FirstCalls, sample
+from schedsearch.solvers import SOLVERS
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,71 @@ def test_batch_invariance_holds_across_the_padding_threshold(model, size):
     prompts[size // 2], seeds[size // 2] = 6, 5
     batch = sample(model, sigmas, prompts, seeds, guidance=3.0, batch_size=size)
     assert torch.equal(alone.latents[0], batch.latents[size // 2])
+
+
+# -- the first-call cache -------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_a_cached_first_call_gives_the_images_an_uncached_run_gives(model, solver):
+    """Two lists from the same σ_0 on the same images: the second one's first call comes from the
+    cache (one hit per batch), and every solver ends bit for bit where it ends without a cache."""
+    first = schedules.karras(4)
+    other = schedules.explicit([float(first[0]), 3.0, 0.9, 0.2, 0.0])
+    prompts, seeds = [1, 4, 7, 2, 9], [21, 22, 23, 24, 25]
+    cache = FirstCalls()
+    sample(model, first, prompts, seeds, solver=solver, guidance=3.0, batch_size=3,
+           first_calls=cache)
+    assert (cache.hits, cache.misses) == (0, 2)
+    cached = sample(model, other, prompts, seeds, solver=solver, guidance=3.0, batch_size=3,
+                    first_calls=cache)
+    assert (cache.hits, cache.misses) == (2, 2)
+    plain = sample(model, other, prompts, seeds, solver=solver, guidance=3.0, batch_size=3)
+    assert torch.equal(cached.latents, plain.latents)
+    assert cached.nfe == plain.nfe       # a served call still counts: NFE is the schedule's cost
+
+
+def test_the_first_call_cache_keeps_apart_what_changes_the_first_call(model):
+    """Another σ_0, guidance, FreeU setting at step 0 or batch of images is a miss, and each gives
+    what it gives without the cache; FreeU switched on only after step 0 shares the entry."""
+    from schedsearch.freeu import FreeUPlan
+
+    sig = schedules.karras(3)
+    prompts, seeds = [3, 5], [1, 2]
+    cache = FirstCalls()
+    sample(model, sig, prompts, seeds, guidance=3.0, first_calls=cache)
+    on = DEFAULTS["sd15"]
+    cases = [
+        dict(sigmas=schedules.karras(3, sigma_max=10.0)),
+        dict(guidance=2.0),
+        dict(freeu=FreeUPlan([on, None, None])),
+        dict(seeds=[1, 3]),
+        dict(prompts=[3, 6]),
+    ]
+    for i, case in enumerate(cases, start=1):
+        args = {"sigmas": sig, "prompts": prompts, "seeds": seeds, "guidance": 3.0, **case}
+        got = sample(model, args.pop("sigmas"), args.pop("prompts"), args.pop("seeds"),
+                     first_calls=cache, **args)
+        assert (cache.hits, cache.misses) == (0, 1 + i), case
+        fresh = sample(model, case.get("sigmas", sig), case.get("prompts", prompts),
+                       case.get("seeds", seeds), guidance=case.get("guidance", 3.0),
+                       freeu=case.get("freeu"))
+        assert torch.equal(got.latents, fresh.latents), case
+    late = sample(model, sig, prompts, seeds, guidance=3.0, freeu=FreeUPlan([None, on, None]),
+                  first_calls=cache)
+    assert cache.hits == 1
+    assert torch.equal(late.latents, sample(model, sig, prompts, seeds, guidance=3.0,
+                                            freeu=FreeUPlan([None, on, None])).latents)
+
+
+def test_the_first_call_cache_drops_the_least_recently_used_beyond_its_size(model):
+    sig = schedules.karras(3)
+    one = D.MIN_BATCH * 1 * 8 * 8 * 4             # a 2-image batch runs padded to MIN_BATCH rows
+    cache = FirstCalls(max_bytes=2 * one)
+    for seeds in ([1, 2], [3, 4], [1, 2], [5, 6]):  # the third call refreshes [1, 2]
+        sample(model, sig, [0, 0], seeds, guidance=3.0, first_calls=cache)
+    assert (cache.hits, cache.misses) == (1, 3)
+    sample(model, sig, [0, 0], [1, 2], guidance=3.0, first_calls=cache)   # kept: used recently
+    sample(model, sig, [0, 0], [3, 4], guidance=3.0, first_calls=cache)   # dropped
+    assert (cache.hits, cache.misses) == (2, 4)
 
 
 # -- classifier and samples -------------------------------------------------------------------------

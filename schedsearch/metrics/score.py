@@ -23,7 +23,7 @@ import torch
 from .. import prompts as _prompts, schedules, solvers
 from ..models import Model, default_guidance, default_prompts
 from ..version import __version__
-from ..sampler import sample
+from ..sampler import FirstCalls, sample
 from . import features
 from .fid import KernelDistance, frechet_distance, frechet_distance_lowrank, kid, statistics
 from .refstats import RefStats, default_refstats
@@ -86,6 +86,7 @@ class Scorer:
         self.checkpoints = tuple(cps) + (self.n,)
         self.kid_subsets, self.kid_seed, self.frechet = int(kid_subsets), int(kid_seed), frechet
         self.clip = clip
+        self.first_calls = FirstCalls()   # every list from the same σ_0 shares its first call
         self.last_seconds: dict = {}
         self._ref_trace = ref.trace
         import cleanfid.fid  # noqa: F401  (imports torchvision, ~3 s once: not a scoring cost)
@@ -173,7 +174,7 @@ class Scorer:
         try:
             out = sample(self.model, sigmas, self.prompts.prompts[start:stop],
                          self.prompts.seeds[start:stop], solver=solver, guidance=self.guidance,
-                         freeu=freeu, batch_size=self.batch_size)
+                         freeu=freeu, batch_size=self.batch_size, first_calls=self.first_calls)
         except solvers.NonFiniteError as exc:
             raise ScoreError(f"{exc} (images {start}..{stop - 1} of the prompt set)") from exc
         sec["sampling"] += time.perf_counter() - t0
