@@ -52,8 +52,8 @@ def test_default_config_is_the_shipped_digits_study():
         StudyConfig.from_file(Path(__file__).parents[1] / "studies" / name)  # valid
 
 
-@pytest.mark.parametrize("budget, trials, local", [(3, 48, 29), (4, 64, 45), (5, 80, 61),
-                                                  (6, 96, 77), (8, 128, 109)])
+@pytest.mark.parametrize("budget, trials, local", [(2, 48, 29), (3, 60, 41), (4, 80, 61),
+                                                  (5, 100, 81), (6, 120, 101), (8, 160, 141)])
 def test_trials_grow_with_the_budget_unless_set(budget, trials, local):
     config = StudyConfig(budget=budget)
     # the global stage keeps its 19 trials (40% of 48); every extra trial refines the incumbent
