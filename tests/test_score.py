@@ -67,6 +67,24 @@ def test_scoring_twice_gives_the_same_numbers(gmm, ref):
     assert a.nfe == 6 and a.n == 96 and list(a.fid_at) == [32, 96]
 
 
+def test_lists_from_one_sigma_max_share_their_first_model_call(gmm, ref):
+    """A second list from the same σ_0 skips its first model call on every batch and scores
+    exactly what a scorer without the cache scores; another σ_0 is sampled afresh."""
+    model = Wrapped(gmm)
+    shared = _scorer(model, ref, 96, checkpoints=(32,))
+    plain = _scorer(gmm, ref, 96, checkpoints=(32,), share_first_calls=False)
+    lists = [schedules.karras(6), schedules.explicit([float(schedules.karras(6)[0]), 2.0, 0.3, 0.0]),
+             schedules.karras(6, sigma_max=10.0)]
+    seen = []
+    for sig in lists:
+        a, b = shared.score(sig, solver="dpmpp_2m"), plain.score(sig, solver="dpmpp_2m")
+        assert a.fid == b.fid and np.array_equal(a.features, b.features) and a.nfe == b.nfe
+        seen.append(model.images_denoised)
+    assert seen == [96, 96, 96]          # the 3-step list's first call came from the cache
+    assert (shared.first_calls.hits, shared.first_calls.misses) == (3, 6)   # 3 batches a list
+    assert plain.first_calls is None
+
+
 def test_subsets_nest_whatever_the_batch_size(gmm, ref):
     small = _scorer(gmm, ref, 64, batch_size=24, checkpoints=(64,)).score(schedules.karras(5))
     large = _scorer(gmm, ref, 128, batch_size=24, checkpoints=(64,)).score(schedules.karras(5))

@@ -64,11 +64,14 @@ class Scorer:
     eigenproblem; ``"auto"`` (default) the low-rank route when n < D (e.g. 256 Inception features,
     where one 2048² sqrtm costs ~30 s on two CPU cores), clean-fid's otherwise.
     ``clip``: a ``features.ClipScore`` to also report the mean CLIP score (text prompts only).
+    ``share_first_calls``: serve the first model call of each batch from a cache when an earlier
+    σ list started at the same σ_0 (the same images bit for bit, one call fewer per list).
     """
 
     def __init__(self, model, extractor, ref, prompt_set, *, guidance: Optional[float] = None,
                  batch_size: int = 16, checkpoints: Sequence[int] = (64, 128, 256),
-                 kid_subsets: int = 100, kid_seed: int = 0, frechet: str = "auto", clip=None):
+                 kid_subsets: int = 100, kid_seed: int = 0, frechet: str = "auto", clip=None,
+                 share_first_calls: bool = True):
         ref.check(extractor)
         if len(prompt_set) < 2:
             raise ValueError(f"scoring needs at least 2 prompts, got {len(prompt_set)}")
@@ -86,7 +89,8 @@ class Scorer:
         self.checkpoints = tuple(cps) + (self.n,)
         self.kid_subsets, self.kid_seed, self.frechet = int(kid_subsets), int(kid_seed), frechet
         self.clip = clip
-        self.first_calls = FirstCalls()   # every list from the same σ_0 shares its first call
+        # every σ list from the same σ_0 shares its first model call per batch (sampler.FirstCalls)
+        self.first_calls = FirstCalls() if share_first_calls else None
         self.last_seconds: dict = {}
         self._ref_trace = ref.trace
         import cleanfid.fid  # noqa: F401  (imports torchvision, ~3 s once: not a scoring cost)
