@@ -107,6 +107,12 @@ class FirstCalls:
             return out
         return call
 
+    def serve(self, denoise, x0: torch.Tensor, sigma0: float, guidance: float,
+              plan: Optional[FreeUPlan], prompts, seeds):
+        """``wrap`` for a batch of ``sample``: ``denoise`` itself when the batch cannot be keyed."""
+        key = _first_call_key(sigma0, guidance, plan, prompts, seeds)
+        return denoise if key is None else self.wrap(denoise, x0, sigma0, key)
+
     def _keep(self, key: tuple, out: torch.Tensor) -> None:
         size = _nbytes(out)
         if size > self.max_bytes:
@@ -136,6 +142,31 @@ def _first_call_key(sigma0: float, guidance: float, plan: Optional[FreeUPlan], p
     return key
 
 
+def _checked(model, prompts, seeds, sigmas, freeu: Optional[FreeUPlan], batch_size: int):
+    """``sample``'s inputs as lists and a float64 σ tensor, and the FreeU plan if it acts; a
+    clear error for each way they cannot be sampled."""
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    if not prompts:
+        raise ValueError("nothing to sample: the prompt list is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if math.isinf(float(sigmas[0])) and model.table.kind != "flow":
+        raise ValueError(f"a σ list starting at ∞ is for flow-matching models; {model.name} was "
+                         f"trained on a DDPM table that ends at σ_max = {model.table.sigma_max:g}")
+    plan = freeu if freeu is not None and freeu.active else None
+    if plan is not None and model.unet is None:
+        raise ValueError(f"FreeU needs a UNet model; {model.name} has none")
+    return prompts, seeds, sigmas, plan
+
+
+def _denoiser(model, cond, guidance: float):
+    """D(x, σ) of one batch: the model with its conditioning and guidance bound."""
+    return lambda x, sigma: model.denoise(x, sigma, cond, guidance)
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -154,21 +185,8 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
     ``solvers.NonFiniteError`` if the model's output turns non-finite, with the step and σ in the
     message.
     """
-    prompts, seeds = list(prompts), [int(s) for s in seeds]
-    if len(prompts) != len(seeds):
-        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    if not prompts:
-        raise ValueError("nothing to sample: the prompt list is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if math.isinf(float(sigmas[0])) and model.table.kind != "flow":
-        raise ValueError(f"a σ list starting at ∞ is for flow-matching models; {model.name} was "
-                         f"trained on a DDPM table that ends at σ_max = {model.table.sigma_max:g}")
+    prompts, seeds, sigmas, plan = _checked(model, prompts, seeds, sigmas, freeu, batch_size)
     solve = solvers.get(solver)
-    plan = freeu if freeu is not None and freeu.active else None
-    if plan is not None and model.unet is None:
-        raise ValueError(f"FreeU needs a UNet model; {model.name} has none")
     device = torch.device(model.device)
     latents, images = [], []
     t_model = t_total = t_decode = 0.0
@@ -178,13 +196,10 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
             t0 = time.perf_counter()
             cond = model.condition(prompts[sl])
             x = initial_noise(model.latent_shape, seeds[sl], float(sigmas[0])).to(device)
-
-            def denoise(x_, s_, cond=cond):
-                return model.denoise(x_, s_, cond, guidance)
-            key = None if first_calls is None else _first_call_key(
-                float(sigmas[0]), guidance, plan, prompts[sl], seeds[sl])
-            if key is not None:
-                denoise = first_calls.wrap(denoise, x, float(sigmas[0]), key)
+            denoise = _denoiser(model, cond, guidance)
+            if first_calls is not None:
+                denoise = first_calls.serve(denoise, x, float(sigmas[0]), guidance, plan,
+                                            prompts[sl], seeds[sl])
             timed = ModelCalls(denoise, device)
             step_hook = chain(plan.hook(model.unet) if plan is not None else None, check_finite, hook)
             x = solve(timed, x, sigmas, step_hook)
