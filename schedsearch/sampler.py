@@ -87,14 +87,20 @@ class FirstCalls:
         self._store: OrderedDict = OrderedDict()
         self._bytes = 0
 
-    def wrap(self, denoise, x0: torch.Tensor, sigma0: float, key: tuple):
-        """``denoise`` with its first call served from the cache when it is the call at
-        (``x0``, ``sigma0``): the same tensor object, not a copy of it (solvers move x out of place
-        and never write into an output)."""
-        state = {"first": True}
+    def serve(self, denoise, x0: torch.Tensor, sigma0: float, guidance: float,
+              plan: Optional[FreeUPlan], prompts, seeds):
+        """``denoise`` for one batch of ``sample``, its first call — the one at (``x0``,
+        ``sigma0``) — served from the cache: the same tensor object, not a copy (solvers move x out
+        of place and never write into an output). ``denoise`` itself if the batch cannot be keyed."""
+        key = _first_call_key(sigma0, guidance, plan, prompts, seeds)
+        if key is None:
+            return denoise
+        first = True
 
         def call(x, sigma):
-            if not state.pop("first", False) or x is not x0 or float(sigma) != sigma0:
+            nonlocal first
+            is_first, first = first, False
+            if not is_first or x is not x0 or float(sigma) != sigma0:
                 return denoise(x, sigma)
             hit = self._store.get(key)
             if hit is not None:
@@ -106,12 +112,6 @@ class FirstCalls:
             self._keep(key, out)
             return out
         return call
-
-    def serve(self, denoise, x0: torch.Tensor, sigma0: float, guidance: float,
-              plan: Optional[FreeUPlan], prompts, seeds):
-        """``wrap`` for a batch of ``sample``: ``denoise`` itself when the batch cannot be keyed."""
-        key = _first_call_key(sigma0, guidance, plan, prompts, seeds)
-        return denoise if key is None else self.wrap(denoise, x0, sigma0, key)
 
     def _keep(self, key: tuple, out: torch.Tensor) -> None:
         size = _nbytes(out)
@@ -162,11 +162,6 @@ def _checked(model, prompts, seeds, sigmas, freeu: Optional[FreeUPlan], batch_si
     return prompts, seeds, sigmas, plan
 
 
-def _denoiser(model, cond, guidance: float):
-    """D(x, σ) of one batch: the model with its conditioning and guidance bound."""
-    return lambda x, sigma: model.denoise(x, sigma, cond, guidance)
-
-
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -196,7 +191,7 @@ def sample(model, sigmas, prompts: Sequence, seeds: Sequence[int], *, solver: st
             t0 = time.perf_counter()
             cond = model.condition(prompts[sl])
             x = initial_noise(model.latent_shape, seeds[sl], float(sigmas[0])).to(device)
-            denoise = _denoiser(model, cond, guidance)
+            denoise = lambda x_, s_, cond=cond: model.denoise(x_, s_, cond, guidance)
             if first_calls is not None:
                 denoise = first_calls.serve(denoise, x, float(sigmas[0]), guidance, plan,
                                             prompts[sl], seeds[sl])
