@@ -180,3 +180,24 @@ def test_a_preset_sets_schedule_solver_freeu_and_guidance(sd_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / rec["images"][i]["file"])),
                                       np.asarray(img))
     assert main(["sample", "--preset", "sd15-5", "--schedule", "karras", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_every_command_help_is_wrapped_and_run_describes_both_stages(capsys):
+    """--help of every command exits 0 with its description wrapped to a terminal's width (the
+    raw formatter that keeps the examples' line breaks would print it as one long line), and
+    ``run``'s says what the search does now: free-form lists, two stages, fresh seeds."""
+    from schedsearch.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert len(commands) >= 10
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        description = text.split("\n\n")[1]
+        assert max(map(len, description.splitlines())) <= 79, (name, description)
+        if name == "run":
+            flat = " ".join(description.split())
+            for part in ("free-form σ lists", "CMA-ES", "fresh seeds", "paired 95% CI"):
+                assert part in flat, part

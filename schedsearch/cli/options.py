@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 
 from .. import models, schedules, solvers
 from ..freeu import DEFAULTS, FreeU, FreeUPlan
@@ -29,9 +30,11 @@ MODEL_HELP = ("digits (default), gmm, digits-flow, gmm-flow (flow-matching testb
 
 
 def command(sub, name: str, *, help: str, description: str, examples: list[str] = ()):
-    """A subcommand parser whose --help ends with worked examples."""
+    """A subcommand parser whose --help ends with worked examples. The description is wrapped
+    here because the raw formatter (which keeps the examples' line breaks) would not."""
     epilog = "Examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
-    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+    return sub.add_parser(name, help=help, description=textwrap.fill(description, 79),
+                          epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

@@ -15,12 +15,16 @@ from . import UserError, options
 def register(sub) -> None:
     p = options.command(
         sub, "run", help="search the best schedule for a model at an NFE budget (the main job)",
-        description="Run an Optuna study over the schedule space (the paper's p1, p2, stop, final "
-                    "denoise; the solver; FreeU start and values) at a fixed number of model "
-                    "calls, score every candidate and baseline with the FID proxy on the same "
-                    "prompts and seeds, re-score the winner on held-out prompts, log everything "
-                    "to MLflow and write the winner as a preset. With no arguments it runs on the "
-                    "built-in 'digits' testbed. Re-running the same command continues the study.",
+        description="Search the sampling schedule at a fixed number of model calls: the "
+                    "baselines (Karras, AYS, GITS, OSS, the paper's presets) are scored first and "
+                    "the best of them start the search; a global stage (TPE by default) explores "
+                    "the paper's family (p1, p2, stop) and free-form σ lists, the solver and "
+                    "FreeU; a local stage refines the best with CMA-ES. Every candidate is scored "
+                    "with the FID proxy on the same prompts and seeds; the best few meet fresh "
+                    "seeds before one wins; the winner and every baseline are re-scored on "
+                    "held-out prompts (paired 95% CI); everything goes to MLflow and the winner "
+                    "becomes a preset. With no arguments it runs on the built-in 'digits' "
+                    "testbed. Re-running the same command continues the study.",
         examples=["schedsearch run --budget 5",
                   "schedsearch run --config studies/sd15-coco-5.yaml --model "
                   "sd-legacy/stable-diffusion-v1-5 \\\n"
