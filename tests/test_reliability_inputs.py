@@ -234,3 +234,46 @@ def test_an_output_folder_the_file_system_cannot_hold_is_one_line(tmp_path):
     assert code == 2, err
     assert _one_error_line(err, "run") == (f"schedsearch run: error: cannot write '{out}' (No such "
                                            f"file or directory); choose another --out")
+
+
+# -- flags that would be ignored, and a reader that goes away ---------------------------------------
+def test_a_sigma_list_or_fractions_name_their_schedule_and_clash_with_any_other(tmp_path, capsys):
+    """--sigmas alone scores that σ list (it used to be ignored for the default 8-step Karras),
+    --fractions alone that knots list; given to another schedule or beside --preset, either is
+    one line rather than silently dropped."""
+    import json
+
+    from schedsearch.cli import main
+
+    def score(*flags):
+        assert main(["score", "--model", "gmm", "--device", "cpu", "--n", "64", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    implied = score("--sigmas", "14.6,3,0.5,0")
+    named = score("--schedule", "explicit", "--sigmas", "14.6,3,0.5,0")
+    assert implied["nfe"] == 3 and implied["fid"] == named["fid"]
+    assert implied["fid"] != score("--schedule", "karras", "--steps", "8")["fid"]
+    knots = score("--fractions", "0.2,0.3,0.1")
+    assert knots["nfe"] == 4 and knots["fid"] == score("--schedule", "knots",
+                                                        "--fractions", "0.2,0.3,0.1")["fid"]
+    for args, flag in ((("score", "--schedule", "karras", "--steps", "4", "--sigmas", "3,1,0"),
+                        "--sigmas"),
+                       (("schedule", "ays", "--steps", "5", "--fractions", "0.2"), "--fractions"),
+                       (("score", "--preset", "sd15-5", "--sigmas", "3,1,0"), "--sigmas")):
+        code, out, err = _cli(*args, "--n", "16") if args[0] == "score" else _cli(*args)
+        assert code == 2, (out, err)
+        assert flag in _one_error_line(err, args[0])
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``schedsearch schedule karras --steps 2000 | head -1``: no BrokenPipeError traceback, the
+    exit status a tool killed by SIGPIPE has (141)."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "schedsearch", "schedule", "karras", "--steps",
+                             "20000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().split() == ["step", "sigma", "timestep"]
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""

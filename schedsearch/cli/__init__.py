@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         line = output_error(exc, args) if isinstance(exc, OSError) and exc.errno else None
         print(f"schedsearch {args.command}: error: {line or exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``schedsearch schedule karras | head -3``): stop quietly, as a
+        # tool killed by SIGPIPE would; stdout goes to devnull so the exit flush cannot fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # an OSError (or one in disguise) under an output path, else raised
         err = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
         line = output_error(err, args) if err is not None else None

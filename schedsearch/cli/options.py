@@ -144,9 +144,11 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
     p.add_argument("--sigma-min", type=float, default=None, help="karras/logsnr: lowest σ > 0")
     p.add_argument("--sigma-max", type=float, default=None, help="karras/logsnr: highest σ")
     p.add_argument("--sigmas", default=None,
-                   help="explicit: comma-separated σ list, descending, optional final 0")
+                   help="explicit: comma-separated σ list, descending, optional final 0 (alone, it "
+                        "selects the explicit schedule)")
     p.add_argument("--fractions", default=None,
-                   help="knots: comma-separated stick-breaking fractions in (0, 1) (docs/search.md)")
+                   help="knots: comma-separated stick-breaking fractions in (0, 1) (docs/search.md; "
+                        "alone, it selects the knots schedule)")
     p.add_argument("--end", choices=["zero", "sigma"], default="zero",
                    help="knots: a last step to σ = 0 (default) or stop at the last fraction's σ")
     p.add_argument("--noise-config", default=None, metavar="FILE",
@@ -221,7 +223,12 @@ def parse_freeu(text: str):
 
 def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
     """The schedule spec (see ``schedules.build``) that the flags describe."""
-
+    # a list given to another schedule would be silently ignored: refuse it instead
+    for flag, value, owner in (("--sigmas", args.sigmas, "explicit"),
+                               ("--fractions", args.fractions, "knots")):
+        if value and name != owner:
+            raise ValueError(f"{flag} is the {owner} schedule's list, but the schedule is "
+                             f"{name!r}; drop {flag} or use the {owner} schedule")
     if name in PAPER_SETTINGS:
         spec = {"name": name, "final_denoise": args.final_denoise}
         if args.steps is not None:
@@ -295,14 +302,17 @@ def preset_from_args(args, model):
     to the model (guidance resolved, FreeU dropped without a UNet — with a note on stderr)."""
 
     if args.preset:
-        clash = [f for f, v in (("--schedule", args.schedule), ("--solver", args.solver),
+        clash = [f for f, v in (("--schedule", args.schedule), ("--sigmas", args.sigmas),
+                                ("--fractions", args.fractions), ("--solver", args.solver),
                                 ("--freeu", args.freeu)) if v]
         if clash:
             raise ValueError(f"--preset sets the schedule, solver and FreeU plan; drop "
                              f"{', '.join(clash)}")
         preset = load(args.preset)
     else:
-        name = args.schedule or args.default_schedule
+        # a σ list or knot fractions name their schedule when --schedule does not
+        name = (args.schedule or ("explicit" if args.sigmas else None)
+                or ("knots" if args.fractions else None) or args.default_schedule)
         if name not in NAMES:
             raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(NAMES)}")
         if args.steps is None and name not in (*schedules.PAPER_SETTINGS, "explicit", "knots"):
