@@ -277,3 +277,24 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141, err
     assert err == ""
+
+
+def test_freeu_start_or_variant_without_freeu_is_one_line_not_ignored(capsys):
+    """--t-aug or --freeu-variant without --freeu used to be dropped silently; beside --preset
+    too. With --freeu they shape the plan (FreeU on from step t_aug, the variant named)."""
+    import json
+
+    from schedsearch.cli import main
+
+    for flags, named in ((("--t-aug", "2"), "--t-aug"),
+                         (("--freeu-variant", "original"), "--freeu-variant"),
+                         (("--preset", "sd15-5", "--t-aug", "0"), "--t-aug")):
+        assert main(["score", "--n", "16", *flags]) == 2
+        line = _one_error_line(capsys.readouterr().err, "score")
+        assert named in line and ("--freeu B1,B2,S1,S2" in line or "--preset" in line)
+    assert main(["score", "--n", "16", "--freeu", "sd15", "--t-aug", "2",
+                 "--freeu-variant", "original"]) == 0
+    plan = json.loads(capsys.readouterr().out)["provenance"]["freeu"]
+    assert plan["variant"] == "original"
+    assert [s is not None for s in plan["steps"]] == [False, False, True, True, True, True,
+                                                      True, True]

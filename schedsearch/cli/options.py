@@ -172,9 +172,9 @@ def sampling(p, *, default_schedule: str, default_steps: int) -> None:
     p.add_argument("--freeu", default=None, metavar="B1,B2,S1,S2",
                    help="turn FreeU on with these values (e.g. 1.1,1.1,0.9,0.2) or a named "
                         "default: sd14, sd15, sd21, sdxl, paper (UNet models only; default off)")
-    p.add_argument("--t-aug", type=int, default=0, metavar="STEP",
+    p.add_argument("--t-aug", type=int, default=None, metavar="STEP",
                    help="first 0-based step with FreeU on (the paper's t_aug; default 0)")
-    p.add_argument("--freeu-variant", choices=["diffusers", "original"], default="diffusers",
+    p.add_argument("--freeu-variant", choices=["diffusers", "original"], default=None,
                    help="diffusers' enable_freeu (default) or the FreeU authors' original patch, "
                         "which the paper used")
     p.add_argument("--preset", metavar="NAME|FILE",
@@ -297,6 +297,23 @@ def noise_table(args):
                          f"JSON ({exc})") from None
 
 
+def freeu_plan(args, steps: int):
+    """The FreeU plan of --freeu, --t-aug and --freeu-variant (None without --freeu; the other two
+    alone are refused, not ignored)."""
+    if not args.freeu:
+        given = [f for f, v in (("--t-aug", args.t_aug), ("--freeu-variant", args.freeu_variant))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with "
+                             f"FreeU on: add --freeu B1,B2,S1,S2 (e.g. --freeu sd15)")
+        return None
+    t_aug = 0 if args.t_aug is None else args.t_aug
+    if t_aug < 0:
+        raise ValueError(f"--t-aug must be >= 0, got {t_aug}")
+    return FreeUPlan.from_start(steps, t_aug, parse_freeu(args.freeu),
+                                args.freeu_variant or "diffusers")
+
+
 def preset_from_args(args, model):
     """The preset a command samples: ``--preset``, or the schedule, solver and FreeU flags; fitted
     to the model (guidance resolved, FreeU dropped without a UNet — with a note on stderr)."""
@@ -304,7 +321,8 @@ def preset_from_args(args, model):
     if args.preset:
         clash = [f for f, v in (("--schedule", args.schedule), ("--sigmas", args.sigmas),
                                 ("--fractions", args.fractions), ("--solver", args.solver),
-                                ("--freeu", args.freeu)) if v]
+                                ("--freeu", args.freeu), ("--t-aug", args.t_aug),
+                                ("--freeu-variant", args.freeu_variant)) if v is not None]
         if clash:
             raise ValueError(f"--preset sets the schedule, solver and FreeU plan; drop "
                              f"{', '.join(clash)}")
@@ -319,10 +337,7 @@ def preset_from_args(args, model):
             args.steps = args.default_steps
         spec = schedule_spec(args, name, model.family)
         sigmas = schedules.build(spec, noise_table(args) or model.table)
-        if args.t_aug < 0:
-            raise ValueError(f"--t-aug must be >= 0, got {args.t_aug}")
-        plan = (FreeUPlan.from_start(len(sigmas) - 1, args.t_aug, parse_freeu(args.freeu),
-                                     args.freeu_variant) if args.freeu else None)
+        plan = freeu_plan(args, len(sigmas) - 1)
         preset = Preset(name=name, family="any", sigmas=sigmas,
                         solver=solvers.canonical(args.solver or "dpmpp_2m"), freeu=plan,
                         schedule=spec)
