@@ -219,3 +219,44 @@ def test_knots_are_strictly_decreasing_for_any_fractions_and_refuse_bad_ones():
         S.knot_fractions(S.karras(5, sigma_max=10.0))
     with pytest.raises(ValueError, match="floor"):
         S.knot_fractions([SD.sigma_max, 1.0, 0.01])
+
+
+@pytest.mark.parametrize("args, flag", [
+    (("karras", "--steps", "5", "--p1", "3"), "--p1"),
+    (("ays", "--steps", "5", "--rho", "5"), "--rho"),
+    (("karras", "--steps", "5", "--family", "sdxl"), "--family"),
+    (("ays", "--steps", "5", "--sigma-min", "0.1"), "--sigma-min"),
+    (("karras", "--steps", "5", "--final-denoise"), "--final-denoise"),
+    (("karras", "--steps", "5", "--end", "sigma"), "--end"),
+    (("explicit", "--sigmas", "3,1,0", "--steps", "4"), "--steps"),
+    (("karras", "--steps", "5", "--mu", "0.5"), "--mu"),
+])
+def test_a_schedule_flag_given_to_another_schedule_is_refused(args, flag, capsys):
+    """Each schedule flag is read by some schedules only; given to another it used to be dropped
+    without a word (the list printed was not the one asked for). Now it is one line naming it."""
+    from schedsearch.cli import main
+
+    assert main(["schedule", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("schedsearch schedule: error: ")
+    assert flag in err and "drop" in err
+
+
+def test_schedule_flags_keep_their_defaults_where_they_apply(capsys):
+    """The defaults the help states still hold when the flag is left out (p1 7, p2 1.2, stop 3,
+    ρ 7, a final step to 0 for knots), and a given value still reaches the list."""
+    import json
+
+    from schedsearch.cli import main
+
+    def sigmas(*args):
+        assert main(["schedule", *args, "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)["sigmas"]
+
+    np.testing.assert_allclose(sigmas("paper", "--steps", "8"),
+                               sigmas("paper", "--steps", "8", "--p1", "7", "--p2", "1.2",
+                                      "--stop", "3"))
+    np.testing.assert_allclose(sigmas("karras", "--steps", "5"), S.karras(5, rho=7.0).numpy())
+    assert sigmas("karras", "--steps", "5", "--rho", "3") != sigmas("karras", "--steps", "5")
+    assert sigmas("knots", "--fractions", "0.2,0.3")[-1] == 0
+    assert sigmas("knots", "--fractions", "0.2,0.3", "--end", "sigma")[-1] > 0

@@ -128,11 +128,11 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
     """The flags of a schedule family (see ``schedules.build``)."""
     p.add_argument("--steps", type=int, help=steps_help)
     p.add_argument("--family", choices=["sd15", "sdxl"], default=None,
-                   help="ays/paper presets: which published table (default: the model's own, "
+                   help="ays: which published table (default: the model's own, "
                         "else sd15)")
-    p.add_argument("--p1", type=float, default=7.0,
+    p.add_argument("--p1", type=float, default=None,
                    help="paper: exponent of the σ-ramp that picks the stopping level (default 7)")
-    p.add_argument("--p2", type=float, default=1.2,
+    p.add_argument("--p2", type=float, default=None,
                    help="paper: exponent of the t-grid (default 1.2)")
     p.add_argument("--stop", type=float, default=None,
                    help="paper: stopping index, a number >= 1 (default 3; integers are the paper's)")
@@ -140,7 +140,7 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
     p.add_argument("--k", type=int, default=None, help="paper: explicit ramp point (with --M)")
     p.add_argument("--final-denoise", action="store_true",
                    help="paper/presets: append σ = 0, one more model call x = D(x, σ_stop)")
-    p.add_argument("--rho", type=float, default=7.0, help="karras: ρ (default 7)")
+    p.add_argument("--rho", type=float, default=None, help="karras: ρ (default 7)")
     p.add_argument("--sigma-min", type=float, default=None, help="karras/logsnr: lowest σ > 0")
     p.add_argument("--sigma-max", type=float, default=None, help="karras/logsnr: highest σ")
     p.add_argument("--sigmas", default=None,
@@ -149,7 +149,7 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
     p.add_argument("--fractions", default=None,
                    help="knots: comma-separated stick-breaking fractions in (0, 1) (docs/search.md; "
                         "alone, it selects the knots schedule)")
-    p.add_argument("--end", choices=["zero", "sigma"], default="zero",
+    p.add_argument("--end", choices=["zero", "sigma"], default=None,
                    help="knots: a last step to σ = 0 (default) or stop at the last fraction's σ")
     p.add_argument("--noise-config", default=None, metavar="FILE",
                    help="a diffusers scheduler_config.json for a model whose noise table is not "
@@ -221,14 +221,37 @@ def parse_freeu(text: str):
     return FreeU(*values)
 
 
+# Which schedules read each schedule flag. A flag given to any other would be dropped without a
+# word (``score --sigmas`` used to score Karras), so it is refused instead.
+_FLAG_OWNERS = {
+    "sigmas": ("explicit",), "fractions": ("knots",), "end": ("knots",),
+    "p1": ("paper",), "p2": ("paper",), "stop": ("paper",), "M": ("paper",), "k": ("paper",),
+    "final_denoise": ("paper", *PAPER_SETTINGS), "rho": ("karras",),
+    "sigma_min": ("karras", "logsnr"), "sigma_max": ("karras", "logsnr"), "family": ("ays",),
+}
+
+
+def _given(value) -> bool:
+    """A flag the user gave: not its None default, not an unset switch (0 is a value: --t-aug 0)."""
+    return value is not None and value is not False
+
+
+def _check_schedule_flags(args, name: str) -> None:
+    for dest, owners in _FLAG_OWNERS.items():
+        if _given(getattr(args, dest, None)) and name not in owners:
+            flag = "--" + dest.replace("_", "-")
+            where = ("paper schedule and the paper's presets" if dest == "final_denoise"
+                     else " and ".join(owners) + " schedule" + "s" * (len(owners) > 1))
+            raise ValueError(f"{flag} applies to the {where}, not to {name!r}; drop {flag}"
+                             + (f" or use the {owners[0]} schedule" if len(owners) == 1 else ""))
+    if args.steps is not None and name in ("explicit", "knots"):
+        raise ValueError(f"--steps does not apply to the {name} schedule: its list sets the "
+                         f"steps; drop --steps")
+
+
 def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
     """The schedule spec (see ``schedules.build``) that the flags describe."""
-    # a list given to another schedule would be silently ignored: refuse it instead
-    for flag, value, owner in (("--sigmas", args.sigmas, "explicit"),
-                               ("--fractions", args.fractions, "knots")):
-        if value and name != owner:
-            raise ValueError(f"{flag} is the {owner} schedule's list, but the schedule is "
-                             f"{name!r}; drop {flag} or use the {owner} schedule")
+    _check_schedule_flags(args, name)
     if name in PAPER_SETTINGS:
         spec = {"name": name, "final_denoise": args.final_denoise}
         if args.steps is not None:
@@ -250,12 +273,13 @@ def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
         except ValueError:
             raise ValueError(f"--fractions must be comma-separated numbers, got "
                              f"{args.fractions!r}") from None
-        return {"name": "knots", "fractions": values, "end": args.end}
+        return {"name": "knots", "fractions": values, "end": args.end or "zero"}
     if args.steps is None:
         raise ValueError(f"schedule {name!r} needs --steps N")
     spec = {"name": name, "steps": args.steps}
     if name == "paper":
-        spec.update(p1=args.p1, p2=args.p2, final_denoise=args.final_denoise)
+        spec.update(p1=7.0 if args.p1 is None else args.p1,
+                    p2=1.2 if args.p2 is None else args.p2, final_denoise=args.final_denoise)
         if args.M is not None or args.k is not None:
             spec.update(M=args.M, k=args.k)
             if args.stop is not None:
@@ -266,7 +290,7 @@ def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
         spec["family"] = args.family or schedule_family(model_family or "sd15")
     elif name in ("karras", "logsnr"):
         if name == "karras":
-            spec["rho"] = args.rho
+            spec["rho"] = 7.0 if args.rho is None else args.rho
         for key in ("sigma_min", "sigma_max"):
             if getattr(args, key) is not None:
                 spec[key] = getattr(args, key)
@@ -280,6 +304,9 @@ FLUX_1024_TOKENS = 4096
 def noise_table(args):
     """The noise table named by --noise-config, or None (use the model's own)."""
     if not args.noise_config:
+        if getattr(args, "mu", None) is not None:
+            raise ValueError("--mu is the shift of a dynamically shifted FlowMatch config: give "
+                             "it with --noise-config FILE, or drop it")
         return None
     try:
         with open(args.noise_config, encoding="utf-8") as f:
@@ -319,10 +346,8 @@ def preset_from_args(args, model):
     to the model (guidance resolved, FreeU dropped without a UNet — with a note on stderr)."""
 
     if args.preset:
-        clash = [f for f, v in (("--schedule", args.schedule), ("--sigmas", args.sigmas),
-                                ("--fractions", args.fractions), ("--solver", args.solver),
-                                ("--freeu", args.freeu), ("--t-aug", args.t_aug),
-                                ("--freeu-variant", args.freeu_variant)) if v is not None]
+        given = ("schedule", *_FLAG_OWNERS, "steps", "solver", "freeu", "t_aug", "freeu_variant")
+        clash = ["--" + d.replace("_", "-") for d in given if _given(getattr(args, d, None))]
         if clash:
             raise ValueError(f"--preset sets the schedule, solver and FreeU plan; drop "
                              f"{', '.join(clash)}")
