@@ -364,3 +364,19 @@ def test_presets_show_prints_a_workflow_and_its_caveats(tmp_path):
     assert "FreeU" not in {n["class_type"] for n in workflow.values()}
     notes = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
     assert notes and any("FreeU" in line for line in notes)
+
+
+def test_presets_show_refuses_workflow_flags_without_a_workflow(capsys):
+    """--checkpoint / --prompt only shape a workflow; with another format they used to be dropped
+    silently. Now one line; without them the workflow still loads model.safetensors."""
+    from schedsearch.cli import main
+
+    for flags in (("--checkpoint", "a.safetensors"), ("--format", "json", "--prompt", "a cat")):
+        assert main(["presets", "show", "sd15-5", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--format comfy-workflow" in err
+        assert flags[-2] in err
+    assert main(["presets", "show", "sd15-5", "--format", "comfy-workflow"]) == 0
+    workflow = json.loads(capsys.readouterr().out)
+    loaders = [n for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert loaders[0]["inputs"]["ckpt_name"] == "model.safetensors"

@@ -33,8 +33,9 @@ def register(sub) -> None:
                            "flow-matching preset its t list, ∞ → 1.0) or comfy-workflow (a "
                            "ComfyUI API-format workflow on stdout; where ComfyUI cannot run the "
                            "preset exactly, the reasons go to stderr; SD1.x/2.x/XL presets only)")
-    show.add_argument("--checkpoint", default="model.safetensors",
-                      help="comfy-workflow: the checkpoint file name in ComfyUI's models folder")
+    show.add_argument("--checkpoint", default=None,
+                      help="comfy-workflow: the checkpoint file name in ComfyUI's models folder "
+                           "(default model.safetensors)")
     show.add_argument("--prompt", default=None, help="comfy-workflow: the positive prompt")
     show.set_defaults(handler=show_preset)
     p.set_defaults(handler=lambda a: (p.print_help(), 2)[1])
@@ -106,7 +107,14 @@ def print_preset(preset, fmt: str, **extra) -> None:
 
 def show_preset(args) -> int:
 
-    print_preset(load(args.name), args.format, checkpoint=args.checkpoint, prompt=args.prompt)
+    given = [f for f, v in (("--checkpoint", args.checkpoint), ("--prompt", args.prompt))
+             if v is not None]
+    if given and args.format != "comfy-workflow":   # they would be dropped without a word
+        raise ValueError(f"{' and '.join(given)} only go{'es' * (len(given) == 1)} into a "
+                         f"workflow: add --format comfy-workflow, or drop "
+                         f"{'them' if len(given) > 1 else 'it'}")
+    print_preset(load(args.name), args.format, checkpoint=args.checkpoint or "model.safetensors",
+                 prompt=args.prompt)
     return 0
 
 
