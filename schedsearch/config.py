@@ -3,6 +3,7 @@ before any work starts."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -180,8 +181,12 @@ class StudyConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown study config keys: {', '.join(sorted(unknown))}; "
-                             f"known keys: {', '.join(sorted(known))}")
+            # a typo (trails, refine_start) is the usual cause: name the key it was likely meant as
+            near = [f"{m[0]} for {k}" for k in sorted(unknown)
+                    if (m := difflib.get_close_matches(k, known, 1, 0.75))]
+            raise ValueError(f"unknown study config keys: {', '.join(sorted(unknown))}"
+                             + (f" (did you mean {', '.join(near)}?)" if near else "")
+                             + f"; known keys: {', '.join(sorted(known))}")
         return cls(**data)
 
     def stages(self) -> tuple[int, int]:

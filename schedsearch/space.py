@@ -24,6 +24,7 @@ incumbent.
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -100,8 +101,11 @@ class Space:
     def __post_init__(self) -> None:
         unknown = set(self.ranges) - set(DEFAULT_SPACE)
         if unknown:
-            raise ValueError(f"unknown search-space keys: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(DEFAULT_SPACE)}")
+            near = [f"{m[0]} for {k}" for k in sorted(unknown)
+                    if (m := difflib.get_close_matches(k, DEFAULT_SPACE, 1, 0.75))]
+            raise ValueError(f"unknown search-space keys: {', '.join(sorted(unknown))}"
+                             + (f" (did you mean {', '.join(near)}?)" if near else "")
+                             + f"; known: {', '.join(DEFAULT_SPACE)}")
         self.ranges = r = {**DEFAULT_SPACE, **self.ranges}
         _choices(r, "family", FAMILIES)
         _choices(r, "end", schedules.KNOT_ENDS)

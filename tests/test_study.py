@@ -152,7 +152,9 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(refine_margin=float("nan")), "refine_margin .* must be a number >= 0"),
     (dict(n_search=100_000, validation_sets=5), "validation and held-out seeds never meet"),
     (dict(checkpoints=[1000]), "checkpoints must lie in"),
-    (dict(colour="red"), "unknown study config keys: colour"),
+    (dict(colour="red"), "unknown study config keys: colour; known keys"),
+    (dict(trails=5), r"unknown study config keys: trails \(did you mean trials for trails\?\)"),
+    (dict(space={"solvr": ["unipc"]}), r"search-space keys: solvr \(did you mean solver for solvr"),
 ])
 def test_bad_configs_are_refused(data, message):
     with pytest.raises(ValueError, match=message):
