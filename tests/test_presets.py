@@ -227,6 +227,24 @@ def test_export_refuses_to_overwrite_another_studys_preset(two_studies, capsys, 
     assert mine.read_text() == second
 
 
+def test_export_without_study_takes_the_storages_only_study(two_studies, capsys, tmp_path):
+    """--study may be left out where the storage holds one study (a run folder); with two, one
+    line names them. The preset is the same as with --study."""
+    from schedsearch.cli import main
+
+    a, b = two_studies
+    assert main(["export", "--name", "only", "--out", str(b), "--to", str(tmp_path / "x.json")]) == 0
+    assert _export(capsys, b, "legacy-gmm", "named", "--to", str(tmp_path / "y.json"))[0] == 0
+    x, y = presets.read(tmp_path / "x.json"), presets.read(tmp_path / "y.json")
+    assert x.sigmas.tolist() == y.sigmas.tolist() and x.provenance["trial"] == y.provenance["trial"]
+    capsys.readouterr()
+    assert main(["export", "--name", "only", "--out", str(a), "--to", str(tmp_path / "z.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("holds 2 studies (legacy-gmm, other): pick one with "
+                                             "--study")
+    assert not (tmp_path / "z.json").exists()
+
+
 def test_the_studys_export_refuses_a_clash_with_a_warning_and_keeps_its_own_file(two_studies,
                                                                                 tmp_path):
     from types import SimpleNamespace

@@ -6,7 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from .. import comfy
+import optuna
+
+from .. import comfy, slots
 from ..presets import SHIPPED_DIR, available, load, read, user_dir, user_path
 from ..report import preset_from_study
 from . import options
@@ -43,15 +45,15 @@ def register(sub) -> None:
     e = options.command(
         sub, "export", help="export a study's best (or any) trial as a preset",
         description="Rebuild a trial's preset from the study storage alone (no model needed).",
-        examples=["schedsearch export --study digits-5nfe --name mine "
-                  "--out schedsearch-runs/digits-5nfe",
+        examples=["schedsearch export --name mine --out schedsearch-runs/digits-5nfe",
                   "schedsearch export --study s1 --storage postgresql://u:p@host/db --name s1 "
                   "--trial 12 --to s1.json"])
-    e.add_argument("--study", required=True, help="study name")
+    e.add_argument("--study", help="study name (default: the storage's only study)")
     e.add_argument("--name", required=True, help="name of the preset")
     e.add_argument("--out", help="the study's output folder (its study.db)")
     e.add_argument("--storage", help="the study's storage URL (instead of --out)")
-    e.add_argument("--trial", type=int, help="trial number (default: the best)")
+    e.add_argument("--trial", type=int,
+                   help="trial number (default: the winner the study picked, its ★ row)")
     e.add_argument("--to", help="write here (default: the user preset folder)")
     e.add_argument("--format", choices=["json", "comfy"], default="json",
                    help="also print the preset as JSON (default) or a ComfyUI σ list")
@@ -118,6 +120,18 @@ def show_preset(args) -> int:
     return 0
 
 
+def only_study(storage_url: str) -> str:
+    """The one study a storage holds (its stage studies, ``<name>:baselines`` and
+    ``<name>:refine…``, belong to it); with several, a line that lists them."""
+    names = sorted(n for n in optuna.get_all_study_names(slots.make_storage(storage_url))
+                   if ":" not in n)
+    if len(names) != 1:
+        raise ValueError(f"{slots.redact(storage_url)} holds "
+                         + (f"{len(names)} studies ({', '.join(names)}): pick one with --study"
+                            if names else "no study"))
+    return names[0]
+
+
 def export(args) -> int:
 
     if not args.storage and not args.out:
@@ -125,7 +139,7 @@ def export(args) -> int:
     storage = args.storage or f"sqlite:///{(Path(args.out) / 'study.db').resolve()}"
     if not args.storage and not (Path(args.out) / "study.db").is_file():
         raise FileNotFoundError(f"no study.db in {args.out}; is it a schedsearch run folder?")
-    preset = preset_from_study(storage, args.study, args.name, args.trial)
+    preset = preset_from_study(storage, args.study or only_study(storage), args.name, args.trial)
     if args.to:
         path = preset.save(Path(args.to))
     else:
