@@ -15,7 +15,7 @@ import torch
 from schedsearch import presets, slots, solvers
 from schedsearch.config import StudyConfig, config_json
 from schedsearch.noise import SD
-from schedsearch.space import Space, Target
+from schedsearch.space import SEARCHED_SOLVERS, Space, Target
 from schedsearch.study import RunOptions, run_study
 
 SMALL = dict(model="gmm", budget=5, n_search=64, n_heldout=64, batch_size=64, trials=5,
@@ -583,3 +583,22 @@ def test_a_study_from_before_the_local_runs_keeps_its_one_local_study(tmp_path):
     slots.ensure_slots(old, [({}, {})] * 4, grace=30)
     again = slots.open_studies(storage, "s", **common)
     assert [len(r.get_trials()) for r in again.local] == [4] and again.offsets == (2,)
+
+
+def test_run_prints_the_presets_sigma_list_solver_and_freeu(tmp_path, capsys, monkeypatch):
+    """The last lines of ``schedsearch run`` show the recommended preset as a sampler takes it —
+    its σ list, solver and FreeU plan, read back from the preset file it wrote — since the
+    winner's params (knot fractions, p1/p2/stop) do not say which σ it runs."""
+    from schedsearch.cli import main
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    assert main(["run", "--model", "gmm", "--trials", "4", "--n-search", "64", "--n-heldout", "64",
+                 "--baselines", "karras,ays", "--no-progress", "--no-user-preset",
+                 "--out", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("preset: "))
+    preset = presets.read(lines[at][len("preset: "):])
+    assert lines[at + 1].split() == (
+        ["σ", *[f"{v:.4g}," for v in preset.sigmas.tolist()[:-1]],
+         f"{preset.sigmas.tolist()[-1]:.4g}", "·", preset.solver, "·", "FreeU", "off"])
+    assert preset.nfe == 5 and preset.solver in SEARCHED_SOLVERS

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import (FLOW_BASELINES, MIN_TRIALS, SD_BASELINES, TRIALS_PER_NFE, StudyConfig,
                       default_study_name, default_trials)
+from ..presets import read
 from ..report import comparison_markdown
 from ..study import RunOptions, run_study
 from . import UserError, options
@@ -132,6 +133,10 @@ def run(args) -> int:
     for line in verdict(summary["rows"]):
         print(line)
     print(f"preset: {summary['preset']}")
+    # what the preset holds, in the terms a sampler takes (the trial's params are knot fractions)
+    chosen = read(summary["preset"])
+    print(f"        σ {', '.join(f'{v:.4g}' for v in chosen.sigmas.tolist())} · {chosen.solver}"
+          f" · FreeU {chosen.freeu.describe() if chosen.freeu is not None else 'off'}")
     if summary.get("user_preset"):
         print(f"        also saved as '{name}' (schedsearch presets show {name})")
     if summary.get("warning"):
