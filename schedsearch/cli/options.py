@@ -147,8 +147,8 @@ def schedule(p, *, steps_help: str = "number of steps (model calls of a 1-call s
                    help="explicit: comma-separated σ list, descending, optional final 0 (alone, it "
                         "selects the explicit schedule)")
     p.add_argument("--fractions", default=None,
-                   help="knots: comma-separated stick-breaking fractions in (0, 1) (docs/search.md; "
-                        "alone, it selects the knots schedule)")
+                   help="knots: comma-separated stick-breaking fractions in (0, 1) "
+                        "(docs/search.md; alone, it selects the knots schedule)")
     p.add_argument("--end", choices=["zero", "sigma"], default=None,
                    help="knots: a last step to σ = 0 (default) or stop at the last fraction's σ")
     p.add_argument("--noise-config", default=None, metavar="FILE",
@@ -331,8 +331,9 @@ def freeu_plan(args, steps: int):
         given = [f for f, v in (("--t-aug", args.t_aug), ("--freeu-variant", args.freeu_variant))
                  if v is not None]
         if given:
-            raise ValueError(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with "
-                             f"FreeU on: add --freeu B1,B2,S1,S2 (e.g. --freeu sd15)")
+            verb = "only applies" if len(given) == 1 else "only apply"
+            raise ValueError(f"{' and '.join(given)} {verb} with FreeU on: add --freeu "
+                             f"B1,B2,S1,S2 (e.g. --freeu sd15)")
         return None
     t_aug = 0 if args.t_aug is None else args.t_aug
     if t_aug < 0:
