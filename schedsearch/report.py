@@ -145,6 +145,11 @@ def comparison_markdown(rows: list[dict]) -> str:
         if ref:
             line += f" {r['fid_heldout'] / ref['fid_heldout']:.2f}× |"
         lines.append(line)
+    if any(not c["lo"] <= c["delta"] <= c["hi"] for c in (r.get("vs_best") for r in rows) if c):
+        # it reads like a bug to anyone who has not met the basic bootstrap interval
+        lines.append("\nAn interval beside its difference rather than around it is not an error: "
+                     "FID is biased upward at a few hundred images, and the (basic bootstrap) "
+                     "interval takes that bias out (docs/scoring.md, \"Why basic\").")
     return "\n".join(lines)
 
 

@@ -62,6 +62,19 @@ def test_the_comparison_table_marks_the_recommendation_the_ci_and_the_karras_rat
     # a CI that excludes zero is bold: the difference is beyond the noise of the proxy
     assert table[3].endswith("| **-2.000 [-2.600, -1.500]** | 1.00× |")
     assert table[4].endswith("| -0.100 [-0.400, +0.200] | 0.81× |")
+    assert len(table) == 5            # every difference inside its interval: no footnote
+
+
+def test_an_interval_beside_its_difference_gets_a_footnote_saying_why():
+    """The basic bootstrap interval removes FID's small-sample bias, so it may lie beside the
+    observed difference (the flow example: -5.677 [-7.101, -5.743]); the table says why once."""
+    rows = [row("best", 5, 7.0, held=8.0), row("flow", 5, 14.0, held=13.1)]
+    rows[1]["vs_best"] = {"delta": -5.677, "lo": -7.101, "hi": -5.743, "excludes_zero": True}
+    table = comparison_markdown(rows).splitlines()
+    assert table[3].endswith("| **-5.677 [-7.101, -5.743]** |")
+    assert table[4] == "" and table[5].startswith("An interval beside its difference rather than "
+                                                  "around it is not an error")
+    assert "basic bootstrap" in table[5] and "docs/scoring.md" in table[5] and len(table) == 6
 
 
 def test_a_study_of_schedsearch_0_1_exports_the_same_preset(legacy, tmp_path):
