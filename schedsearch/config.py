@@ -3,7 +3,6 @@ before any work starts."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -15,7 +14,7 @@ import yaml
 from .files import first_bad_byte
 from .models import BUILTIN, is_flow
 from .prompts import SEED_STRIDE
-from .space import Space
+from .space import Space, did_you_mean
 
 # The baselines per kind of model, and every key in the order the comparison lists them. A DDPM
 # model (SD1.x/2.x/XL, digits, gmm) is compared with Karras, the paper's preset and AYS; a
@@ -181,12 +180,9 @@ class StudyConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            # a typo (trails, refine_start) is the usual cause: name the key it was likely meant as
-            near = [f"{m[0]} for {k}" for k in sorted(unknown)
-                    if (m := difflib.get_close_matches(k, known, 1, 0.75))]
             raise ValueError(f"unknown study config keys: {', '.join(sorted(unknown))}"
-                             + (f" (did you mean {', '.join(near)}?)" if near else "")
-                             + f"; known keys: {', '.join(sorted(known))}")
+                             f"{did_you_mean(unknown, sorted(known))}; "
+                             f"known keys: {', '.join(sorted(known))}")
         return cls(**data)
 
     def stages(self) -> tuple[int, int]:

@@ -128,6 +128,11 @@ class Preset:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def freeu_text(self) -> str:
+        """The FreeU plan in words, "off" without one: how every table, log line and MLflow run
+        shows it."""
+        return self.freeu.describe() if self.freeu is not None else "off"
+
     def comfy(self) -> str:
         """The σ list for ComfyUI's ManualSigmas (or KJNodes CustomSigmas)."""
         return sigma_string(self.sigmas)

@@ -65,6 +65,14 @@ REFINE_LOGIT = 1.5
 REFINE_SHARE = 0.25
 
 
+def did_you_mean(unknown, known) -> str:
+    """A hint naming, for each unknown key close to a known one, the key it was likely meant as
+    (' (did you mean trials for trails?)'), else '': a typo is the usual cause of an unknown key."""
+    near = [f"{m[0]} for {k}" for k in sorted(unknown)
+            if (m := difflib.get_close_matches(k, list(known), 1, 0.75))]
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
 def _range(space: dict, key: str) -> tuple[float, float]:
     v = space[key]
     if not (isinstance(v, (list, tuple)) and len(v) == 2 and v[0] <= v[1]):
@@ -101,11 +109,9 @@ class Space:
     def __post_init__(self) -> None:
         unknown = set(self.ranges) - set(DEFAULT_SPACE)
         if unknown:
-            near = [f"{m[0]} for {k}" for k in sorted(unknown)
-                    if (m := difflib.get_close_matches(k, DEFAULT_SPACE, 1, 0.75))]
             raise ValueError(f"unknown search-space keys: {', '.join(sorted(unknown))}"
-                             + (f" (did you mean {', '.join(near)}?)" if near else "")
-                             + f"; known: {', '.join(DEFAULT_SPACE)}")
+                             f"{did_you_mean(unknown, DEFAULT_SPACE)}; "
+                             f"known: {', '.join(DEFAULT_SPACE)}")
         self.ranges = r = {**DEFAULT_SPACE, **self.ranges}
         _choices(r, "family", FAMILIES)
         _choices(r, "end", schedules.KNOT_ENDS)

@@ -233,7 +233,7 @@ def run_params(preset: Preset) -> dict:
     prov = preset.provenance
     return {"solver": preset.solver, "nfe": preset.nfe, "guidance": preset.guidance,
             "sigmas": json.dumps([round(float(s), 6) for s in preset.sigmas]),
-            "freeu": preset.freeu.describe() if preset.freeu is not None else "off",
+            "freeu": preset.freeu_text(),
             "schedule": json.dumps(preset.schedule) if preset.schedule else None,
             **{k: prov[k] for k in ("distilled", "grid_indices") if k in prov}}
 

@@ -231,15 +231,19 @@ _FLAG_OWNERS = {
 }
 
 
-def _given(value) -> bool:
-    """A flag the user gave: not its None default, not an unset switch (0 is a value: --t-aug 0)."""
-    return value is not None and value is not False
+def given_flags(args, *dests: str) -> list[str]:
+    """The flags among ``dests`` that the user gave, as typed (--t-aug for t_aug): not at their
+    None default, not an unset switch (0 is a value: --t-aug 0). Flags a command is about to
+    refuse rather than ignore."""
+    return ["--" + d.replace("_", "-") for d in dests
+            if getattr(args, d, None) is not None and getattr(args, d) is not False]
 
 
 def _check_schedule_flags(args, name: str) -> None:
     for dest, owners in _FLAG_OWNERS.items():
-        if _given(getattr(args, dest, None)) and name not in owners:
-            flag = "--" + dest.replace("_", "-")
+        if name in owners:
+            continue
+        for flag in given_flags(args, dest):
             where = ("paper schedule and the paper's presets" if dest == "final_denoise"
                      else " and ".join(owners) + " schedule" + "s" * (len(owners) > 1))
             raise ValueError(f"{flag} applies to the {where}, not to {name!r}; drop {flag}"
@@ -328,8 +332,7 @@ def freeu_plan(args, steps: int):
     """The FreeU plan of --freeu, --t-aug and --freeu-variant (None without --freeu; the other two
     alone are refused, not ignored)."""
     if not args.freeu:
-        given = [f for f, v in (("--t-aug", args.t_aug), ("--freeu-variant", args.freeu_variant))
-                 if v is not None]
+        given = given_flags(args, "t_aug", "freeu_variant")
         if given:
             verb = "only applies" if len(given) == 1 else "only apply"
             raise ValueError(f"{' and '.join(given)} {verb} with FreeU on: add --freeu "
@@ -347,8 +350,8 @@ def preset_from_args(args, model):
     to the model (guidance resolved, FreeU dropped without a UNet — with a note on stderr)."""
 
     if args.preset:
-        given = ("schedule", *_FLAG_OWNERS, "steps", "solver", "freeu", "t_aug", "freeu_variant")
-        clash = ["--" + d.replace("_", "-") for d in given if _given(getattr(args, d, None))]
+        clash = given_flags(args, "schedule", *_FLAG_OWNERS, "steps", "solver", "freeu", "t_aug",
+                            "freeu_variant")
         if clash:
             raise ValueError(f"--preset sets the schedule, solver and FreeU plan; drop "
                              f"{', '.join(clash)}")

@@ -102,15 +102,14 @@ def print_preset(preset, fmt: str, **extra) -> None:
             print(f"  t: {comfy.flow_t_string(preset.sigmas)} (timestep 1000·t)")
         else:
             print(f"  t: {', '.join(f'{t:.2f}' for t in d['timesteps'])}")
-        print(f"  FreeU: {preset.freeu.describe() if preset.freeu is not None else 'off'}")
+        print(f"  FreeU: {preset.freeu_text()}")
         if preset.provenance:
             print(f"  provenance: {json.dumps(preset.provenance)[:400]}")
 
 
 def show_preset(args) -> int:
 
-    given = [f for f, v in (("--checkpoint", args.checkpoint), ("--prompt", args.prompt))
-             if v is not None]
+    given = options.given_flags(args, "checkpoint", "prompt")
     if given and args.format != "comfy-workflow":   # they would be dropped without a word
         raise ValueError(f"{' and '.join(given)} only go{'es' * (len(given) == 1)} into a "
                          f"workflow: add --format comfy-workflow, or drop "

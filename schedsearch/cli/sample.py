@@ -200,6 +200,6 @@ def run(args) -> int:
                        json.dumps(record, indent=2, ensure_ascii=False))
     print(f"{len(prompts)} images, {out.nfe} model calls each ({preset.solver}, {preset.name}, "
           f"guidance {preset.guidance:g}, FreeU "
-          f"{preset.freeu.describe() if preset.freeu else 'off'}) → {args.out}/ ({figure}, "
+          f"{preset.freeu_text()}) → {args.out}/ ({figure}, "
           f"samples.json)")
     return 0
