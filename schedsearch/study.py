@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import optuna
@@ -317,15 +318,15 @@ def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Cont
     keys = list(slot.user_attrs["baselines"])
     try:
         built = baselines.build(ctx, keys, echo)
-        results = {}
+        results, runs = {}, []
         for key in keys:
             preset = built.get(key)
             if preset is None:
                 continue
             res = ctx.score(preset, keep_images=16)
             results[key] = {"preset": preset.to_json(), **report.result_json(res)}
-            run = tracker.child(parent, preset.name, "baseline", run_params(preset))
-            tracker.finish(run, preset, res, "COMPLETE")
+            runs.append(tracker.child(parent, preset.name, "baseline", run_params(preset)))
+            tracker.finish(runs[-1], preset, res, "COMPLETE")
             echo(f"  baseline {preset.name:<34} NFE {preset.nfe:>3}  FID {res.fid:8.3f}")
     except Exception as exc:   # the baseline's own failure: reported, not retried
         with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
@@ -339,23 +340,38 @@ def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Cont
             study.tell(slot.number, state=optuna.trial.TrialState.FAIL)
             slots.requeue(study, slot.number)
         raise
-    with _unless_taken_over(echo, f"baseline {', '.join(keys)}"):
+    with _unless_taken_over(echo, f"baseline {', '.join(keys)}") as told:
         storage.set_trial_user_attr(slot.trial_id, "results", results)
         study.tell(slot.number, min((r["fid"] for r in results.values()), default=float("nan")))
+    if told.taken_over:
+        for run in runs:
+            tracker.end(run, "INTERRUPTED", TAKEN_OVER)
+
+
+TAKEN_OVER = ("the slot was taken over by another worker (no heartbeat within the grace "
+              "period); this result was dropped, and the re-queued slot's run is the result")
 
 
 @contextlib.contextmanager
 def _unless_taken_over(echo, what: str):
     """A slot this worker held too long without a heartbeat (a stalled machine) was failed and
     re-queued by another worker: its result is dropped — the re-queued copy runs — instead of
-    stopping this worker."""
+    stopping this worker. Yields an outcome whose ``taken_over`` says so afterwards, so the
+    slot's MLflow runs can say so too (else the dashboard shows the dropped result as a finished
+    trial beside the re-queued copy's)."""
+    outcome = SimpleNamespace(taken_over=False)
     try:
-        yield
+        yield outcome
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
         if "finished" not in str(exc).lower() and "cannot tell" not in str(exc).lower():
             raise
-        echo(f"  {what}: the slot was taken over by another worker (no heartbeat within the "
-             f"grace period); this result is dropped, the re-queued slot runs instead")
+        outcome.taken_over = True
+        _say_taken_over(echo, what)
+
+
+def _say_taken_over(echo, what: str) -> None:
+    echo(f"  {what}: the slot was taken over by another worker (no heartbeat within the grace "
+         f"period); this result is dropped, the re-queued slot runs instead")
 
 
 def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, tracker: Tracker,
@@ -391,6 +407,13 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
         with _unless_taken_over(print, f"trial {number}"):   # where its time went, for the cost
             trial.set_user_attr("seconds", ctx.scorer("search", preset.guidance).last_seconds)
         return _end(study, trial, tracker, run, "PRUNED", str(exc), f"trial {number}")
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # taken over mid-trial (a checkpoint's report found the slot failed and re-queued by
+        # another worker): stop here, not re-queue it again, and go on with the next slot
+        _say_taken_over(print, f"trial {number}")
+        if run:
+            tracker.end(run, "INTERRUPTED", TAKEN_OVER, f"trial {number}")
+        return "INTERRUPTED"
     except (ScoreError, solvers.NonFiniteError, ValueError) as exc:
         return _end(study, trial, tracker, run, "FAIL", str(exc), f"trial {number}")
     except BaseException as exc:  # interrupted: nothing left RUNNING, the slot back in the queue
@@ -401,9 +424,12 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
         raise
     values = [res.fid] + ([res.clip] if "clip" in config.objectives else
                           [float(preset.nfe)] if multi else [])
-    with _unless_taken_over(print, f"trial {number}"):
+    with _unless_taken_over(print, f"trial {number}") as told:
         trial.set_user_attr("result", report.result_json(res))
         study.tell(trial, values if multi else values[0])
+    if told.taken_over:
+        tracker.end(run, "INTERRUPTED", TAKEN_OVER, f"trial {number}")
+        return "INTERRUPTED"
     tracker.finish(run, preset, res, "COMPLETE")
     return "COMPLETE"
 
@@ -413,10 +439,12 @@ def _end(study, trial, tracker: Tracker, run: Optional[str], state: str, reason:
     """Tell Optuna and MLflow how a trial ended without a score."""
     optuna_state = (optuna.trial.TrialState.PRUNED if state == "PRUNED"
                     else optuna.trial.TrialState.FAIL)
-    with _unless_taken_over(print, f"trial {trial.number}"):
+    with _unless_taken_over(print, f"trial {trial.number}") as told:
         if state == "FAIL":   # a reason: the slot counts as done (interrupted ones are re-run)
             trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=optuna_state)
+    if told.taken_over:
+        state, reason = "INTERRUPTED", TAKEN_OVER
     if run:
         tracker.end(run, state, reason, name)
     return state

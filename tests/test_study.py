@@ -510,6 +510,58 @@ def test_a_trial_claimed_by_a_worker_that_died_before_logging_it_still_shows_in_
     assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
 
 
+@pytest.mark.parametrize("when", ["at a checkpoint", "after scoring"])
+def test_a_trial_taken_over_while_scoring_leaves_no_finished_run_beside_its_requeued_copy(
+        tmp_path, when):
+    """A worker that stalls past the grace period has its slot failed and re-queued by another.
+    Whether it finds out at a pruning checkpoint or when it reports its score, it drops the trial
+    and goes on (at a checkpoint it used to raise and end the worker), and its MLflow run does
+    not end FINISHED with a score — the dashboard would show the trial twice — but KILLED,
+    saying the slot was taken over, with no FID logged."""
+    from mlflow.tracking import MlflowClient
+
+    from schedsearch.config import default_study_name
+    from schedsearch.context import Context
+    from schedsearch.space import make_sampler
+    from schedsearch.study import evaluate_trial, open_studies
+    from schedsearch.tracking import Tracker
+
+    cfg = StudyConfig.from_dict({**SMALL, "trials": 2, "refine": 0.0, "baselines": ["karras"]})
+    url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
+    storage = slots.make_storage(url)
+    ctx = Context(cfg, echo=lambda *_: None)
+    studies = open_studies(storage, name, ctx)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", name, tmp_path / "mlartifacts")
+    parent = tracker.study_run(name, {}, {})
+    slot = slots.claim(studies.trials, storage, accept=lambda a: "warm" not in a)
+    trial = slots.open_trial(studies.trials, storage, slot,
+                             sampler=make_sampler("random", 0, False))
+
+    score = ctx.score
+
+    def stalled(*args, **kwargs):   # while this worker scores, another one fails its stale slot
+        fail = lambda: storage.set_trial_state_values(slot.trial_id,  # noqa: E731
+                                                      optuna.trial.TrialState.FAIL)
+        if when == "at a checkpoint":
+            fail()
+        res = score(*args, **kwargs)
+        if when == "after scoring":
+            fail()
+        return res
+
+    ctx.score = stalled
+    make = lambda t: (Space(dict(cfg.space)).suggest(t, ctx.target), None)  # noqa: E731
+    assert evaluate_trial(trial, studies.trials, ctx, tracker, parent, make, 0, 1) == "INTERRUPTED"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                              "tags.`schedsearch.trial` = '0'")
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["schedsearch.state"] == "INTERRUPTED"
+    assert "taken over by another worker" in runs[0].data.tags["schedsearch.reason"]
+    assert "fid" not in runs[0].data.metrics
+    assert storage.get_trial(slot.trial_id).state == optuna.trial.TrialState.FAIL
+
+
 def test_a_failed_baseline_is_reported_with_its_reason_not_dropped(tmp_path):
     """GITS and OSS need 16 distillation prompts that an 8-line prompt file does not have: their
     slot fails with that reason, and the study says so wherever it shows the comparison."""

@@ -94,8 +94,13 @@ def test_two_workers_finish_exactly_the_requested_trials(tmp_path, backend):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=200)
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert len([r for r in runs if r.data.tags["schedsearch.role"] == "baseline"]) == 2
-    assert len([r for r in runs if r.data.tags["schedsearch.role"] in ("trial", "best")]) == 8
+    # a worker stalled past the grace period (a loaded CI machine) has its slot taken over: its
+    # run ends KILLED as interrupted beside the re-queued copy's, which is the one that counts
+    taken = [r for r in runs if r.data.tags.get("schedsearch.state") == "INTERRUPTED"]
+    assert all(r.info.status == "KILLED" for r in taken)
+    kept = [r for r in runs if r not in taken]
+    assert len([r for r in kept if r.data.tags["schedsearch.role"] == "baseline"]) == 2
+    assert len([r for r in kept if r.data.tags["schedsearch.role"] in ("trial", "best")]) == 8
     assert any("| karras dpm++2m @4 |" in log for log in logs)
 
 
