@@ -4,6 +4,7 @@ are not UTF-8 (or not valid YAML), and an output folder the file system cannot h
 runs for real: safetensors files on disk, bound sockets, and the CLI in a subprocess."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -298,3 +299,20 @@ def test_freeu_start_or_variant_without_freeu_is_one_line_not_ignored(capsys):
     assert plan["variant"] == "original"
     assert [s is not None for s in plan["steps"]] == [False, False, True, True, True, True,
                                                       True, True]
+
+
+@pytest.mark.parametrize("images, message", [
+    ("missing", "image folder '.*missing' does not exist"),
+    ("a-file.txt", "'.*a-file.txt' is a file, not a folder of images"),
+    ("empty", "no images in '.*empty'"),
+])
+def test_refstats_names_a_bad_image_folder_before_asking_for_weights(tmp_path, images, message):
+    # a mistyped --images must not first send the user off to download 92 MB of Inception weights
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file.txt").write_text("not images\n")
+    code, _, err = _cli("refstats", "--images", str(tmp_path / images),
+                        "--out", str(tmp_path / "ref.safetensors"),
+                        env={"SCHEDSEARCH_INCEPTION": str(tmp_path / "no-inception.pt")})
+    line = _one_error_line(err, "refstats")
+    assert code == 2 and re.search(message, line) and "Inception" not in line, err
+    assert not (tmp_path / "ref.safetensors").exists()

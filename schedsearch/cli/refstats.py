@@ -58,12 +58,12 @@ def run(args) -> int:
     if args.images:
         if not args.out:
             raise ValueError("--images needs --out FILE (where to write the statistics)")
-        ext = features.build(args.extractor or "inception", device=device,
-                             inception_path=args.inception, batch_size=args.batch_size)
-        found = list_images(args.images)
+        found = list_images(args.images)   # a mistyped folder first, before any weights
         n = len(found) if args.n is None else args.n
         if n > len(found):
             raise ValueError(f"--n {n}: {args.images!r} holds only {len(found)} images")
+        ext = features.build(args.extractor or "inception", device=device,
+                             inception_path=args.inception, batch_size=args.batch_size)
         feats = folder_features(args.images, ext, args.batch_size, num=n)
         ref = RefStats.from_features(feats, extractor=ext, source=os.path.abspath(args.images),
                                      keep_features=not args.no_features)

@@ -210,6 +210,8 @@ def list_images(folder: str) -> list[str]:
     """The image files of a folder, found and ordered exactly as clean-fid finds them."""
     from cleanfid.utils import EXTENSIONS  # cleanfid: imports torchvision
 
+    if os.path.isfile(folder):
+        raise ValueError(f"{folder!r} is a file, not a folder of images")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
     files = sorted(f for ext in EXTENSIONS
