@@ -5,9 +5,13 @@ EulerDiscreteScheduler(sigmas=...) on the same initial noise. Everything loads t
 ``schedsearch.models.load(path)``, the path users take.
 """
 
+import http.server
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -400,6 +404,75 @@ def test_unknown_hub_id_offline(empty_hf_cache):
     assert "hf download someorg/no-such-model" in msg
     assert "huggingface-cli download someorg/no-such-model --local-dir DIR" in msg
     assert "--model DIR" in msg and "HF_HOME" in msg
+
+
+class _Hub404(http.server.BaseHTTPRequestHandler):
+    """A hub endpoint that knows no model: every request is answered 404 and recorded."""
+    seen: list = []
+
+    def _missing(self):
+        type(self).seen.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _missing
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_unknown_hub_id_online_is_asked_for_once_and_said_in_one_line(tmp_path):
+    """The flow/SD dispatch and the load both read model_index.json: a failed fetch is asked once
+    (an unreachable hub costs ~25 s of retries per ask), and diffusers' deprecation warning for
+    huggingface_hub does not print above the error."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub404)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+           "HF_HOME": str(tmp_path / "hf"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("HF_HUB_OFFLINE", None)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "schedsearch", "score", "--model",
+                               "someorg/no-such-model", "--device", "cpu"],
+                              env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("schedsearch score: error: model "
+                                                   "'someorg/no-such-model'"), proc.stderr
+    assert "could not be fetched" in lines[0] and "hf download someorg/no-such-model" in lines[0]
+    assert [p for p in _Hub404.seen if p.endswith("/model_index.json")] == [
+        "/someorg/no-such-model/resolve/main/model_index.json"], _Hub404.seen
+
+
+def test_an_unreachable_hub_is_named_as_such():
+    """diffusers reports a failed connection as a model without model_index.json; the chain
+    under its error (huggingface_hub's LocalEntryNotFoundError, then the socket's) says what
+    happened."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from schedsearch.models.diffusers_load import _fetch_failure
+
+    def raised():
+        try:
+            try:
+                try:
+                    raise ConnectionRefusedError(111, "Connection refused")
+                except ConnectionRefusedError as exc:
+                    raise LocalEntryNotFoundError("cannot find the requested files") from exc
+            except LocalEntryNotFoundError as exc:
+                raise OSError("org/m does not appear to have a file named model_index.json.") \
+                    from exc
+        except OSError as exc:
+            return exc
+
+    why = _fetch_failure(raised())
+    assert why.startswith("is not in the local cache and the hub could not be reached "
+                          "([Errno 111] Connection refused; ")
+    assert "HF_HUB_OFFLINE=1" in why and "model_index.json" not in why
+    assert _fetch_failure(OSError("401 Client Error\nmore")) == "could not be fetched (401 " \
+                                                                "Client Error)"
 
 
 def test_bad_options(sd_dir, single_file, tmp_path):

@@ -12,6 +12,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import torch
 
 from ..noise import FlowTable, NoiseTable
+from .diffusers_load import hub_calls
 from .diffusers_flow import is_flow_pipeline, load_flow_pipeline
 from .diffusers_sd import load_stable_diffusion
 from .digits import load_digits
@@ -128,7 +129,8 @@ def load(spec: str = "digits", *, device: Optional[str | torch.device] = None,
         return FlowGaussianMixture.default(device=device, dtype=torch.float32, **kwargs)
     if spec == "digits-flow":
         return load_digits_flow(device=device, dtype=dt, **kwargs)
-    if is_flow_pipeline(spec, local_files_only=kwargs.get("local_files_only"),
-                        revision=kwargs.get("revision")):
-        return load_flow_pipeline(spec, device=device, dtype=dt, **kwargs)
-    return load_stable_diffusion(spec, device=device, dtype=dt, **kwargs)
+    with hub_calls():
+        if is_flow_pipeline(spec, local_files_only=kwargs.get("local_files_only"),
+                            revision=kwargs.get("revision")):
+            return load_flow_pipeline(spec, device=device, dtype=dt, **kwargs)
+        return load_stable_diffusion(spec, device=device, dtype=dt, **kwargs)

@@ -6,10 +6,13 @@ can run code when loaded and are refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +43,58 @@ def _not_cached_message(repo_id: str, why: str) -> str:
             f"`huggingface-cli download {repo_id} --local-dir DIR`), copy the folder here and pass "
             f"it with --model DIR; or copy a whole Hugging Face cache and set HF_HOME to it "
             f"(searched now: {_cache_dir()})")
+
+
+def _fetch_failure(exc: BaseException) -> str:
+    """Why a hub fetch failed. diffusers reports an unreachable hub as "does not appear to have a
+    file named model_index.json"; the chain below it says what happened."""
+    chain = []
+    while exc is not None and len(chain) < 20:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    network = [c for c in chain if isinstance(c, (ConnectionError, TimeoutError, socket.gaierror))
+               or {"NetworkError", "TimeoutException"} & {k.__name__ for k in type(c).__mro__}]
+    if network:   # the socket's own error, or httpx's (huggingface_hub's HTTP client)
+        return (f"is not in the local cache and the hub could not be reached "
+                f"({str(network[-1]).splitlines()[0]}; on a machine without internet set "
+                f"HF_HUB_OFFLINE=1 to skip the retries)")
+    return f"could not be fetched ({str(chain[0]).splitlines()[0]})"
+
+
+@contextlib.contextmanager
+def hub_calls():
+    """diffusers passes huggingface_hub an argument (``local_dir_use_symlinks``) it deprecated; its
+    warning would print above our own output on every hub load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
+
+
+_FAILED_FETCHES: dict = {}   # (repo_id, revision) → why: the flow/SD dispatch and the load both ask
+
+
+def hub_model_index(repo_id: str, revision, local_only: bool) -> tuple[dict, bool]:
+    """(a hub id's model_index.json, whether it came from the local cache). The cache first: it
+    works offline and does not touch the network when the model is there. A fetch that failed is
+    not tried again in this process (huggingface_hub retries an unreachable hub for ~25 s)."""
+    from diffusers import DiffusionPipeline  # diffusers: heavy
+
+    with hub_calls():
+        try:
+            return DiffusionPipeline.load_config(repo_id, local_files_only=True,
+                                                 revision=revision), True
+        except (OSError, ValueError):
+            if local_only:
+                raise FileNotFoundError(_not_cached_message(
+                    repo_id, "is not in the local cache and this machine is offline "
+                             "(HF_HUB_OFFLINE)")) from None
+        why = _FAILED_FETCHES.get((repo_id, revision))
+        if why is None:
+            try:
+                return DiffusionPipeline.load_config(repo_id, revision=revision), False
+            except (OSError, ValueError) as exc:
+                why = _FAILED_FETCHES[repo_id, revision] = _fetch_failure(exc)
+    raise FileNotFoundError(_not_cached_message(repo_id, why))
 
 
 def _check_safetensors_file(path: str) -> None:
@@ -145,23 +200,7 @@ def _from_folder(folder: str, dtype, vae, variant, supported: Sequence[str]):
 
 def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision,
               supported: Sequence[str]):
-    from diffusers import DiffusionPipeline  # diffusers: heavy
-
-    # The cache first: it works offline and does not touch the network when the model is there.
-    try:
-        index = DiffusionPipeline.load_config(repo_id, local_files_only=True, revision=revision)
-        cached = True
-    except (OSError, ValueError):
-        cached = False
-        if local_only:
-            raise FileNotFoundError(_not_cached_message(
-                repo_id, "is not in the local cache and this machine is offline (HF_HUB_OFFLINE)"
-            )) from None
-        try:
-            index = DiffusionPipeline.load_config(repo_id, revision=revision)
-        except (OSError, ValueError) as exc:
-            raise FileNotFoundError(_not_cached_message(
-                repo_id, f"could not be fetched ({str(exc).splitlines()[0]})")) from None
+    index, cached = hub_model_index(repo_id, revision, local_only)
     cls = _pipeline_class(index.get("_class_name", ""), repo_id, supported)
     try:
         return cls.from_pretrained(repo_id, dtype=dtype, use_safetensors=True, variant=variant,
@@ -219,16 +258,7 @@ def pipeline_class_name(spec: str, local_only: bool, revision=None):
         if os.path.isdir(spec):
             return _read_model_index(spec).get("_class_name")
         if _HUB_ID.match(spec) and not spec.startswith(".") and not os.path.exists(spec):
-            from diffusers import DiffusionPipeline  # diffusers: heavy
-
-            try:
-                index = DiffusionPipeline.load_config(spec, local_files_only=True,
-                                                      revision=revision)
-            except (OSError, ValueError):
-                if local_only:
-                    return None
-                index = DiffusionPipeline.load_config(spec, revision=revision)
-            return index.get("_class_name")
+            return hub_model_index(spec, revision, local_only)[0].get("_class_name")
     except (OSError, ValueError):
         return None
     return None
