@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,18 @@ class RunOptions:
     progress: bool = True
     artifacts: bool = True
     export_user_preset: bool = True
+
+    def __post_init__(self):
+        # a zero or negative heartbeat would spin its thread against the database; a grace shorter
+        # than the heartbeat would let other workers take over live trials; NaN never times out
+        for key, value in (("heartbeat", self.heartbeat), ("grace", self.grace),
+                           ("timeout", self.timeout)):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"--{key} must be a number of seconds > 0, got {value!r}")
+        if self.grace <= self.heartbeat:
+            raise ValueError(f"--grace ({self.grace:g} s) must exceed --heartbeat "
+                             f"({self.heartbeat:g} s): a running trial proves it is alive once "
+                             f"per heartbeat, and one silent for the grace period is taken over")
 
 
 def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None] = print) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from schedsearch.metrics.refstats import FORMAT, RefStats, default_refstats
+from schedsearch.study import RunOptions
 
 
 def _cli(*args, env=None, timeout=120):
@@ -194,6 +195,25 @@ def test_run_with_a_bad_local_stage_flag_exits_2_with_one_line(tmp_path, flag, v
     line = _one_error_line(err, "run")
     assert message in line and value in line
     assert not (tmp_path / "run").exists()   # refused before anything was made
+
+
+@pytest.mark.parametrize("flag, value", [("--heartbeat", "0"), ("--heartbeat", "-5"),
+                                         ("--grace", "inf"), ("--timeout", "nan"),
+                                         ("--timeout", "-1")])
+def test_worker_timings_that_cannot_work_are_refused(tmp_path, flag, value):
+    # before: --heartbeat 0 spun its thread against the database, --timeout nan never stopped and
+    # --timeout -1 ran a study that took no trial
+    with pytest.raises(ValueError, match=f"^{flag} must be a number of seconds > 0, got "):
+        RunOptions(out=tmp_path, **{flag[2:]: float(value)})
+
+
+def test_a_grace_within_the_heartbeat_is_one_line(tmp_path):
+    code, out, err = _cli("run", "--model", "gmm", "--out", str(tmp_path / "run"),
+                          "--heartbeat", "10", "--grace", "5")
+    assert code == 2, (out, err)
+    line = _one_error_line(err, "run")
+    assert "--grace (5 s) must exceed --heartbeat (10 s)" in line
+    assert not (tmp_path / "run").exists()
 
 
 # -- files that are not text, or not the text they should be ---------------------------------------

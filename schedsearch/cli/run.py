@@ -58,7 +58,8 @@ def register(sub) -> None:
                    help="do not copy the winner into the user preset folder")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between trial heartbeats")
     p.add_argument("--grace", type=float, default=30.0,
-                   help="seconds without heartbeat before a trial counts as abandoned")
+                   help="seconds without heartbeat before a trial counts as abandoned and is "
+                        "re-queued (more than --heartbeat; default 30)")
     p.add_argument("--no-artifacts", action="store_true",
                    help="log metrics and params only: no per-run plots, grids or preset files "
                         "(for very cheap models, where they cost more than sampling)")
