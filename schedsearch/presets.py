@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -176,10 +177,18 @@ def available() -> dict[str, Path]:
 # preset while the user believes it runs the new one. Nothing is lost by refusing: the study keeps
 # its own <out>/<study>.preset.json and its storage, and `schedsearch export --name` or --to copies
 # it under a free name.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")   # what `--preset NAME` can find again
+
+
 def user_path(preset: Preset) -> Path:
     """Where ``preset`` may be saved in the user preset folder under its name: refused (a
     ValueError saying what to do) for a shipped name, and for a user preset of that name that
     another study (or no study) made; the same study may replace its own earlier export."""
+    if not _FILE_NAME.fullmatch(preset.name) or preset.name.endswith(".json"):
+        raise ValueError(f"{preset.name!r} cannot name a preset in the user preset folder: use "
+                         f"letters, digits and . _ + - (no path, no spaces, not ending in .json), "
+                         f"e.g. schedsearch export --name my-sd15-5; or write it anywhere with "
+                         f"--to FILE")
     path = user_dir() / f"{preset.name}.json"
     if (SHIPPED_DIR / path.name).is_file():
         raise ValueError(f"{preset.name!r} is the name of a shipped preset, which a user preset "

@@ -227,6 +227,31 @@ def test_export_refuses_to_overwrite_another_studys_preset(two_studies, capsys, 
     assert mine.read_text() == second
 
 
+@pytest.mark.parametrize("name", ["../outside", "sub/inner", "two words", "mine.json", ".hidden"])
+def test_export_names_that_are_not_plain_file_names_are_refused(two_studies, capsys, tmp_path,
+                                                                name):
+    # before: "../outside" wrote presets/../outside.json, i.e. outside the preset folder, and
+    # "sub/inner" a file that `--preset sub/inner` then looked for as a path
+    a, _ = two_studies
+    rc, err = _export(capsys, a, "legacy-gmm", name)
+    assert rc == 2 and err == [
+        f"schedsearch export: error: {name!r} cannot name a preset in the user preset folder: use "
+        f"letters, digits and . _ + - (no path, no spaces, not ending in .json), e.g. schedsearch "
+        f"export --name my-sd15-5; or write it anywhere with --to FILE"]
+    assert sorted(p.name for p in tmp_path.rglob("*.json")) == []
+    assert _export(capsys, a, "legacy-gmm", "v1.2_sd15+freeu-5")[0] == 0
+    assert presets.load("v1.2_sd15+freeu-5").provenance["trial"] == 1
+
+
+def test_export_to_a_path_that_cannot_be_written_names_it_and_to(two_studies, capsys, tmp_path):
+    a, _ = two_studies
+    (tmp_path / "a-file").write_text("")
+    rc, err = _export(capsys, a, "legacy-gmm", "x", "--to", str(tmp_path / "a-file" / "x.json"))
+    assert rc == 2 and err == [f"schedsearch export: error: cannot create '{tmp_path / 'a-file'}'"
+                               f": '{tmp_path / 'a-file'}' is a file, not a folder; remove or "
+                               f"rename it, or choose another --to"]
+
+
 def test_export_without_study_takes_the_storages_only_study(two_studies, capsys, tmp_path):
     """--study may be left out where the storage holds one study (a run folder); with two, one
     line names them. The preset is the same as with --study."""

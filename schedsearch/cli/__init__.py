@@ -56,12 +56,13 @@ def output_error(exc: OSError, args) -> str | None:
     from writing an open file names no path: then the command's --out (or --to) is named."""
     if exc.errno not in _OUTPUT_ERRORS:
         return None
-    target = getattr(args, "out", None) or getattr(args, "to", None)
+    # export's --out is the study it reads; its output is --to
+    target = getattr(args, "to", None) or getattr(args, "out", None)
     path = exc.filename2 or exc.filename or target   # filename2: where a rename was going
     if path is not None and Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"):
         path = Path(path).parent  # files.atomic_write's temporary file: name its folder
     where = f"'{path}'" if path is not None else "the output"
-    flag = "--out" if getattr(args, "out", None) else "--to"
+    flag = "--to" if getattr(args, "to", None) else "--out"
     p, t = Path(path or "."), Path(target or ".")
     output = None not in (path, target) and (p == t or p in t.parents or t in p.parents)
     if exc.errno == errno.ENOENT and not output:
