@@ -334,7 +334,8 @@ def finished_slots(study: optuna.Study) -> int:
 
 # -- opening a study ------------------------------------------------------------------------------
 def open_studies(storage, name: str, *, directions: list, sampler, pruner, identity: dict,
-                 attrs: dict, plan: list, baseline_groups: list, grace: float = 30.0) -> Studies:
+                 attrs: dict, plan: list, baseline_groups: list, grace: float = 30.0,
+                 trials: Optional[int] = None) -> Studies:
     """Create the study (or join it) and make sure its slots exist.
 
     ``identity``: what the study measures; joining a study stored with another identity is
@@ -342,7 +343,7 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
     slots in order, each the user attributes and fixed parameters ``(attrs, params)`` it is
     enqueued with. ``baseline_groups``: lists of baseline keys, one slot each. The local stage's
     runs are laid out once the global stage is done (``open_local``); a study that has them
-    already gets them here.
+    already gets them here, its last run grown to make ``trials`` in all (``grow_local``).
     """
     study, created = create_or_load(storage, name, directions=directions, sampler=sampler,
                                     pruner=pruner)
@@ -357,8 +358,58 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
     ensure_slots(base, [({"baselines": list(g)}, {}) for g in baseline_groups], grace,
                  key=lambda attrs: tuple(attrs.get("baselines", ())))
     studies = Studies(study, (), base, storage)
+    if trials is not None:
+        grow_local(study, trials, grace)
+    if not created and trials is not None and (study.user_attrs.get("config") or {}).get(
+            "trials", trials) < trials:   # what the study plans now, for the next resume's check
+        study.set_user_attr("config", {**study.user_attrs["config"], "trials": trials})
     _load_local(studies, grace)
     return studies
+
+
+def peek(storage, name: str) -> Optional[dict]:
+    """The user attributes of a stored study (None: there is no such study yet)."""
+    try:
+        return dict(load(storage, name).user_attrs)
+    except ValueError:
+        return None
+
+
+def planned_trials(attrs: dict) -> Optional[int]:
+    """How many trials a stored study plans: its global slots and laid-out local runs, else
+    its config's count (None for neither)."""
+    if attrs.get("local_slots") is not None:
+        return int(attrs.get("slots") or 0) + sum(attrs["local_slots"])
+    return (attrs.get("config") or {}).get("trials")
+
+
+def stages_of(studies: Studies, local: int) -> tuple[int, int]:
+    """(global, local) trials of an opened study: as laid out, or ``local`` (the config's) where
+    the local runs are not laid out yet."""
+    attrs = studies.trials.user_attrs
+    sizes = attrs.get("local_slots")
+    return int(attrs.get("slots") or 0), (sum(sizes) if sizes is not None else local)
+
+
+def grow_local(study: optuna.Study, trials: int, grace: float) -> None:
+    """Give a study whose local runs are laid out ``trials`` in all, the extra slots to its
+    last run (CMA-ES goes on where it stopped; numbers already shown stay). One write of the
+    layout, computed from the layout itself: idempotent, safe under a crash and with several
+    workers asking at once."""
+    while True:
+        sizes = study.user_attrs.get("local_slots")
+        if sizes is None or not sizes or planned_trials(study.user_attrs) >= trials:
+            return
+        if _take_lease(study, grace):
+            try:
+                sizes = list(study.user_attrs["local_slots"])
+                extra = trials - planned_trials(study.user_attrs)
+                if extra > 0:
+                    study.set_user_attr("local_slots", sizes[:-1] + [sizes[-1] + extra])
+            finally:
+                study.set_user_attr("enqueuing", None)
+        else:
+            time.sleep(0.5)
 
 
 def _check_identity(study: optuna.Study, identity: dict) -> None:

@@ -81,10 +81,12 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
                                {"schedsearch.version": __version__, "schedsearch.budget": config.budget})
     recover(studies, tracker, parent)
 
-    n1, n2 = config.stages()
-    split = f"{n2} local" + (f" in up to {config.refine_starts} CMA-ES runs"
-                             if n2 > 1 and config.refine_starts > 1 else "")
-    echo(f"study {name}: {config.trials} trials ({n1} global, {split}) at {config.budget} NFE "
+    n1, n2 = slots.stages_of(studies, config.stages()[1])
+    runs = len(studies.local)   # laid out once the global stage is done
+    split = f"{n2} local" + (f" in {runs} CMA-ES runs" if runs > 1 else
+                             f" in up to {config.refine_starts} CMA-ES runs"
+                             if not runs and n2 > 1 and config.refine_starts > 1 else "")
+    echo(f"study {name}: {n1 + n2} trials ({n1} global, {split}) at {config.budget} NFE "
          f"on {ctx.model.name} ({len(ctx.search_set)} search images, "
          f"{len(ctx.heldout_set)} held-out)")
     echo(f"  storage {slots.redact(storage_url)}; MLflow {tracker.uri}")
@@ -123,7 +125,12 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
     directions = ["minimize"] + (["maximize"] if "clip" in config.objectives else
                                  ["minimize"] if multi else [])
     space = Space(dict(config.space))
-    n1, n2 = config.stages()
+    stored = slots.peek(storage, name)
+    n1, _ = config.stages()
+    if stored is not None:
+        check_resume(config, stored, name)
+        if stored.get("local_slots") is not None:   # the local runs are laid out: they grow
+            n1 = int(stored.get("slots") or 0)
     seeds = [] if "nfe" in config.objectives else space.seed_trials(ctx.target)
     plan = [({"seeded_from": why}, params) for why, params in seeds][:n1]
     plan += [({"warm": k}, {}) for k in range(min(warm_slots(config, space), n1 - len(plan)))]
@@ -134,7 +141,32 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
         identity=identity(config), plan=plan, grace=grace,
         attrs={"config": config_json(config), "schedsearch_version": __version__,
                "family": ctx.family},
-        baseline_groups=baseline_groups(model_baselines(ctx)))
+        baseline_groups=baseline_groups(model_baselines(ctx)), trials=config.trials)
+
+
+# How a study searches is fixed when it is created; only its number of trials may grow.
+PLAN_KEYS = ("refine", "refine_starts", "refine_margin", "warm_start", "sampler", "seed",
+             "pruner")
+
+
+def check_resume(config: StudyConfig, stored: dict, name: str) -> None:
+    """Refuse, in one line, a run that would continue a stored study on another plan: other
+    stage settings, sampler or seed (the slots already enqueued were drawn under the stored ones),
+    or fewer trials than it holds (enqueued slots are not taken back). More trials extend it."""
+    old, new = stored.get("config") or {}, config_json(config)
+    diff = [k for k in PLAN_KEYS if k in old and old[k] != new[k]]
+    if diff:
+        raise ValueError(
+            f"study {name!r} was created with "
+            + ", ".join(f"{k} {old[k]!r}" for k in diff) + "; now "
+            + ", ".join(f"{k} {new[k]!r}" for k in diff)
+            + ". How a study searches is fixed when it is created: re-run with the stored values "
+              "to continue it (--trials may grow), or pass --study-name NEW for a new study")
+    held = slots.planned_trials(stored)
+    if held is not None and config.trials < held:
+        raise ValueError(f"study {name!r} holds {held} trials; --trials {config.trials} cannot "
+                         f"take any back (it may add more): re-run with --trials {held} or "
+                         f"more, or stop a run early with --timeout or Ctrl-C")
 
 
 def model_baselines(ctx: Context) -> list[str]:

@@ -625,6 +625,50 @@ def test_local_runs_are_laid_out_once_and_every_worker_follows_that_layout(tmp_p
     assert [off for _, off in slots.stored_stages(storage, first.trials)] == [0, 2, 5]
 
 
+def test_more_trials_grow_the_last_local_run_once_and_keep_every_shown_number(tmp_path):
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    common = dict(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=0),
+                  pruner=optuna.pruners.NopPruner(), identity={"model": "gmm"}, attrs={},
+                  plan=[({}, {})] * 2, baseline_groups=[["karras"]])
+    first = slots.open_studies(storage, "s", **common)
+    slots.open_local(first, [3, 2])
+    assert slots.planned_trials(first.trials.user_attrs) == 7
+    for _ in range(2):   # a second worker (or run) asking for the same total adds nothing more
+        grown = slots.open_studies(storage, "s", **common, trials=9)
+        assert [len(r.get_trials()) for r in grown.local] == [3, 4] and grown.offsets == (2, 5)
+    assert slots.stages_of(grown, 0) == (2, 7)
+    same = slots.open_studies(storage, "s", **common, trials=8)   # fewer: nothing taken back
+    assert [len(r.get_trials()) for r in same.local] == [3, 4]
+
+
+def test_a_resumed_study_takes_more_trials_and_refuses_another_plan(tmp_path, capsys):
+    """Before: --trials 12 → 14 on a finished study added one global trial and no local one (13
+    in all, the header saying 14), and another --seed or --sampler drew the rest of the study
+    under other settings. Now more trials go to the last CMA-ES run; the rest is one line."""
+    from schedsearch.cli import main
+
+    args = ["run", "--model", "gmm", "--n-search", "64", "--n-heldout", "64", "--batch-size", "64",
+            "--baselines", "karras", "--validation-sets", "1", "--no-progress", "--no-user-preset",
+            "--no-artifacts", "--out", str(tmp_path)]
+    assert main([*args, "--trials", "6"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--trials", "8"]) == 0
+    assert "study gmm-5nfe: 8 trials (2 global, 6 local)" in capsys.readouterr().out
+    stages = slots.stored_stages(f"sqlite:///{tmp_path / 'study.db'}",
+                                 optuna.load_study(study_name="gmm-5nfe",
+                                                   storage=f"sqlite:///{tmp_path / 'study.db'}"))
+    numbers = [off + t.number for study, off in stages for t in study.get_trials()]
+    assert sorted(numbers) == list(range(8))
+    assert [len(study.get_trials()) for study, _ in stages] == [2, 6]   # one run, 4 + 2
+    for extra, message in ((["--trials", "6"], "study 'gmm-5nfe' holds 8 trials; --trials 6 "
+                                                 "cannot take any back"),
+                           (["--trials", "8", "--seed", "1", "--sampler", "random"],
+                            "study 'gmm-5nfe' was created with sampler 'tpe', seed 0; now "
+                            "sampler 'random', seed 1. How a study searches is fixed")):
+        assert main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_a_study_from_before_the_local_runs_keeps_its_one_local_study(tmp_path):
     storage = slots.make_storage(f"sqlite:///{tmp_path / 'study.db'}")
     common = dict(directions=["minimize"], sampler=optuna.samplers.RandomSampler(seed=0),
