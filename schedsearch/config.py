@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -220,7 +221,9 @@ class StudyConfig:
 
 
 def default_study_name(config: StudyConfig) -> str:
-    tag = Path(config.model.rstrip("/")).name.replace(".safetensors", "") or "model"
+    tag = Path(config.model.rstrip("/")).name.replace(".safetensors", "")
+    # a plain name: it names the run folder, the preset and the study's stages (NAME:refine)
+    tag = re.sub(r"[^A-Za-z0-9._+-]+", "-", tag).strip("-._+") or "model"
     return f"{tag}-{config.budget}nfe"
 
 

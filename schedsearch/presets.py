@@ -180,11 +180,18 @@ def available() -> dict[str, Path]:
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")   # what `--preset NAME` can find again
 
 
+def plain_name(name: str) -> bool:
+    """Whether ``name`` can name a file in a folder and be typed back: letters, digits and
+    ``. _ + -``, not a path, not ending in .json (a preset's name; a study's, which its preset
+    and run folder take)."""
+    return isinstance(name, str) and bool(_FILE_NAME.fullmatch(name)) and not name.endswith(".json")
+
+
 def user_path(preset: Preset) -> Path:
     """Where ``preset`` may be saved in the user preset folder under its name: refused (a
     ValueError saying what to do) for a shipped name, and for a user preset of that name that
     another study (or no study) made; the same study may replace its own earlier export."""
-    if not _FILE_NAME.fullmatch(preset.name) or preset.name.endswith(".json"):
+    if not plain_name(preset.name):
         raise ValueError(f"{preset.name!r} cannot name a preset in the user preset folder: use "
                          f"letters, digits and . _ + - (no path, no spaces, not ending in .json), "
                          f"e.g. schedsearch export --name my-sd15-5; or write it anywhere with "

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import optuna
 from tqdm.auto import tqdm
 
-from . import baselines, report, slots, solvers
+from . import baselines, presets, report, slots, solvers
 from .config import StudyConfig, applicable_baselines, config_json, default_study_name, identity
 from .context import Context
 from .metrics import ScoreError
@@ -55,6 +55,10 @@ class RunOptions:
                            ("timeout", self.timeout)):
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(f"--{key} must be a number of seconds > 0, got {value!r}")
+        if self.study_name is not None and not presets.plain_name(self.study_name):
+            # ':' is also how a study's own stages are named (NAME:baselines, NAME:refine)
+            raise ValueError(f"--study-name {self.study_name!r}: use letters, digits and . _ + - "
+                             f"(it names the run folder, the preset and the study's stages)")
         if self.grace <= self.heartbeat:
             raise ValueError(f"--grace ({self.grace:g} s) must exceed --heartbeat "
                              f"({self.heartbeat:g} s): a running trial proves it is alive once "

@@ -336,3 +336,22 @@ def test_refstats_names_a_bad_image_folder_before_asking_for_weights(tmp_path, i
     line = _one_error_line(err, "refstats")
     assert code == 2 and re.search(message, line) and "Inception" not in line, err
     assert not (tmp_path / "ref.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["s:refine", "a/b", "../up", "two words", "x.json", ""])
+def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
+    # "s:refine" would be study s's own local stage; "a/b" made nested run folders and a preset
+    # the user folder refused
+    with pytest.raises(ValueError, match=r"^--study-name .*: use letters, digits and \. _ \+ -"):
+        RunOptions(out=tmp_path, study_name=name)
+    assert RunOptions(out=tmp_path, study_name="sd15_v1.2-5nfe").study_name == "sd15_v1.2-5nfe"
+
+
+def test_default_study_names_are_plain_whatever_the_model_path():
+    from types import SimpleNamespace
+
+    from schedsearch.config import default_study_name
+
+    names = [default_study_name(SimpleNamespace(model=m, budget=5)) for m in
+             ("digits", "/models/my model (v2)/", "org/SD-1.5", "ckpt/b.safetensors", "x/..:y")]
+    assert names == ["digits-5nfe", "my-model-v2-5nfe", "SD-1.5-5nfe", "b-5nfe", "y-5nfe"]

@@ -51,7 +51,9 @@ def register(sub) -> None:
     options.scoring(p)
     options.batch_size(p, None)
     p.add_argument("--storage", help="Optuna storage URL shared by workers (default: sqlite in --out)")
-    p.add_argument("--study-name", help="study name (default: <model>-<budget>nfe)")
+    p.add_argument("--study-name", help="study name: letters, digits and . _ + - (default: "
+                                        "<model>-<budget>nfe); it also names the run folder and "
+                                        "the preset")
     p.add_argument("--out", help="output folder (default: schedsearch-runs/<study name>)")
     options.progress(p)
     p.add_argument("--no-user-preset", action="store_true",
