@@ -28,7 +28,7 @@ from .config import StudyConfig, applicable_baselines, config_json, default_stud
 from .context import Context
 from .metrics import ScoreError
 from .space import Space, make_sampler, refine_sampler
-from .tracking import Tracker, run_params, tracking_uri_for
+from .tracking import Tracker, check_reachable, run_params, tracking_uri_for
 from .version import __version__
 
 __all__ = ["RunOptions", "StudyConfig", "default_study_name", "run_study"]
@@ -68,6 +68,7 @@ class RunOptions:
 def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None] = print) -> dict:
     """Run (or join, or resume) the study and return its summary."""
     t_start = time.perf_counter()
+    check_reachable(tracking_uri_for(opts.out))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or default_study_name(config)

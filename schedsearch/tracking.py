@@ -36,6 +36,65 @@ def tracking_uri_for(out_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """A tracking server or database that does not answer is one line before any work, rather
+    than a wait through MLflow's retries (minutes: MLFLOW_HTTP_REQUEST_MAX_RETRIES for a server,
+    its SQLAlchemy store's own for a database) at the first run it logs. Any HTTP answer counts
+    as an answer (an auth proxy, a server without /health)."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, scheme, timeout)
+    if scheme not in ("http", "https"):
+        return
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from .slots import redact
+
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health",
+                                     "", ""))   # without user:password@, which urllib cannot send
+    try:
+        urllib.request.urlopen(probe, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        raise ValueError(f"the MLflow tracking server {redact(uri)} (MLFLOW_TRACKING_URI) does not "
+                         f"answer ({why}); start it or check the URL, or unset "
+                         f"MLFLOW_TRACKING_URI to log to <out>/mlflow.db") from None
+
+
+def _check_database(uri: str, scheme: str, timeout: float) -> None:
+    import sqlalchemy
+
+    from .slots import redact
+
+    args = {} if scheme.startswith("mssql") else {"connect_timeout": int(timeout)}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+    except ImportError as exc:
+        raise ValueError(f"MLFLOW_TRACKING_URI {redact(uri)}: its database driver "
+                         f"({getattr(exc, 'name', None) or exc}) is not installed; install it, "
+                         f"or name an installed one in the URL (postgresql+psycopg://, "
+                         f"mysql+pymysql://)") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        password = sqlalchemy.engine.make_url(uri).password
+        why = why.replace(str(password), "***") if password else why
+        raise ValueError(f"the MLflow tracking database {redact(uri)} (MLFLOW_TRACKING_URI) cannot "
+                         f"be reached ({why}); start it or check the URL, or unset "
+                         f"MLFLOW_TRACKING_URI to log to <out>/mlflow.db") from None
+    finally:
+        engine.dispose()
+
+
 def _clip(value, limit: int = 5000) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

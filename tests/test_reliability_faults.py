@@ -175,6 +175,57 @@ def test_an_unknown_database_url_is_one_line():
         slots.make_storage("nosuchdb://x")
 
 
+# -- the MLflow tracking store ---------------------------------------------------------------------
+# Before: MLflow retried an unreachable server or database for minutes, silently, at the first run
+# it logged (after the model was loaded and the baselines were scored).
+def test_an_unreachable_tracking_server_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:pw@127.0.0.1:{_closed_port()}")
+    assert main(["run", "--model", "gmm", "--out", str(tmp_path / "run")]) == 2
+    line = one_line(capsys, "run")
+    assert line.startswith("schedsearch run: error: the MLflow tracking server http://bob:***@"
+                           "127.0.0.1:") and "Connection refused" in line and "pw" not in line
+    assert line.endswith("unset MLFLOW_TRACKING_URI to log to <out>/mlflow.db")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tracking_server_that_answers_anything_is_reachable():
+    import http.server
+    import threading
+
+    from schedsearch.tracking import check_reachable
+
+    for status in (200, 401, 404):   # a server, one behind an auth proxy, one without /health
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            check_reachable(f"http://u:p@127.0.0.1:{server.server_port}/mlflow")
+        finally:
+            server.shutdown()
+
+
+def test_an_unreachable_tracking_database_is_one_line_with_the_password_hidden(tmp_path, capsys,
+                                                                               monkeypatch):
+    from schedsearch.tracking import check_reachable
+
+    url = f"postgresql://alice:s3cret@127.0.0.1:{_closed_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    assert main(["run", "--model", "gmm", "--out", str(tmp_path / "run")]) == 2
+    line = one_line(capsys, "run")
+    assert "the MLflow tracking database postgresql://alice:***@127.0.0.1" in line
+    assert "Connection refused" in line and "s3cret" not in line
+    assert not (tmp_path / "run").exists()
+    check_reachable(f"sqlite:///{tmp_path / 'nothing-yet.db'}")   # a file: MLflow makes it
+
+
 def _postgres():
     url = os.environ.get("SCHEDSEARCH_TEST_POSTGRES")
     if not url:
@@ -187,6 +238,12 @@ def test_a_database_that_does_not_exist_on_a_running_server_is_one_line():
     with pytest.raises(ValueError, match=r'database "no_such_database_here" does not exist\); '
                                          r"start the database server"):
         slots.make_storage(url)
+
+
+def test_a_running_postgres_server_is_a_reachable_tracking_store():
+    from schedsearch.tracking import check_reachable
+
+    check_reachable(_postgres())
 
 
 def _open(url):
