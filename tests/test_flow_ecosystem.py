@@ -205,3 +205,10 @@ def test_schedule_command_reads_a_flowmatch_config_as_diffusers_does(pipes, tmp_
     assert comfy_t == pytest.approx(t.tolist(), abs=1e-6)
     assert main(["schedule", "ays", "--steps", "6", "--noise-config", str(path)]) == 2
     assert "no faithful flow-model analogue" in capsys.readouterr().err
+    # without a config the command has no flow model to build for (it has no --model): say how
+    for name in ("flow", "optimalsteps"):
+        assert main(["schedule", name, "--steps", "6"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"schedsearch schedule: error: schedule {name!r} is for flow-matching models: give "
+            f"one's scheduler config with --noise-config FILE (e.g. sd3/scheduler/"
+            f"scheduler_config.json of a diffusers folder; docs/flow.md)")

@@ -6,7 +6,7 @@ import json
 
 from ..comfy import flow_t_string, sigma_string
 from ..noise import SD
-from ..schedules import NAMES, build, timesteps
+from ..schedules import FLOW_NAMES, NAMES, build, timesteps
 from . import options
 
 
@@ -35,6 +35,10 @@ def register(sub) -> None:
 def run(args) -> int:
 
     table = options.noise_table(args) or SD
+    if args.name in FLOW_NAMES and table.kind != "flow":   # this command has no --model
+        raise ValueError(f"schedule {args.name!r} is for flow-matching models: give one's scheduler "
+                         f"config with --noise-config FILE (e.g. sd3/scheduler/"
+                         f"scheduler_config.json of a diffusers folder; docs/flow.md)")
     spec = options.schedule_spec(args, args.name)
     sigmas = build(spec, table)
     ts = timesteps(sigmas, table)
