@@ -355,3 +355,17 @@ def test_default_study_names_are_plain_whatever_the_model_path():
     names = [default_study_name(SimpleNamespace(model=m, budget=5)) for m in
              ("digits", "/models/my model (v2)/", "org/SD-1.5", "ckpt/b.safetensors", "x/..:y")]
     assert names == ["digits-5nfe", "my-model-v2-5nfe", "SD-1.5-5nfe", "b-5nfe", "y-5nfe"]
+
+
+def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsys):
+    # the error names the absolute path, --out was relative: they were not matched, and the line
+    # said "choose another path"
+    from schedsearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCHEDSEARCH_DEBUG", raising=False)
+    (tmp_path / "afile").write_text("")
+    assert main(["sample", "--model", "gmm", "--out", "afile/sub"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"schedsearch sample: error: cannot create '{tmp_path / 'afile'}': '{tmp_path / 'afile'}' "
+        f"is a file, not a folder; remove or rename it, or choose another --out")

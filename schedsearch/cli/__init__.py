@@ -63,7 +63,7 @@ def output_error(exc: OSError, args) -> str | None:
         path = Path(path).parent  # files.atomic_write's temporary file: name its folder
     where = f"'{path}'" if path is not None else "the output"
     flag = "--to" if getattr(args, "to", None) else "--out"
-    p, t = Path(path or "."), Path(target or ".")
+    p, t = Path(path or ".").absolute(), Path(target or ".").absolute()   # --out may be relative
     output = None not in (path, target) and (p == t or p in t.parents or t in p.parents)
     if exc.errno == errno.ENOENT and not output:
         return None   # a missing input file: its reader's own message says which
