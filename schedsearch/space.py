@@ -183,7 +183,9 @@ class Space:
         """Refuse a space that has nothing to search at this budget."""
         if "knots" in self.ranges["family"] and budget < 2:
             raise ValueError("search space: the knots family needs a budget of 2 or more (at 1 "
-                             "there is no free σ); use space: {family: [paper]} at budget 1")
+                             "there is no free σ); use space: {family: [paper]} at budget 1 (a "
+                             "DDPM model: a flow-matching one has nothing to search at 1 model "
+                             "call, its only list being σ = ∞ → 0)")
         if self.ranges["end"] == ["zero"] and budget < 2:
             raise ValueError("search space: ending at 0 spends the only model call on the final "
                              "denoise; allow end: [sigma] at budget 1")
