@@ -84,7 +84,7 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     parent = tracker.study_run(name, {"config": json.dumps(config_json(config)),
                                       "storage": slots.redact(storage_url), **ctx.provenance()},
                                {"schedsearch.version": __version__, "schedsearch.budget": config.budget})
-    recover(studies, tracker, parent)
+    recover(studies, tracker, parent, opts.grace)
 
     n1, n2 = slots.stages_of(studies, config.stages()[1])
     runs = len(studies.local)   # laid out once the global stage is done
@@ -99,7 +99,7 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
         echo(f"  {line}")
     deadline = None if not opts.timeout else time.time() + opts.timeout
     Worker(studies, ctx, tracker, parent, opts).work(deadline)
-    recover(studies, tracker, parent)   # runs of workers that died while this one waited
+    recover(studies, tracker, parent, opts.grace)   # runs of workers that died while this one waited
     summary = report.finalize(studies, ctx, tracker, parent, opts, name, echo)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     return summary
@@ -187,13 +187,24 @@ def baseline_groups(keys) -> list[list[str]]:
     return groups + ([distilled] if distilled else [])
 
 
-def recover(studies: slots.Studies, tracker: Tracker, parent: str) -> None:
+def recover(studies: slots.Studies, tracker: Tracker, parent: str, grace: float = 30.0) -> None:
     """Fail slots whose worker died (stale heartbeat; they are re-queued) and end their MLflow runs."""
-    running = []
+    alive, now = set(), time.time()
     for st in studies.all():
         slots.fail_stale(st)
-        running += [t.user_attrs.get("mlflow_run_id") for t in slots.trials_of(st, slots.RUNNING)]
-    tracker.close_orphans(parent, [r for r in running if r])
+        for t in slots.trials_of(st):
+            run = t.user_attrs.get("mlflow_run_id")
+            # a running trial's run, and one whose trial was just told, are their worker's to end:
+            # a live worker logs the result right after telling Optuna, and closing the run in
+            # that gap (this worker's list of running runs may be a moment old) would mark a
+            # scored trial interrupted. A stale-failed trial's run is an orphan.
+            told = (t.state != slots.RUNNING and (t.state != optuna.trial.TrialState.FAIL
+                                                  or "fail_reason" in t.user_attrs)
+                    and t.datetime_complete is not None
+                    and now - t.datetime_complete.timestamp() < grace)
+            if run and (t.state == slots.RUNNING or told):
+                alive.add(run)
+    tracker.close_orphans(parent, alive, min_age=grace)
     # A worker killed between claiming a trial and creating its MLflow run leaves no run to close:
     # log one, so the dashboard shows every interrupted trial, as Optuna does.
     logged = {r.data.tags.get("schedsearch.trial") for r in tracker.children(parent)}

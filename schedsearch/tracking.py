@@ -258,13 +258,15 @@ class Tracker:
         self.client.log_artifact(run_id, str(local), artifact_dir)
 
     # -- housekeeping -------------------------------------------------------------------------------
-    def close_orphans(self, parent_id: str, still_running: Iterable[str]) -> int:
-        """End RUNNING trial runs whose process is gone (their Optuna trial is no longer running):
-        marked KILLED with state INTERRUPTED, so no run stays RUNNING forever."""
+    def close_orphans(self, parent_id: str, still_running: Iterable[str], min_age: float = 0.0
+                      ) -> int:
+        """End RUNNING trial runs whose process is gone (not in ``still_running``): marked KILLED
+        with state INTERRUPTED, so no run stays RUNNING forever. A run younger than ``min_age``
+        seconds is left alone: its worker may not have linked it to its trial yet."""
         alive = set(still_running)
-        closed = 0
+        closed, now_ms = 0, time.time() * 1000
         for run in self.children(parent_id, status="RUNNING"):
-            if run.info.run_id not in alive:
+            if run.info.run_id not in alive and now_ms - run.info.start_time >= min_age * 1000:
                 self.end(run.info.run_id, "INTERRUPTED", INTERRUPTED, run.data.tags.get(NAME))
                 closed += 1
         return closed

@@ -562,6 +562,55 @@ def test_a_trial_taken_over_while_scoring_leaves_no_finished_run_beside_its_requ
     assert storage.get_trial(slot.trial_id).state == optuna.trial.TrialState.FAIL
 
 
+def test_another_workers_recovery_leaves_a_just_scored_trials_run_to_its_worker(tmp_path):
+    """Between telling Optuna a trial's score and logging it to MLflow, a worker's run is RUNNING
+    while its trial is not. Another worker's recovery (a worker starting, or finishing its own
+    work) used to close every such run as interrupted; racing the worker's own logging, that
+    left a scored trial KILLED on the dashboard (a two-worker CI run counted 7 of 8 trials). It
+    now closes the runs of stale-failed trials and of runs no trial claims after the grace
+    period, and leaves the rest to their workers."""
+    from mlflow.tracking import MlflowClient
+
+    from schedsearch.config import default_study_name
+    from schedsearch.context import Context
+    from schedsearch.space import make_sampler
+    from schedsearch.study import evaluate_trial, open_studies, recover
+    from schedsearch.tracking import Tracker
+
+    cfg = StudyConfig.from_dict({**SMALL, "trials": 2, "refine": 0.0, "baselines": ["karras"]})
+    url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
+    storage = slots.make_storage(url)
+    ctx = Context(cfg, echo=lambda *_: None)
+    studies = open_studies(storage, name, ctx)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", name, tmp_path / "mlartifacts")
+    parent = tracker.study_run(name, {}, {})
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # a run no trial claims (yet): a worker between creating it and linking it, or a dead one
+    unlinked = tracker.child(parent, "trial 7", "trial", {})
+    finish, seen = tracker.finish, {}
+
+    def finish_after_recovery(run, *args, **kwargs):   # the other worker's recovery, in the gap
+        recover(studies, Tracker(tracker.uri, name, tmp_path / "mlartifacts"), parent, grace=30)
+        seen.update({r: client.get_run(r).info.status for r in (run, unlinked)})
+        return finish(run, *args, **kwargs)
+
+    tracker.finish = finish_after_recovery
+    slot = slots.claim(studies.trials, storage, accept=lambda a: "warm" not in a)
+    trial = slots.open_trial(studies.trials, storage, slot, sampler=make_sampler("random", 0, False))
+    make = lambda t: (Space(dict(cfg.space)).suggest(t, ctx.target), None)  # noqa: E731
+    assert evaluate_trial(trial, studies.trials, ctx, tracker, parent, make, 0, 1) == "COMPLETE"
+    run = storage.get_trial(slot.trial_id).user_attrs["mlflow_run_id"]
+    assert seen == {run: "RUNNING", unlinked: "RUNNING"}
+    done = client.get_run(run)
+    assert done.info.status == "FINISHED" and done.data.tags["schedsearch.state"] == "COMPLETE"
+    assert "schedsearch.reason" not in done.data.tags
+    # once the grace period is over, a run no trial claims is an orphan; a logged one stays
+    recover(studies, tracker, parent, grace=0)
+    assert client.get_run(unlinked).info.status == "KILLED"
+    assert client.get_run(unlinked).data.tags["schedsearch.state"] == "INTERRUPTED"
+    assert client.get_run(run).info.status == "FINISHED"
+
+
 def test_a_failed_baseline_is_reported_with_its_reason_not_dropped(tmp_path):
     """GITS and OSS need 16 distillation prompts that an 8-line prompt file does not have: their
     slot fails with that reason, and the study says so wherever it shows the comparison."""
