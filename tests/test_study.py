@@ -510,6 +510,23 @@ def test_a_trial_claimed_by_a_worker_that_died_before_logging_it_still_shows_in_
     assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
 
 
+def _one_worker(tmp_path):
+    """A two-trial gmm study opened by one worker, with its MLflow store and parent run: the
+    pieces ``run_study`` wires together, for tests that step a worker through one trial."""
+    from schedsearch.config import default_study_name
+    from schedsearch.context import Context
+    from schedsearch.study import open_studies
+    from schedsearch.tracking import Tracker
+
+    cfg = StudyConfig.from_dict({**SMALL, "trials": 2, "refine": 0.0, "baselines": ["karras"]})
+    name = default_study_name(cfg)
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    ctx = Context(cfg, echo=lambda *_: None)
+    studies = open_studies(storage, name, ctx)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", name, tmp_path / "mlartifacts")
+    return cfg, name, storage, ctx, studies, tracker, tracker.study_run(name, {}, {})
+
+
 @pytest.mark.parametrize("when", ["at a checkpoint", "after scoring"])
 def test_a_trial_taken_over_while_scoring_leaves_no_finished_run_beside_its_requeued_copy(
         tmp_path, when):
@@ -520,19 +537,10 @@ def test_a_trial_taken_over_while_scoring_leaves_no_finished_run_beside_its_requ
     saying the slot was taken over, with no FID logged."""
     from mlflow.tracking import MlflowClient
 
-    from schedsearch.config import default_study_name
-    from schedsearch.context import Context
     from schedsearch.space import make_sampler
-    from schedsearch.study import evaluate_trial, open_studies
-    from schedsearch.tracking import Tracker
+    from schedsearch.study import evaluate_trial
 
-    cfg = StudyConfig.from_dict({**SMALL, "trials": 2, "refine": 0.0, "baselines": ["karras"]})
-    url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
-    storage = slots.make_storage(url)
-    ctx = Context(cfg, echo=lambda *_: None)
-    studies = open_studies(storage, name, ctx)
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", name, tmp_path / "mlartifacts")
-    parent = tracker.study_run(name, {}, {})
+    cfg, name, storage, ctx, studies, tracker, parent = _one_worker(tmp_path)
     slot = slots.claim(studies.trials, storage, accept=lambda a: "warm" not in a)
     trial = slots.open_trial(studies.trials, storage, slot,
                              sampler=make_sampler("random", 0, False))
@@ -571,19 +579,11 @@ def test_another_workers_recovery_leaves_a_just_scored_trials_run_to_its_worker(
     period, and leaves the rest to their workers."""
     from mlflow.tracking import MlflowClient
 
-    from schedsearch.config import default_study_name
-    from schedsearch.context import Context
     from schedsearch.space import make_sampler
-    from schedsearch.study import evaluate_trial, open_studies, recover
+    from schedsearch.study import evaluate_trial, recover
     from schedsearch.tracking import Tracker
 
-    cfg = StudyConfig.from_dict({**SMALL, "trials": 2, "refine": 0.0, "baselines": ["karras"]})
-    url, name = f"sqlite:///{tmp_path / 'study.db'}", default_study_name(cfg)
-    storage = slots.make_storage(url)
-    ctx = Context(cfg, echo=lambda *_: None)
-    studies = open_studies(storage, name, ctx)
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", name, tmp_path / "mlartifacts")
-    parent = tracker.study_run(name, {}, {})
+    cfg, name, storage, ctx, studies, tracker, parent = _one_worker(tmp_path)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     # a run no trial claims (yet): a worker between creating it and linking it, or a dead one
     unlinked = tracker.child(parent, "trial 7", "trial", {})
