@@ -74,7 +74,8 @@ def _search_options(p) -> None:
     g = p.add_argument_group("how the trials are spent and the winner is picked")
     g.add_argument("--trials", type=int,
                    help=f"number of trials in the study (default: {TRIALS_PER_NFE} per model call, "
-                        f"at least {MIN_TRIALS}; {default_trials(5)} at budget 5)")
+                        f"at least {MIN_TRIALS}; {default_trials(5)} at budget 5); on a study that "
+                        f"exists, a larger number adds trials to its last local run")
     g.add_argument("--refine", type=float, metavar="FRACTION",
                    help=f"share of the first {MIN_TRIALS} trials in the local stage around the "
                         f"global stage's best; every trial beyond them is local too, unless 0 "
