@@ -71,7 +71,10 @@ def heldout(study: optuna.Study, ctx, presets_: dict, winner: str) -> tuple[dict
     winner scores only what it lacks."""
     k = ctx.config.heldout_sets
     held = {key: _stored_heldout(study.user_attrs.get(f"heldout:{key}"), k) for key in presets_}
-    cis = {key: study.user_attrs.get(f"ci:{winner}:{key}") for key in presets_ if key != winner}
+    # a stored CI counts only over the sets asked for now (a re-run with another --heldout-sets
+    # re-scores the held-out FIDs, and a CI over the old sets would sit beside them)
+    cis = {key: c if (c := study.user_attrs.get(f"ci:{winner}:{key}")) and c.get("sets", 1) == k
+           else None for key in presets_ if key != winner}
     need = {key for key, h in held.items() if h is None}
     if any(c is None for c in cis.values()):
         need |= {winner} | {key for key, c in cis.items() if c is None}

@@ -112,3 +112,24 @@ def test_a_study_of_schedsearch_0_1_resumes_keeps_its_trials_and_adds_the_new_on
         # held-out is scored again: the same number up to float rounding, which moves in the
         # 7th digit between torch releases
         assert rows[key]["fid_heldout"] == pytest.approx(old_rows[key]["fid_heldout"], rel=1e-5)
+
+
+def test_a_rerun_with_more_heldout_sets_recomputes_the_intervals_too(tmp_path):
+    """The held-out FIDs of a finished study re-scored on more seed sets came with the intervals
+    stored for the old count: the table showed a 3-set FID beside a 1-set CI ("over 1 seed
+    set(s)"). Every interval is now over the sets asked for, and a run back to one set gives back
+    the one-set numbers."""
+    cfg = dict(model="gmm", budget=4, n_search=64, n_heldout=64, batch_size=64, trials=2,
+               refine=0.0, baselines=["karras", "ays"], validation_sets=1)
+    opts = RunOptions(out=tmp_path, progress=False, artifacts=False, export_user_preset=False)
+    runs = [run_study(StudyConfig.from_dict({**cfg, "heldout_sets": k}), opts,
+                      echo=lambda *_: None) for k in (1, 2, 1)]
+    vs = [{r["key"]: r["vs_best"] for r in s["rows"] if r.get("vs_best")} for s in runs]
+    held = [{r["key"]: r["fid_heldout"] for r in s["rows"]} for s in runs]
+    for k, v, h in zip((1, 2, 1), vs, held):
+        assert set(v) == {"karras", "ays"}
+        for key, ci in v.items():
+            assert ci["sets"] == k and ci["lo"] <= ci["hi"]
+            assert ci["delta"] == pytest.approx(h["best"] - h[key], abs=1e-9)
+    assert vs[2] == vs[0] and held[2] == held[0]
+    assert vs[1]["ays"]["delta"] != vs[0]["ays"]["delta"]
