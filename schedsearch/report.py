@@ -71,10 +71,12 @@ def heldout(study: optuna.Study, ctx, presets_: dict, winner: str) -> tuple[dict
     winner scores only what it lacks."""
     k = ctx.config.heldout_sets
     held = {key: _stored_heldout(study.user_attrs.get(f"heldout:{key}"), k) for key in presets_}
-    # a stored CI counts only over the sets asked for now (a re-run with another --heldout-sets
-    # re-scores the held-out FIDs, and a CI over the old sets would sit beside them)
+    # a stored CI counts only as asked for now: over these sets (a re-run with another
+    # --heldout-sets re-scores the held-out FIDs, and an interval over the old sets would sit
+    # beside them) and with this many resamples (``bootstrap``)
     cis = {key: c if (c := study.user_attrs.get(f"ci:{winner}:{key}")) and c.get("sets", 1) == k
-           else None for key in presets_ if key != winner}
+           and c.get("resamples") == ctx.config.bootstrap else None
+           for key in presets_ if key != winner}
     need = {key for key, h in held.items() if h is None}
     if any(c is None for c in cis.values()):
         need |= {winner} | {key for key, c in cis.items() if c is None}

@@ -133,3 +133,9 @@ def test_a_rerun_with_more_heldout_sets_recomputes_the_intervals_too(tmp_path):
             assert ci["delta"] == pytest.approx(h["best"] - h[key], abs=1e-9)
     assert vs[2] == vs[0] and held[2] == held[0]
     assert vs[1]["ays"]["delta"] != vs[0]["ays"]["delta"]
+    # another number of resamples: the same difference, an interval drawn anew
+    again = run_study(StudyConfig.from_dict({**cfg, "bootstrap": 300}), opts, echo=lambda *_: None)
+    ays = next(r["vs_best"] for r in again["rows"] if r["key"] == "ays")
+    assert ays["resamples"] == 300 and vs[0]["ays"]["resamples"] == 1000
+    assert ays["delta"] == vs[0]["ays"]["delta"] and (ays["lo"], ays["hi"]) != (
+        vs[0]["ays"]["lo"], vs[0]["ays"]["hi"])
