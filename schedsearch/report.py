@@ -71,11 +71,7 @@ def heldout(study: optuna.Study, ctx, presets_: dict, winner: str) -> tuple[dict
     winner scores only what it lacks."""
     k = ctx.config.heldout_sets
     held = {key: _stored_heldout(study.user_attrs.get(f"heldout:{key}"), k) for key in presets_}
-    # a stored CI counts only as asked for now: over these sets (a re-run with another
-    # --heldout-sets re-scores the held-out FIDs, and an interval over the old sets would sit
-    # beside them) and with this many resamples (``bootstrap``)
-    cis = {key: c if (c := study.user_attrs.get(f"ci:{winner}:{key}")) and c.get("sets", 1) == k
-           and c.get("resamples") == ctx.config.bootstrap else None
+    cis = {key: _stored_ci(study.user_attrs.get(f"ci:{winner}:{key}"), k, ctx.config.bootstrap)
            for key in presets_ if key != winner}
     need = {key for key, h in held.items() if h is None}
     if any(c is None for c in cis.values()):
@@ -110,6 +106,15 @@ def _stored_heldout(stored: Optional[dict], k: int) -> Optional[dict]:
     sets = stored.get("sets") or [{"fid": stored["fid"], "kid": stored["kid"],
                                    "n": stored.get("n")}]
     return {**stored, "sets": sets} if len(sets) == k else None
+
+
+def _stored_ci(stored: Optional[dict], k: int, resamples: int) -> Optional[dict]:
+    """A stored paired interval if it was drawn as asked for now: over the K sets (a re-run with
+    another --heldout-sets re-scores the held-out FIDs, and an interval over the old sets would
+    sit beside them) and with this many resamples."""
+    if stored is None or stored.get("sets", 1) != k or stored.get("resamples") != resamples:
+        return None
+    return stored
 
 
 def _mean(values: list) -> Optional[float]:

@@ -87,13 +87,20 @@ def make_storage(url: str, heartbeat: float = 10.0, grace: float = 30.0):
                 continue
             if not isinstance(exc, OperationalError):
                 raise
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            password = sqlalchemy.engine.make_url(url).password
-            reason = reason.replace(str(password), "***") if password else reason
+            reason = db_error_reason(exc, url)
             fix = ("check that its folder exists and is writable" if scheme.startswith("sqlite")
                    else "start the database server, or check the host, port, database, user and "
                         "password in the URL")
             raise ValueError(f"cannot open the study storage {shown} ({reason}); {fix}") from None
+
+
+def db_error_reason(exc: Exception, url: str) -> str:
+    """The first line of a SQLAlchemy error's driver message, with the URL's password hidden."""
+    import sqlalchemy
+
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    password = sqlalchemy.engine.make_url(url).password
+    return reason.replace(str(password), "***") if password else reason
 
 
 def redact(url: str) -> str:
@@ -360,9 +367,9 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
     studies = Studies(study, (), base, storage)
     if trials is not None:
         grow_local(study, trials, grace)
-    if not created and trials is not None and (study.user_attrs.get("config") or {}).get(
-            "trials", trials) < trials:   # what the study plans now, for the next resume's check
-        study.set_user_attr("config", {**study.user_attrs["config"], "trials": trials})
+    stored = study.user_attrs.get("config") or {}
+    if not created and trials is not None and stored.get("trials", trials) < trials:
+        study.set_user_attr("config", {**stored, "trials": trials})   # for the next resume's check
     _load_local(studies, grace)
     return studies
 

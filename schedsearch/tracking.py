@@ -71,7 +71,7 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
 def _check_database(uri: str, scheme: str, timeout: float) -> None:
     import sqlalchemy
 
-    from .slots import redact
+    from .slots import db_error_reason, redact
 
     args = {} if scheme.startswith("mssql") else {"connect_timeout": int(timeout)}
     try:
@@ -85,11 +85,8 @@ def _check_database(uri: str, scheme: str, timeout: float) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        password = sqlalchemy.engine.make_url(uri).password
-        why = why.replace(str(password), "***") if password else why
         raise ValueError(f"the MLflow tracking database {redact(uri)} (MLFLOW_TRACKING_URI) cannot "
-                         f"be reached ({why}); start it or check the URL, or unset "
+                         f"be reached ({db_error_reason(exc, uri)}); start it or check the URL, or unset "
                          f"MLFLOW_TRACKING_URI to log to <out>/mlflow.db") from None
     finally:
         engine.dispose()

@@ -64,7 +64,8 @@ def _fetch_failure(exc: BaseException) -> str:
 @contextlib.contextmanager
 def hub_calls():
     """diffusers passes huggingface_hub an argument (``local_dir_use_symlinks``) it deprecated; its
-    warning would print above our own output on every hub load."""
+    warning would print above our own output on every hub load. ``models.load``, which every load
+    goes through, holds it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
         yield
@@ -79,21 +80,20 @@ def hub_model_index(repo_id: str, revision, local_only: bool) -> tuple[dict, boo
     not tried again in this process (huggingface_hub retries an unreachable hub for ~25 s)."""
     from diffusers import DiffusionPipeline  # diffusers: heavy
 
-    with hub_calls():
+    try:
+        return DiffusionPipeline.load_config(repo_id, local_files_only=True,
+                                             revision=revision), True
+    except (OSError, ValueError):
+        if local_only:
+            raise FileNotFoundError(_not_cached_message(
+                repo_id, "is not in the local cache and this machine is offline "
+                         "(HF_HUB_OFFLINE)")) from None
+    why = _FAILED_FETCHES.get((repo_id, revision))
+    if why is None:
         try:
-            return DiffusionPipeline.load_config(repo_id, local_files_only=True,
-                                                 revision=revision), True
-        except (OSError, ValueError):
-            if local_only:
-                raise FileNotFoundError(_not_cached_message(
-                    repo_id, "is not in the local cache and this machine is offline "
-                             "(HF_HUB_OFFLINE)")) from None
-        why = _FAILED_FETCHES.get((repo_id, revision))
-        if why is None:
-            try:
-                return DiffusionPipeline.load_config(repo_id, revision=revision), False
-            except (OSError, ValueError) as exc:
-                why = _FAILED_FETCHES[repo_id, revision] = _fetch_failure(exc)
+            return DiffusionPipeline.load_config(repo_id, revision=revision), False
+        except (OSError, ValueError) as exc:
+            why = _FAILED_FETCHES[repo_id, revision] = _fetch_failure(exc)
     raise FileNotFoundError(_not_cached_message(repo_id, why))
 
 
