@@ -116,6 +116,10 @@ class StudyConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        for key in ("n_search", "n_heldout"):   # else every trial fails, after the baselines
+            if getattr(self, key) < 2:
+                raise ValueError(f"{key} must be >= 2 (FID needs two images at least), got "
+                                 f"{getattr(self, key)}")
         # validation seeds start half a seed block above the search seeds (context.py)
         if (self.validation_sets + 1) * self.n_search + self.heldout_sets * self.n_heldout > SEED_STRIDE // 2:
             raise ValueError(f"n_search × (validation_sets + 1) + n_heldout × heldout_sets must "

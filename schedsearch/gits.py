@@ -16,6 +16,8 @@ solvers' own first step), so its cost is finite and the path from ∞ is searche
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .oss import _check_budget
@@ -63,12 +65,18 @@ def shortest_path(C: torch.Tensor, steps: int, coeff: float = 1.2) -> tuple[list
     return path, float(V[steps, n])
 
 
+def check_coeff(coeff: float) -> float:
+    """The step-weight growth as a float: finite and > 0 (a weight of inf or nan has no path)."""
+    coeff = float(coeff)
+    if not (coeff > 0 and math.isfinite(coeff)):
+        raise ValueError(f"coeff must be a finite number > 0, got {coeff}")
+    return coeff
+
+
 def search(teacher: Teacher, budget: int, *, coeff: float = 1.2) -> Distilled:
     """The GITS schedule of ``budget`` steps on the teacher's grid; see the module docstring."""
     m = _check_budget(budget, teacher)
-    coeff = float(coeff)
-    if not coeff > 0:
-        raise ValueError(f"coeff must be > 0, got {coeff}")
+    coeff = check_coeff(coeff)
     C = cost_matrix(teacher)
     path, cost = shortest_path(C, m, coeff)
     provenance = {

@@ -70,8 +70,9 @@ def test_gits_result(teacher):
     json.dumps(res.as_json())
     with pytest.raises(ValueError, match="must be smaller than the teacher's N = 12"):
         gits.search(teacher, 12)
-    with pytest.raises(ValueError, match="coeff must be > 0"):
-        gits.search(teacher, K, coeff=0)
+    for bad in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="coeff must be a finite number > 0"):
+            gits.search(teacher, K, coeff=bad)
 
 
 def test_cli_gits(tmp_path, capsys):

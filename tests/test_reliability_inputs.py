@@ -369,3 +369,67 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.strip() == (
         f"schedsearch sample: error: cannot create '{tmp_path / 'afile'}': '{tmp_path / 'afile'}' "
         f"is a file, not a folder; remove or rename it, or choose another --out")
+
+
+# -- flags that used to be dropped silently, or checked only after the expensive part ------------
+@pytest.mark.parametrize("argv, message", [
+    # an unset shell variable: '' used to mean the default seeds 0-3
+    (["sample", "--model", "gmm", "--seeds", ""], "--seeds is empty"),
+    # FreeU from a step the schedule never reaches: used to sample with FreeU off
+    (["sample", "--model", "digits", "--steps", "5", "--freeu", "sd15", "--t-aug", "5"],
+     r"--t-aug 5 is past the last step: the schedule has 5 steps \(0-based 0\.\.4\)"),
+    # a checkpoint beyond --n used to be dropped, a negative KID count to mean no KID
+    (["score", "--n", "100", "--checkpoints", "64,300"],
+     r"--checkpoints must lie in 2\.\.100 \(--n\), got 300"),
+    (["score", "--checkpoints", "1"], r"must lie in 2\.\.256 \(--n\), got 1$"),
+    (["score", "--kid-subsets", "-1"], r"--kid-subsets must be >= 0"),
+    # one image per trial: used to run every baseline and trial, each failing, then say so
+    (["run", "--model", "gmm", "--n-search", "1"], "n_search must be >= 2"),
+    (["run", "--model", "gmm", "--n-heldout", "1"], "n_heldout must be >= 2"),
+])
+def test_a_flag_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, argv, message):
+    from schedsearch.cli import main
+
+    out = tmp_path / "out"
+    assert main([*argv, "--save-images" if argv[0] == "score" else "--out", str(out)]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, argv[0]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["oss", "--budget", "3", "--solver", "dpmpp_9m"], "solver must be one of"),
+    (["oss", "--budget", "0"], r"--budget must be >= 1 \(model calls per image\), got 0"),
+    (["gits", "--budget", "3", "--coeff", "0"], "coeff must be a finite number > 0, got 0.0"),
+    (["gits", "--budget", "3", "--coeff", "inf"], "coeff must be a finite number > 0, got inf"),
+])
+def test_a_distiller_flag_is_checked_before_the_teacher_runs(tmp_path, capsys, argv, message):
+    """On a real model the 100-step teacher takes minutes to hours; these errors used to come
+    after it (the teacher in the cache is the proof that it ran)."""
+    from schedsearch.cli import main
+
+    cache = tmp_path / "cache"
+    assert main([*argv, "--model", "gmm", "--n", "8", "--cache-dir", str(cache),
+                 "--no-progress"]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, argv[0]))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_teacher_cache_that_cannot_be_written_is_one_warning_line(tmp_path, capsys):
+    """The teacher is still computed and printed; the warning is one line in the command's own
+    voice, not Python's two (the second quoting our source)."""
+    import json
+    import warnings
+
+    from schedsearch.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    before = warnings.showwarning
+    assert main(["teacher", "--model", "gmm", "--n", "8", "--teacher-steps", "10",
+                 "--cache-dir", str(blocker / "cache"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["samples"] == 8
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("schedsearch teacher: warning: could not write the teacher cache ")
+    assert warnings.showwarning is before   # main() leaves the caller's warnings as they were

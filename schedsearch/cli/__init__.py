@@ -9,6 +9,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from ..version import __version__
@@ -98,6 +99,19 @@ def _wrapped_os_error(exc: Exception) -> OSError | None:
                    path.group(1) if path else None)
 
 
+def _one_line_warnings(command: str):
+    """schedsearch's own warnings (e.g. a teacher cache it could not write) as one line each, like
+    its errors; Python's format would add a line of our source. Other libraries' keep theirs."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("schedsearch"):
+            print(f"schedsearch {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
@@ -105,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    with warnings.catch_warnings():   # restored on return: main() is also called in-process
+        warnings.showwarning = _one_line_warnings(args.command)
+        return _handle(args)
+
+
+def _handle(args) -> int:
+    """Run the command; bad input becomes one line and exit status 2."""
     debug = bool(os.environ.get("SCHEDSEARCH_DEBUG"))
     try:
         return int(args.handler(args) or 0)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .. import gits, models, oss, prompts as prompt_sets
 from ..schedules import build
-from ..solvers import model_calls
+from ..solvers import canonical, model_calls
 from ..teacher import TeacherGrid, error_vs_teacher, trajectories
 from . import options
 
@@ -107,7 +107,14 @@ def _setup(args):
         raise ValueError(f"--heldout must be >= 0, got {heldout}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # the student's flags are checked before the teacher, which on a real model takes minutes
     budget = args.budget
+    if budget is not None and budget < 1:
+        raise ValueError(f"--budget must be >= 1 (model calls per image), got {budget}")
+    if getattr(args, "solver", None) is not None:
+        args.solver = canonical(args.solver)
+    if getattr(args, "coeff", None) is not None:
+        gits.check_coeff(args.coeff)
     if budget is not None and budget >= args.teacher_steps:
         raise ValueError(f"--budget {budget} must be smaller than --teacher-steps "
                          f"{args.teacher_steps}")

@@ -341,6 +341,9 @@ def freeu_plan(args, steps: int):
     t_aug = 0 if args.t_aug is None else args.t_aug
     if t_aug < 0:
         raise ValueError(f"--t-aug must be >= 0, got {t_aug}")
+    if t_aug >= steps:   # FreeU would never turn on: surely not what --freeu asked for
+        raise ValueError(f"--t-aug {t_aug} is past the last step: the schedule has {steps} "
+                         f"step{'s' if steps != 1 else ''} (0-based 0..{steps - 1})")
     return FreeUPlan.from_start(steps, t_aug, parse_freeu(args.freeu),
                                 args.freeu_variant or "diffusers")
 

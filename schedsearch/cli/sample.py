@@ -73,7 +73,8 @@ def _jobs(args, model):
         raise ValueError("give --prompt TEXT or --prompts SOURCE, not both")
     if args.n is not None and not args.prompts:
         raise ValueError("--n applies to --prompts")
-    seeds = options.int_list(args.seeds, "--seeds") if args.seeds else None
+    # '' is a mistake (an unset shell variable), not a request for the default seeds
+    seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
     if args.prompt is not None:
         texts, source = list(args.prompt), {"source": "--prompt"}
     elif not args.prompts and model.family not in models.DEFAULT_PROMPTS:

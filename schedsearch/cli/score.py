@@ -14,6 +14,7 @@ from ..version import __version__
 from . import options
 
 DEFAULT_SCHEDULE, DEFAULT_STEPS = "karras", 8
+DEFAULT_CHECKPOINTS = (64, 128)
 
 
 def register(sub) -> None:
@@ -35,9 +36,9 @@ def register(sub) -> None:
     options.sampling(p, default_schedule=DEFAULT_SCHEDULE, default_steps=DEFAULT_STEPS)
     options.prompts(p)
     p.add_argument("--n", type=int, default=256, help="number of images (default 256)")
-    p.add_argument("--checkpoints", default="64,128",
-                   help="comma-separated subset sizes with an intermediate FID (default 64,128; "
-                        "'' for none)")
+    p.add_argument("--checkpoints", default=None,
+                   help="comma-separated subset sizes with an intermediate FID, each in 2..N "
+                        "(default: 64,128 where below --n; '' for none)")
     options.scoring(p)
     p.add_argument("--kid-subsets", type=int, default=100,
                    help="KID subsets (default 100; 0: no KID)")
@@ -51,8 +52,17 @@ def run(args) -> int:
 
     if args.n < 2:
         raise ValueError(f"--n must be >= 2 (FID needs two images at least), got {args.n}")
-    checkpoints = (options.int_list(args.checkpoints, "--checkpoints")
-                   if args.checkpoints.strip() else [])
+    if args.kid_subsets < 0:
+        raise ValueError(f"--kid-subsets must be >= 0 (0: no KID), got {args.kid_subsets}")
+    if args.checkpoints is None:
+        checkpoints = [c for c in DEFAULT_CHECKPOINTS if c < args.n]
+    else:   # sizes the user asked for are checked, not dropped
+        checkpoints = (options.int_list(args.checkpoints, "--checkpoints")
+                       if args.checkpoints.strip() else [])
+        bad = [c for c in checkpoints if not 2 <= c <= args.n]
+        if bad:
+            raise ValueError(f"--checkpoints must lie in 2..{args.n} (--n), got "
+                             f"{', '.join(map(str, bad))}")
     model = options.load_model(args)
     if (args.grid or args.save_images) and len(model.latent_shape) != 3:
         raise ValueError(f"{args.model} makes vectors, not images: --grid and --save-images need "
