@@ -101,8 +101,10 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | os.PathLike):
         from mlflow.tracking import MlflowClient  # heavy: imported when a study starts
 
-        # alembic announces every migration step of a fresh sqlite store at INFO
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        # alembic announces every migration step of a fresh sqlite store at INFO, and MLflow
+        # that it creates and updates the tables: two timestamped lines above every new study
+        for name in ("alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = tracking_uri
         with sqlite_init_lock(tracking_uri):  # first use migrates the schema: one process at a time
             self.client = MlflowClient(tracking_uri=tracking_uri)

@@ -747,3 +747,15 @@ def test_run_prints_the_presets_sigma_list_solver_and_freeu(tmp_path, capsys, mo
         ["σ", *[f"{v:.4g}," for v in preset.sigmas.tolist()[:-1]],
          f"{preset.sigmas.tolist()[-1]:.4g}", "·", preset.solver, "·", "FreeU", "off"])
     assert preset.nfe == 5 and preset.solver in SEARCHED_SOLVERS
+
+
+def test_a_fresh_study_prints_no_library_log_lines(tmp_path):
+    """A new MLflow store used to announce itself on stderr ('INFO mlflow.store.db.utils:
+    Creating initial MLflow database tables...', then 'Updating database tables') above every
+    new study; with --no-progress a run that goes well writes nothing there."""
+    r = cli("run", "--model", "gmm", "--budget", "3", "--trials", "2", "--n-search", "8",
+            "--n-heldout", "8", "--baselines", "karras", "--no-progress", "--no-user-preset",
+            "--out", str(tmp_path / "r"), env={"SCHEDSEARCH_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "r" / "mlflow.db").is_file() and "★ recommended" in r.stdout
+    assert r.stderr == ""
