@@ -338,6 +338,47 @@ def test_refstats_names_a_bad_image_folder_before_asking_for_weights(tmp_path, i
     assert not (tmp_path / "ref.safetensors").exists()
 
 
+def _png(path, size, seed=0):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.mark.parametrize("extractor", ["digits", "identity"])
+@pytest.mark.parametrize("batch", ["4", "5"])
+def test_refstats_names_an_unreadable_image_or_one_of_another_size(tmp_path, capsys, extractor,
+                                                                    batch):
+    """A damaged file was a PIL traceback; a folder that mixes sizes was 'this folder mixes
+    sizes' within a batch and, across batches, a numpy shape error (identity) or the digits
+    classifier's complaint about its input. Now one line names the files."""
+    from schedsearch.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):
+        _png(folder / f"a{i}.png", 8, seed=i)
+    (folder / "a5.png").write_bytes(b"not a png")   # sorted mid-folder: after a batch is done
+    out = tmp_path / "ref.safetensors"
+    argv = ["refstats", "--images", str(folder), "--out", str(out), "--extractor", extractor,
+            "--batch-size", batch]
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err, "refstats")
+    assert re.search(r"imgs/a5\.png: not a readable image \(.*\); remove or replace it$", line)
+    _png(folder / "a5.png", 8, seed=5)
+    for i in range(3):   # batches of 5 split a0-a4, a5-a9, b0-b2: each batch of one size
+        _png(folder / f"b{i}.png", 16, seed=10 + i)
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err, "refstats")
+    assert re.search(r"needs images of one size; this folder mixes .*imgs/a0\.png \(8×8\) and "
+                     r".*imgs/b0\.png \(16×16\): remove or resize the odd ones, or use "
+                     r"--extractor inception", line)
+    assert not out.exists()
+    for i in range(3):
+        (folder / f"b{i}.png").unlink()
+    assert main(argv) == 0 and out.is_file()
+
+
 @pytest.mark.parametrize("name", ["s:refine", "a/b", "../up", "two words", "x.json", ""])
 def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
     # "s:refine" would be study s's own local stage; "a/b" made nested run folders and a preset

@@ -48,6 +48,7 @@ class Extractor:
     name: str = "extractor"
     resize: str = "none"
     channels: Optional[int] = None   # what image folders are converted to (None: RGB, as clean-fid)
+    any_size: bool = False           # True: resizes every image itself, so a folder may mix sizes
     batch_size: int = 64
 
     def __call__(self, images) -> np.ndarray:
@@ -61,14 +62,30 @@ class Extractor:
     def _batch(self, images: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
-    def from_uint8(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Features of images read from files: (H, W, C) uint8 arrays, as clean-fid reads them."""
-        try:
-            stacked = np.stack([np.asarray(a) for a in arrays])
-        except ValueError:
-            raise ValueError(f"the {self.name} extractor needs images of one size; "
-                             "this folder mixes sizes") from None
-        return self(torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255))
+    def from_uint8(self, arrays: Sequence[np.ndarray], names: Optional[Sequence[str]] = None
+                   ) -> np.ndarray:
+        """Features of images read from files: (H, W, C) uint8 arrays, as clean-fid reads them
+        (``names``: the files, for an error that says which one is odd)."""
+        arrays = [np.asarray(a) for a in arrays]
+        self.check_one_size(arrays, names)
+        return self(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255))
+
+    def check_one_size(self, arrays: Sequence[np.ndarray], names: Optional[Sequence[str]] = None
+                       ) -> None:
+        """Refuse a folder that mixes image sizes, naming two files of different sizes (an
+        extractor that resizes every image, as Inception does, takes any)."""
+        if self.any_size:
+            return
+        odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+        if odd is None:
+            return
+
+        def size(i):
+            h, w = arrays[i].shape[:2]
+            return f"{names[i]} ({h}×{w})" if names else f"{h}×{w}"
+        raise ValueError(f"the {self.name} extractor needs images of one size; this folder "
+                         f"mixes {size(0)} and {size(odd)}: remove or resize the odd ones, "
+                         f"or use --extractor inception, which resizes every image")
 
     def describe(self) -> dict:
         return {"extractor": self.name, "resize": self.resize}
@@ -105,6 +122,7 @@ class CleanFID(Extractor):
 
     resize = "clean"
     channels = 3
+    any_size = True
 
     def __init__(self, net, name: str, device="cpu", batch_size: int = 32,
                  size: tuple[int, int] = (299, 299)):
@@ -122,7 +140,7 @@ class CleanFID(Extractor):
             raise ValueError(f"{self.name} takes (N, 1|3, H, W) images, got {tuple(images.shape)}")
         return self._features(list(_uint8_hwc(images)))
 
-    def from_uint8(self, arrays):
+    def from_uint8(self, arrays, names=None):
         out = [self._features(list(arrays[i:i + self.batch_size]))
                for i in range(0, len(arrays), self.batch_size)]
         return np.concatenate(out).astype(np.float64, copy=False)

@@ -223,13 +223,18 @@ def list_images(folder: str) -> list[str]:
 
 def read_image(path: str, channels: Optional[int] = None) -> np.ndarray:
     """(H, W, C) uint8, read as clean-fid reads it (PIL → RGB), or grayscale when channels == 1."""
-    if path.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
-        return arr if arr.ndim == 3 else arr[..., None]
-    with Image.open(path) as img:
-        if channels == 1:
-            return np.array(img.convert("L"))[..., None]
-        return np.array(img.convert("RGB"))
+    try:
+        if path.endswith(".npy"):
+            arr = np.load(path, allow_pickle=False)
+            return arr if arr.ndim == 3 else arr[..., None]
+        with Image.open(path) as img:
+            if channels == 1:
+                return np.array(img.convert("L"))[..., None]
+            return np.array(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as exc:   # PIL: damaged PNG chunks are SyntaxError
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise   # a file the system cannot read (permissions): the CLI says which and why
+        raise ValueError(f"{path}: not a readable image ({exc}); remove or replace it") from None
 
 
 def folder_features(folder: str, extractor, batch_size: Optional[int] = None,
@@ -238,9 +243,14 @@ def folder_features(folder: str, extractor, batch_size: Optional[int] = None,
     files = list_images(folder)[:num]
     bs = int(batch_size or getattr(extractor, "batch_size", 64))
     channels = getattr(extractor, "channels", None)
-    out = []
+    out, first = [], None
     for i in range(0, len(files), bs):
-        out.append(extractor.from_uint8([read_image(f, channels) for f in files[i:i + bs]]))
+        batch = files[i:i + bs]
+        arrays = [read_image(f, channels) for f in batch]
+        first = first or (arrays[0], batch[0])
+        # against the folder's first image too: batches of one size each may still differ
+        extractor.check_one_size([first[0], *arrays], [first[1], *batch])
+        out.append(extractor.from_uint8(arrays, names=batch))
     return np.concatenate(out)
 
 
