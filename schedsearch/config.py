@@ -14,7 +14,7 @@ import yaml
 
 from .files import first_bad_byte
 from .models import BUILTIN, is_flow
-from .prompts import SEED_STRIDE
+from .prompts import SEED_STRIDE, check_prompt_seed
 from .space import Space, did_you_mean
 
 # The baselines per kind of model, and every key in the order the comparison lists them. A DDPM
@@ -116,6 +116,7 @@ class StudyConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        check_prompt_seed(self.prompt_seed)
         for key in ("n_search", "n_heldout"):   # else every trial fails, after the baselines
             if getattr(self, key) < 2:
                 raise ValueError(f"{key} must be >= 2 (FID needs two images at least), got "

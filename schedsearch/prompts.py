@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from .files import first_bad_byte
 
 SEED_STRIDE = 1_000_000
+# torch.Generator seeds are 64-bit; a prompt seed owns the whole block seed·10⁶ … seed·10⁶ + 10⁶ − 1
+MAX_SEED = 2 ** 64
+MAX_PROMPT_SEED = MAX_SEED // SEED_STRIDE
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,18 @@ def _read_file(path: str, seed: int, caption_column: str) -> list:
         raise ValueError(f"cannot read prompt file {path!r}: {exc.strerror or exc}") from None
 
 
+def check_prompt_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_PROMPT_SEED:
+        raise ValueError(f"the prompt seed must be an integer in 0..{MAX_PROMPT_SEED - 1} (its "
+                         f"images' seeds must fit a torch.Generator), got {seed!r}")
+
+
 def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: str = "caption"
          ) -> PromptSet:
     """Load ``n`` prompts (all when None) from ``source`` with seeds ``seed·10⁶ + i``."""
     if n is not None and n < 1:
         raise ValueError(f"the number of prompts must be >= 1, got {n}")
+    check_prompt_seed(seed)
     if source.startswith("classes:"):
         try:
             k = int(source.split(":", 1)[1])

@@ -20,6 +20,7 @@ import torch
 
 from . import solvers
 from .freeu import FreeUPlan, clear
+from .prompts import MAX_SEED
 from .solvers import Hook, chain, check_finite
 
 
@@ -33,9 +34,19 @@ class Samples:
     seconds: dict = field(default_factory=dict)   # "model", "solver", "decode"
 
 
+def check_seeds(seeds: Sequence[int]) -> None:
+    """Seeds a torch.Generator takes as they are: torch would say "Overflow when unpacking long
+    long" past 2**64 − 1, and silently remap a negative seed to 2**64 + seed."""
+    bad = [s for s in seeds if not 0 <= int(s) < MAX_SEED]
+    if bad:
+        raise ValueError(f"seeds must lie in 0..{MAX_SEED - 1} (a torch.Generator's range), got "
+                         f"{bad[0]}")
+
+
 def initial_noise(shape: Sequence[int], seeds: Sequence[int], sigma: float) -> torch.Tensor:
     """x_0 = σ_0 · ε with ε drawn from a CPU generator per image (float32). At σ_0 = ∞ (a flow
     model's t = 1) the solver state is ε itself, the limit of x/σ (see ``solvers``)."""
+    check_seeds(seeds)
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     for row, seed in enumerate(seeds):
         torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)), out=out[row])

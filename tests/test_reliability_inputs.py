@@ -424,6 +424,14 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
      r"--checkpoints must lie in 2\.\.100 \(--n\), got 300"),
     (["score", "--checkpoints", "1"], r"must lie in 2\.\.256 \(--n\), got 1$"),
     (["score", "--kid-subsets", "-1"], r"--kid-subsets must be >= 0"),
+    # seeds a torch.Generator cannot take: "Overflow when unpacking long long", or a negative
+    # seed silently remapped to 2**64 + seed
+    (["sample", "--model", "gmm", "--seeds", "18446744073709551616"],
+     r"seeds must lie in 0\.\.18446744073709551615 .*, got 18446744073709551616$"),
+    (["sample", "--model", "gmm", "--seeds", "0,-5"], r"seeds must lie in .*, got -5$"),
+    (["score", "--prompt-seed", "99999999999999"],
+     r"the prompt seed must be an integer in 0\.\.18446744073708 .*got 99999999999999$"),
+    (["run", "--model", "gmm", "--prompt-seed", "-1"], "the prompt seed must be an integer in"),
     # one image per trial: used to run every baseline and trial, each failing, then say so
     (["run", "--model", "gmm", "--n-search", "1"], "n_search must be >= 2"),
     (["run", "--model", "gmm", "--n-heldout", "1"], "n_heldout must be >= 2"),

@@ -10,6 +10,7 @@ import sys
 from tqdm.auto import tqdm
 
 from .. import gits, models, oss, prompts as prompt_sets
+from ..sampler import check_seeds
 from ..schedules import build
 from ..solvers import canonical, model_calls
 from ..teacher import TeacherGrid, error_vs_teacher, trajectories
@@ -120,6 +121,7 @@ def _setup(args):
                          f"{args.teacher_steps}")
     grid = _grid(args)
     seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
+    check_seeds(seeds or ())
     model = options.load_model(args)
     source = args.prompts or models.default_prompts(model)
     n = args.n if args.n is not None else (len(seeds) if seeds is not None else 64)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .. import files, models, prompts as prompt_sets, schedules
 from ..freeu import FreeUPlan
 from ..images import grid, save_images
-from ..sampler import sample
+from ..sampler import check_seeds, sample
 from ..version import __version__
 from . import options
 
@@ -75,6 +75,7 @@ def _jobs(args, model):
         raise ValueError("--n applies to --prompts")
     # '' is a mistake (an unset shell variable), not a request for the default seeds
     seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
+    check_seeds(seeds or ())
     if args.prompt is not None:
         texts, source = list(args.prompt), {"source": "--prompt"}
     elif not args.prompts and model.family not in models.DEFAULT_PROMPTS:
