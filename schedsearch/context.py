@@ -32,6 +32,12 @@ class Context:
         n, h, k = config.n_search, config.n_heldout, config.heldout_sets
         full = prompts.load(source, n + k * h, config.prompt_seed,
                             caption_column=config.caption_column)
+        if self.family in models.DEFAULT_PROMPTS:
+            # a testbed's prompts are class labels: a bad one now, not in every trial and baseline
+            try:
+                self.model.condition(list(dict.fromkeys(full.prompts)))
+            except ValueError as exc:
+                raise ValueError(f"prompts {source}: {exc}") from None
         self.search_set = full.take(0, n)
         self.heldout_sets = [full.take(n + i * h, n + (i + 1) * h) for i in range(k)]
         self.heldout_set = self.heldout_sets[0]

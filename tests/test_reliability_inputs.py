@@ -432,6 +432,9 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     (["score", "--prompt-seed", "99999999999999"],
      r"the prompt seed must be an integer in 0\.\.18446744073708 .*got 99999999999999$"),
     (["run", "--model", "gmm", "--prompt-seed", "-1"], "the prompt seed must be an integer in"),
+    # class labels a testbed does not have: every baseline and trial used to fail, one by one
+    (["run", "--model", "gmm", "--prompts", "classes:9"],
+     r"prompts classes:9: class label must be in 0\.\.3, got 4$"),
     # one image per trial: used to run every baseline and trial, each failing, then say so
     (["run", "--model", "gmm", "--n-search", "1"], "n_search must be >= 2"),
     (["run", "--model", "gmm", "--n-heldout", "1"], "n_heldout must be >= 2"),
@@ -440,9 +443,12 @@ def test_a_flag_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, a
     from schedsearch.cli import main
 
     out = tmp_path / "out"
-    assert main([*argv, "--save-images" if argv[0] == "score" else "--out", str(out)]) == 2
+    flags = {"score": ["--save-images", str(out)], "sample": ["--out", str(out)],
+             "run": ["--out", str(out), "--no-user-preset", "--no-progress"]}[argv[0]]
+    assert main([*argv, *flags]) == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err, argv[0]))
-    assert not out.exists()
+    assert argv[0] == "run" or not out.exists()   # a run has made its storage by then
+    assert not (out / "mlflow.db").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
