@@ -7,7 +7,7 @@ from typing import Callable
 
 from . import models, presets, prompts
 from .config import StudyConfig
-from .metrics import ScoreResult, Scorer, scoring_setup
+from .metrics import ScoreResult, Scorer, check_before_loading, scoring_setup
 from .metrics.features import ClipScore
 from .presets import Preset
 from .sampler import sample
@@ -19,6 +19,16 @@ class Context:
 
     def __init__(self, config: StudyConfig, echo: Callable[[str], None] = print):
         self.config = config
+        # the prompts, Inception's weights and the reference statistics first: a large pipeline
+        # takes minutes to load, and a missing file should not wait for it
+        source = self.prompt_source = models.prompt_source(config.model, config.prompts)
+        # the search subset, then K disjoint held-out sets further down the same prompt list
+        # (new prompts where the source has them, new seeds always)
+        n, h, k = config.n_search, config.n_heldout, config.heldout_sets
+        full = prompts.load(source, n + k * h, config.prompt_seed,
+                            caption_column=config.caption_column)
+        check_before_loading(config.model, extractor=config.extractor,
+                             inception=config.inception, ref_stats=config.ref_stats)
         kwargs = {k: getattr(config, k) for k in ("height", "width") if getattr(config, k)}
         echo(f"loading model {config.model} ...")
         self.model: models.Model = models.load(config.model, device=config.device,
@@ -26,12 +36,6 @@ class Context:
         self.family = self.model.family
         self.guidance = (config.guidance if config.guidance is not None
                          else models.default_guidance(self.family))
-        source = self.prompt_source = config.prompts or models.default_prompts(self.model)
-        # the search subset, then K disjoint held-out sets further down the same prompt list
-        # (new prompts where the source has them, new seeds always)
-        n, h, k = config.n_search, config.n_heldout, config.heldout_sets
-        full = prompts.load(source, n + k * h, config.prompt_seed,
-                            caption_column=config.caption_column)
         if self.family in models.DEFAULT_PROMPTS:
             # a testbed's prompts are class labels: a bad one now, not in every trial and baseline
             try:

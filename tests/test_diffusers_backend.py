@@ -432,14 +432,15 @@ def test_an_unknown_hub_id_online_is_asked_for_once_and_said_in_one_line(tmp_pat
            "HF_HOME": str(tmp_path / "hf"), "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("HF_HUB_OFFLINE", None)
     try:
-        proc = subprocess.run([sys.executable, "-m", "schedsearch", "score", "--model",
-                               "someorg/no-such-model", "--device", "cpu"],
+        proc = subprocess.run([sys.executable, "-m", "schedsearch", "sample", "--model",
+                               "someorg/no-such-model", "--device", "cpu", "--prompt", "a cat",
+                               "--out", str(tmp_path / "out")],
                               env=env, capture_output=True, text=True, timeout=120)
     finally:
         server.shutdown()
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("schedsearch score: error: model "
+    assert len(lines) == 1 and lines[0].startswith("schedsearch sample: error: model "
                                                    "'someorg/no-such-model'"), proc.stderr
     assert "could not be fetched" in lines[0] and "hf download someorg/no-such-model" in lines[0]
     assert [p for p in _Hub404.seen if p.endswith("/model_index.json")] == [

@@ -488,3 +488,58 @@ def test_a_teacher_cache_that_cannot_be_written_is_one_warning_line(tmp_path, ca
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("schedsearch teacher: warning: could not write the teacher cache ")
     assert warnings.showwarning is before   # main() leaves the caller's warnings as they were
+
+
+@pytest.mark.parametrize("command", ["run", "score"])
+def test_a_text_models_prompts_and_scoring_files_are_checked_before_it_loads(
+        tmp_path, capsys, monkeypatch, command):
+    """A large pipeline takes minutes to load; its prompts, Inception's weights and the
+    reference statistics used to be looked at only after that, one failed run each. The model
+    folder here is empty, so loading it would fail: each message below proves it came first."""
+    from schedsearch.cli import main
+
+    model = tmp_path / "my-sd-model"
+    model.mkdir()
+    monkeypatch.setenv("SCHEDSEARCH_INCEPTION", str(tmp_path / "no-inception.pt"))
+    three, four = tmp_path / "three.txt", tmp_path / "four.txt"
+    three.write_text("a cat\na dog\na car\n")
+    four.write_text("a cat\na dog\na car\na bus\n")
+    size = (["--n-search", "2", "--n-heldout", "2", "--out", str(tmp_path / "run"),
+             "--no-user-preset", "--no-progress"] if command == "run" else ["--n", "4"])
+    for flags, message in (
+            ([], r"my-sd-model needs prompts: pass --prompts FILE"),
+            (["--prompts", str(three)], r"asked for 4 prompts but '.*three.txt' holds only 3$"),
+            (["--prompts", str(four)], r"Inception weights .* were not found; looked at: "
+                                       r".*no-inception\.pt"),
+            (["--prompts", str(four), "--extractor", "identity"],
+             r"no built-in reference data for '.*my-sd-model'; .* --ref-stats FILE$"),
+            (["--prompts", str(four), "--extractor", "identity", "--ref-stats",
+              str(tmp_path / "ref.safetensors")],
+             r"reference statistics file '.*ref.safetensors' does not exist")):
+        assert main([command, "--model", str(model), *size, *flags]) == 2
+        err = capsys.readouterr().err   # the Inception message adds the download command
+        assert err.startswith(f"schedsearch {command}: error: ") and "Traceback" not in err
+        assert re.search(message, err.splitlines()[0]), err
+    # and with all of them right, it is the model that is refused
+    _write_refstats(tmp_path / "ref.safetensors", *_good_moments()[:2])
+    assert main([command, "--model", str(model), *size, "--prompts", str(four), "--extractor",
+                 "identity", "--ref-stats", str(tmp_path / "ref.safetensors")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"my-sd-model' is not a diffusers pipeline folder \(no model_index.json\)",
+                     line), line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--out", "{tmp}/out"], r"my-sd-model is a text-to-image model: give --prompt TEXT "
+                                       r"or --prompts FILE$"),
+    (["teacher", "--cache-dir", "{tmp}/cache"], r"my-sd-model needs prompts: pass --prompts FILE"),
+    (["oss", "--budget", "3", "--cache-dir", "{tmp}/cache"], r"my-sd-model needs prompts"),
+])
+def test_a_text_model_without_prompts_is_told_before_it_loads(tmp_path, capsys, argv, message):
+    from schedsearch.cli import main
+
+    model = tmp_path / "my-sd-model"
+    model.mkdir()   # empty: loading it would fail with another message
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--model", str(model)]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, argv[0]))

@@ -122,8 +122,7 @@ def _setup(args):
     grid = _grid(args)
     seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
     check_seeds(seeds or ())
-    model = options.load_model(args)
-    source = args.prompts or models.default_prompts(model)
+    source = models.prompt_source(args.model, args.prompts)   # before a pipeline takes minutes
     n = args.n if args.n is not None else (len(seeds) if seeds is not None else 64)
     if seeds is not None and len(seeds) != n:
         raise ValueError(f"--seeds gives {len(seeds)} seeds for --n {n} pairs; give one per pair")
@@ -136,6 +135,7 @@ def _setup(args):
         main, rest = prompt_sets.load(source, n, args.prompt_seed), None
     pairs = (list(main.prompts), seeds if seeds is not None else list(main.seeds))
     held = (list(rest.prompts), list(rest.seeds)) if rest is not None else None
+    model = options.load_model(args)
     guidance = args.guidance if args.guidance is not None else models.default_guidance(model.family)
     return model, main.source, pairs, held, guidance, grid
 

@@ -78,9 +78,6 @@ def _jobs(args, model):
     check_seeds(seeds or ())
     if args.prompt is not None:
         texts, source = list(args.prompt), {"source": "--prompt"}
-    elif not args.prompts and model.family not in models.DEFAULT_PROMPTS:
-        raise ValueError(f"{model.name} is a text-to-image model: give --prompt TEXT or "
-                         f"--prompts FILE")
     else:
         pset = prompt_sets.load(args.prompts or models.default_prompts(model), args.n,
                                 args.prompt_seed)
@@ -163,6 +160,10 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     files.check_writable(args.out)   # before the sampling whose images would go there
+    if args.prompt is None and not args.prompts and args.model not in models.DEFAULT_PROMPTS:
+        # said before a pipeline takes minutes to load (a testbed's spec is its family)
+        raise ValueError(f"{args.model} is a text-to-image model: give --prompt TEXT or "
+                         f"--prompts FILE")
     model = options.load_model(args)
     t_loaded = time.perf_counter()
     preset = options.preset_from_args(args, model)

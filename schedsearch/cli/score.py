@@ -8,8 +8,8 @@ import sys
 from .. import prompts
 from ..images import grid, save_images
 from ..metrics import features
-from ..metrics.score import Scorer, scoring_setup
-from ..models import default_prompts
+from ..metrics.score import Scorer, check_before_loading, scoring_setup
+from ..models import prompt_source
 from ..version import __version__
 from . import options
 
@@ -63,13 +63,16 @@ def run(args) -> int:
         if bad:
             raise ValueError(f"--checkpoints must lie in 2..{args.n} (--n), got "
                              f"{', '.join(map(str, bad))}")
+    # what needs no model first: a large pipeline takes minutes to load
+    pset = prompts.load(prompt_source(args.model, args.prompts), args.n, args.prompt_seed,
+                        caption_column=args.caption_column or "caption")
+    check_before_loading(args.model, extractor=args.extractor, inception=args.inception,
+                         ref_stats=args.ref_stats)
     model = options.load_model(args)
     if (args.grid or args.save_images) and len(model.latent_shape) != 3:
         raise ValueError(f"{args.model} makes vectors, not images: --grid and --save-images need "
                          "an image model")
     preset = options.preset_from_args(args, model)
-    pset = prompts.load(args.prompts or default_prompts(model), args.n, args.prompt_seed,
-                        caption_column=args.caption_column or "caption")
     extractor, ref = scoring_setup(model, extractor=args.extractor, inception=args.inception,
                                    ref_stats=args.ref_stats, device=args.device)
     clip = features.ClipScore(args.clip, device=model.device) if args.clip else None

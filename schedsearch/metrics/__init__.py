@@ -4,7 +4,9 @@ optimises (see docs/scoring.md).
 
 from .fid import fid_folders, fid_from_features, frechet_distance, kid
 from .refstats import RefStats, default_refstats
-from .score import Scorer, ScoreError, ScoreResult, build_scorer, scoring_setup
+from .score import (Scorer, ScoreError, ScoreResult, build_scorer, check_before_loading,
+                    scoring_setup)
 
 __all__ = ["RefStats", "ScoreError", "ScoreResult", "Scorer", "default_refstats", "fid_folders",
-           "fid_from_features", "frechet_distance", "kid", "build_scorer", "scoring_setup"]
+           "fid_from_features", "frechet_distance", "kid", "build_scorer", "check_before_loading",
+           "scoring_setup"]

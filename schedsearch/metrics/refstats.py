@@ -202,6 +202,11 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
+def no_reference_data(name: str) -> str:
+    return (f"no built-in reference data for {name!r}; make statistics from real images with "
+            f"`schedsearch refstats --images DIR --out FILE` and pass them with --ref-stats FILE")
+
+
 def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Optional[int] = None,
                      device=None, rebuild: bool = False, cache: Optional[str] = None) -> RefStats:
     """Reference statistics of a built-in testbed, built once and cached.
@@ -214,9 +219,7 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
     """
     family = model.family
     if family not in ("digits", "gmm", "digits-flow", "gmm-flow"):
-        raise ValueError(f"no built-in reference data for {model.name!r}; "
-                         "make statistics from real images with `schedsearch refstats --images DIR "
-                         "--out FILE` and pass them with --ref-stats FILE")
+        raise ValueError(no_reference_data(model.name))
     if extractor is None:
         extractor = _features.build(model=model, device=device)
     gmm = family in ("gmm", "gmm-flow")

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from .. import prompts as _prompts, schedules, solvers
-from ..models import Model, default_guidance, default_prompts
+from ..models import BUILTIN, Model, default_guidance, default_prompts
 from ..version import __version__
 from ..sampler import FirstCalls, sample
 from . import features
 from .fid import KernelDistance, frechet_distance, frechet_distance_lowrank, kid, statistics
-from .refstats import RefStats, default_refstats
+from .refstats import RefStats, default_refstats, no_reference_data
 
 STAGES = ("sampling", "model", "solver", "decode", "features", "statistics", "total")
 # "clip" joins the stages when a CLIP score is computed (a separate metric, never part of FID).
@@ -216,6 +216,20 @@ class Scorer:
                 "kid": {"subsets": self.kid_subsets, "seed": self.kid_seed},
                 "clip": self.clip.path if self.clip is not None else None,
                 "schedsearch_version": __version__}
+
+
+def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
+                         inception: Optional[str] = None, ref_stats: Optional[str] = None) -> None:
+    """What scoring a model that is not a testbed needs and can be checked before its weights
+    load (minutes for a large pipeline): Inception's weights and a readable reference statistics
+    file. ``scoring_setup`` checks the rest once the model is there."""
+    if model_spec in BUILTIN:
+        return   # loads in a second, and brings its own reference data
+    if (extractor or "inception") == "inception":
+        features.find_inception(inception)
+    if not ref_stats:
+        raise ValueError(no_reference_data(model_spec))
+    RefStats.load(ref_stats)
 
 
 def scoring_setup(model: Model, *, extractor: Optional[str] = None,

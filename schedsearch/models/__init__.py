@@ -85,10 +85,19 @@ def default_guidance(family: str) -> float:
 
 def default_prompts(model: Model) -> str:
     """``classes:K`` for the class-conditional testbeds; text models need a prompt file."""
-    if model.family not in DEFAULT_PROMPTS:
-        raise ValueError(f"{model.name} needs prompts: pass --prompts FILE (a text file with one "
-                         f"prompt per line, a CSV, or a COCO captions JSON)")
-    return DEFAULT_PROMPTS[model.family]
+    return prompt_source(model.family, name=model.name)
+
+
+def prompt_source(family: str, prompts: Optional[str] = None, *, name: Optional[str] = None
+                  ) -> str:
+    """``prompts`` if given, else the testbed's ``classes:K``. ``family`` may be a model spec: a
+    testbed's spec is its family, so a text model's missing prompts are said before it loads."""
+    if prompts:
+        return prompts
+    if family not in DEFAULT_PROMPTS:
+        raise ValueError(f"{name or family} needs prompts: pass --prompts FILE (a text file with "
+                         f"one prompt per line, a CSV, or a COCO captions JSON)")
+    return DEFAULT_PROMPTS[family]
 
 
 def default_device() -> torch.device:
