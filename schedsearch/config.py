@@ -15,7 +15,7 @@ import yaml
 from .files import first_bad_byte
 from .models import BUILTIN, is_flow
 from .prompts import SEED_STRIDE, check_prompt_seed
-from .space import Space, did_you_mean
+from .space import FLOW_AT_ONE_CALL, Space, did_you_mean
 
 # The baselines per kind of model, and every key in the order the comparison lists them. A DDPM
 # model (SD1.x/2.x/XL, digits, gmm) is compared with Karras, the paper's preset and AYS; a
@@ -149,6 +149,13 @@ class StudyConfig:
         bad = [b for b in self.baselines or () if b not in ALL_BASELINES]
         if bad:
             raise ValueError(f"unknown baselines {bad}; choose from {', '.join(ALL_BASELINES)}")
+        if self.budget == 1 and self.model in BUILTIN and is_flow(self.model):
+            raise ValueError(FLOW_AT_ONE_CALL)
+        if self.budget == 1:
+            # one model call leaves the knots family no free σ and the paper family no step
+            # before a final denoise: the default space is the paper family stopping at a σ > 0
+            # (what the user names is checked as named)
+            self.space = {"family": ["paper"], "end": ["sigma"], **(self.space or {})}
         if self.model in BUILTIN:   # a testbed's kind is known now; other models' once loaded
             applicable_baselines(self.baselines, "flow" if is_flow(self.model) else "ddpm")
             if is_flow(self.model):

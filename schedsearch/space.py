@@ -39,6 +39,8 @@ from .presets import Preset
 
 FREEU_KEYS = ("b1", "b2", "s1", "s2")
 FAMILIES = ("paper", "knots")
+FLOW_AT_ONE_CALL = ("a flow-matching model has nothing to search at 1 model call, its only list "
+                    "being σ = ∞ → 0: use a budget of 2 or more")
 # One model call per step and exact on any σ list: the solvers a budget can be spent on.
 SEARCHABLE_SOLVERS = ("dpmpp_1s", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1", "ipndm")
 # Searched unless the config says otherwise. unipc_bh1 is opt-in: on digits at 5 NFE it led the
@@ -149,6 +151,8 @@ class Space:
         study); a space left empty is refused in one line before any work."""
         if target.table.kind != "flow":
             return []
+        if target.budget < 2:
+            raise ValueError(FLOW_AT_ONE_CALL)
         self.check_flow()
         lines = []
         if "paper" in self.ranges["family"]:
@@ -183,12 +187,13 @@ class Space:
         """Refuse a space that has nothing to search at this budget."""
         if "knots" in self.ranges["family"] and budget < 2:
             raise ValueError("search space: the knots family needs a budget of 2 or more (at 1 "
-                             "there is no free σ); use space: {family: [paper]} at budget 1 (a "
-                             "DDPM model: a flow-matching one has nothing to search at 1 model "
-                             "call, its only list being σ = ∞ → 0)")
-        if self.ranges["end"] == ["zero"] and budget < 2:
+                             "there is no free σ); at budget 1 a DDPM model searches space: "
+                             "{family: [paper], end: [sigma]}, the default there (and "
+                             + FLOW_AT_ONE_CALL + ")")
+        if "zero" in self.ranges["end"] and budget < 2:   # its trials would have no step left
             raise ValueError("search space: ending at 0 spends the only model call on the final "
-                             "denoise; allow end: [sigma] at budget 1")
+                             "denoise, leaving the paper family no step; use end: [sigma] at "
+                             "budget 1")
 
     # -- the global stage ----------------------------------------------------------------------
     def suggest(self, trial, target: Target, nfe_range: Optional[tuple[int, int]] = None

@@ -142,7 +142,12 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(space={"solver": ["dpmpp_2m", "heun"]}), "one model call per step"),
     (dict(space={"solver": ["rk45"]}), "solver must be one of"),
     (dict(space={"knots": [0.0, 0.9]}), r"strictly inside \(0, 1\)"),
-    (dict(budget=1), "knots family needs a budget of 2 or more .* a flow-matching one has nothing to search"),
+    (dict(budget=1, space={"family": ["knots"]}),
+     r"knots family needs a budget of 2 or more .* searches space: \{family: \[paper\], end: "
+     r"\[sigma\]\}, the default there"),
+    (dict(budget=1, space={"end": ["zero", "sigma"]}), "ending at 0 spends the only model call"),
+    (dict(budget=1, model="gmm-flow"), "a flow-matching model has nothing to search at 1 model"),
+    (dict(n_search=1), r"n_search must be >= 2 \(FID needs two images at least\)"),
     (dict(guidance=0), r"guidance must be a number in \(0, 100\)"),
     (dict(refine=1.0), r"refine .* must lie in \[0, 1\)"),
     (dict(heldout_sets=0), "heldout_sets must be an integer >= 1"),
@@ -759,3 +764,22 @@ def test_a_fresh_study_prints_no_library_log_lines(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "r" / "mlflow.db").is_file() and "★ recommended" in r.stdout
     assert r.stderr == ""
+
+
+def test_a_one_call_study_searches_the_paper_family_stopping_above_zero(tmp_path):
+    """At budget 1 the default space used to be refused (no free knot) and, with family [paper]
+    alone, every trial ending at 0 failed (no step before the final denoise). Now the default
+    there is the paper family stopping at a σ > 0; what the user names is kept."""
+    assert {k: v for k, v in StudyConfig.from_dict(dict(budget=1)).space.items()} == \
+        {"family": ["paper"], "end": ["sigma"]}
+    named = StudyConfig.from_dict(dict(budget=1, space={"solver": ["dpmpp_2m"]})).space
+    assert named == {"family": ["paper"], "end": ["sigma"], "solver": ["dpmpp_2m"]}
+    assert StudyConfig.from_dict(dict(budget=2)).space == {}
+    config = StudyConfig.from_dict(dict(model="gmm", budget=1, trials=6, n_search=32,
+                                        n_heldout=32, batch_size=32, baselines=["karras"]))
+    summary = run_study(config, RunOptions(out=tmp_path, progress=False, export_user_preset=False),
+                        echo=lambda *_: None)
+    states = {**summary["trials"]["global"], **summary["trials"]["local"]}
+    assert set(states) <= {"COMPLETE", "PRUNED"} and states["COMPLETE"] >= 3, states
+    best = presets.load(summary["preset"])
+    assert best.nfe == 1 and len(best.sigmas) == 2 and 0 < float(best.sigmas[-1]) < 14.61
