@@ -98,7 +98,7 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     for line in dropped:   # what the model leaves out of the configured space, said once
         echo(f"  {line}")
     deadline = None if not opts.timeout else time.time() + opts.timeout
-    Worker(studies, ctx, tracker, parent, opts).work(deadline)
+    Worker(studies, ctx, tracker, parent, opts, echo).work(deadline)
     recover(studies, tracker, parent, opts.grace)   # runs of workers that died while this one waited
     summary = report.finalize(studies, ctx, tracker, parent, opts, name, echo)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -228,9 +228,10 @@ class Worker:
     """One process's part of the study: claim a slot, run it, repeat."""
 
     def __init__(self, studies: slots.Studies, ctx: Context, tracker: Tracker, parent: str,
-                 opts: RunOptions):
+                 opts: RunOptions, echo: Callable[[str], None] = print):
         self.studies, self.ctx, self.tracker, self.parent, self.opts = (
             studies, ctx, tracker, parent, opts)
+        self.echo = echo
         self.space = Space(dict(ctx.config.space))
         self.multi = _multi(ctx.config)
         self._starts: Optional[list] = None
@@ -263,6 +264,12 @@ class Worker:
         finally:
             self.bar.close()
 
+    def _say(self, text: str) -> None:
+        """A line above the progress bar, through the study's echo (stderr under --json, whose
+        stdout is the summary alone)."""
+        with self.bar.external_write_mode():
+            self.echo(text)
+
     def _step(self) -> bool:
         """Claim and run one slot; False when no slot can be claimed now."""
         st = self.studies
@@ -270,7 +277,7 @@ class Worker:
         if slot is not None:
             with slots.heartbeat(st.storage, slot.trial_id, self.opts.heartbeat):
                 evaluate_baselines(slot, st.baselines, st.storage, self.ctx, self.tracker,
-                                   self.parent, self.bar.write)
+                                   self.parent, self._say)
             return True
         scored = not slots.busy(st.baselines)
         slot = slots.claim(st.trials, st.storage, accept=lambda a: scored or "warm" not in a)
@@ -320,7 +327,7 @@ class Worker:
         self._show_best()
         if state == "FAIL":
             reason = st.storage.get_trial(slot.trial_id).user_attrs.get("fail_reason")
-            self.bar.write(f"  trial {number} failed: {reason}")
+            self._say(f"  trial {number} failed: {reason}")
 
     def _warm(self, k: int) -> Optional[dict]:
         """The k-th warm start: the best same-NFE baselines, each with every searched solver."""

@@ -645,6 +645,11 @@ def test_a_study_where_no_trial_completes_exits_2_with_the_reason(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("schedsearch run: error: no trial of study") and "non-finite" in line
+    # with --json the summary goes to stdout, and the exit status still says it failed (it was 0)
+    r = cli(*r.args[3:], "--json", env={"SCHEDSEARCH_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "non-finite" in " ".join(json.loads(r.stdout)["fail_reasons"])
+    assert r.stderr.strip().splitlines()[-1] == line
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("digits-3nfe").experiment_id],
                               "tags.`schedsearch.role` = 'study'")

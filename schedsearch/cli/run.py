@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..config import (FLOW_BASELINES, MIN_TRIALS, SD_BASELINES, TRIALS_PER_NFE, StudyConfig,
@@ -65,7 +66,9 @@ def register(sub) -> None:
     p.add_argument("--no-artifacts", action="store_true",
                    help="log metrics and params only: no per-run plots, grids or preset files "
                         "(for very cheap models, where they cost more than sampling)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON: stdout holds only it, the study's progress "
+                        "lines go to stderr, and the exit status is 2 if no trial completed")
     p.set_defaults(handler=run)
 
 
@@ -120,16 +123,20 @@ def run(args) -> int:
                       heartbeat=args.heartbeat, grace=args.grace, progress=not args.no_progress,
                       artifacts=not args.no_artifacts,
                       export_user_preset=not args.no_user_preset)
-    summary = run_study(config, opts)
-    if args.json:
+    # under --json stdout is the summary alone: the study's progress lines go to stderr
+    echo = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    summary = run_study(config, opts, echo)
+    if args.json:   # the summary on stdout even when nothing completed; the exit status says so
         print(json.dumps(summary, indent=2, default=str))
-        return 0
-    for key, why in summary.get("failed_baselines", {}).items():
-        print(f"warning: baseline {key} failed and is missing from the comparison: {why}")
+    else:
+        for key, why in summary.get("failed_baselines", {}).items():
+            print(f"warning: baseline {key} failed and is missing from the comparison: {why}")
     if not summary.get("rows"):
         reasons = summary.get("fail_reasons") or ["none finished (stopped by --timeout?)"]
         raise UserError(f"no trial of study {name!r} completed; failures: {'; '.join(reasons[:3])}"
                         f" — see {out} and the MLflow runs")
+    if args.json:
+        return 0
     print()
     print(comparison_markdown(summary["rows"]))
     print()
