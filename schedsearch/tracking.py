@@ -36,39 +36,49 @@ def tracking_uri_for(out_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
-def check_reachable(uri: str, timeout: float = 10.0) -> None:
+# where a tracking URI came from, and what to do instead of it, for `run` (the default) and `ui`
+FROM_ENV = ("MLFLOW_TRACKING_URI", "unset MLFLOW_TRACKING_URI to log to <out>/mlflow.db")
+
+
+def check_reachable(uri: str, timeout: float = 10.0, *, source: tuple[str, str] = FROM_ENV
+                    ) -> None:
     """A tracking server or database that does not answer is one line before any work, rather
     than a wait through MLflow's retries (minutes: MLFLOW_HTTP_REQUEST_MAX_RETRIES for a server,
     its SQLAlchemy store's own for a database) at the first run it logs. Any HTTP answer counts
-    as an answer (an auth proxy, a server without /health)."""
+    as an answer (an auth proxy, a server without /health). ``source``: the setting that named
+    the URI, and the way around it, for the message."""
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
-        _check_database(uri, scheme, timeout)
+        _check_database(uri, scheme, timeout, source)
     if scheme not in ("http", "https"):
         return
     import urllib.error
-    import urllib.parse
     import urllib.request
 
     from .slots import redact
 
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.hostname or ""
-    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
-    probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health",
-                                     "", ""))   # without user:password@, which urllib cannot send
+    probe = without_credentials(uri).rstrip("/") + "/health"   # urllib cannot send user:pw@
     try:
         urllib.request.urlopen(probe, timeout=timeout).close()
     except urllib.error.HTTPError:
         return
     except (OSError, ValueError) as exc:
         why = getattr(exc, "reason", None) or exc
-        raise ValueError(f"the MLflow tracking server {redact(uri)} (MLFLOW_TRACKING_URI) does not "
-                         f"answer ({why}); start it or check the URL, or unset "
-                         f"MLFLOW_TRACKING_URI to log to <out>/mlflow.db") from None
+        raise ValueError(f"the MLflow tracking server {redact(uri)} ({source[0]}) does not "
+                         f"answer ({why}); start it or check the URL, or {source[1]}") from None
 
 
-def _check_database(uri: str, scheme: str, timeout: float) -> None:
+def without_credentials(url: str) -> str:
+    """An http(s) URL without its user:password@ part (and without query or fragment)."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _check_database(uri: str, scheme: str, timeout: float, source: tuple[str, str]) -> None:
     import sqlalchemy
 
     from .slots import db_error_reason, redact
@@ -77,7 +87,7 @@ def _check_database(uri: str, scheme: str, timeout: float) -> None:
     try:
         engine = sqlalchemy.create_engine(uri, connect_args=args)
     except ImportError as exc:
-        raise ValueError(f"MLFLOW_TRACKING_URI {redact(uri)}: its database driver "
+        raise ValueError(f"{source[0]} {redact(uri)}: its database driver "
                          f"({getattr(exc, 'name', None) or exc}) is not installed; install it, "
                          f"or name an installed one in the URL (postgresql+psycopg://, "
                          f"mysql+pymysql://)") from None
@@ -85,9 +95,9 @@ def _check_database(uri: str, scheme: str, timeout: float) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise ValueError(f"the MLflow tracking database {redact(uri)} (MLFLOW_TRACKING_URI) cannot "
-                         f"be reached ({db_error_reason(exc, uri)}); start it or check the URL, or unset "
-                         f"MLFLOW_TRACKING_URI to log to <out>/mlflow.db") from None
+        raise ValueError(f"the MLflow tracking database {redact(uri)} ({source[0]}) cannot be "
+                         f"reached ({db_error_reason(exc, uri)}); start it or check the URL, or "
+                         f"{source[1]}") from None
     finally:
         engine.dispose()
 

@@ -543,3 +543,25 @@ def test_a_text_model_without_prompts_is_told_before_it_loads(tmp_path, capsys, 
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main([*argv, "--model", str(model)]) == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err, argv[0]))
+
+
+def test_ui_on_a_tracking_uri_that_names_nothing_is_one_line(tmp_path):
+    """A sqlite file that is not there used to be created by the MLflow server (folders too: a
+    typo made a new empty store), and a database or server that does not answer meant minutes
+    of MLflow's retries; each is now one line before any server starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    missing = tmp_path / "no-such-folder" / "mlflow.db"
+    for uri, message in ((f"sqlite:///{missing}", f"there is no file {missing}; pass the "
+                                                  f"mlflow.db of a run folder, or --out DIR"),
+                         (f"http://127.0.0.1:{closed}", "the MLflow tracking server .* "
+                                                        r"\(--tracking-uri\) does not answer"),
+                         (f"postgresql://u@127.0.0.1:{closed}/db",
+                          r"the MLflow tracking database .* \(--tracking-uri\) cannot be reached")):
+        code, out, err = _cli("ui", "--tracking-uri", uri, "--no-browser", timeout=60)
+        assert code == 2, (out, err)
+        line = _one_error_line(err, "ui")
+        assert re.search(message, line) and "--out DIR" in line, line
+        assert "MLflow UI" not in out
+    assert not missing.parent.exists()

@@ -381,6 +381,14 @@ def test_dashboard_lists_trials_and_baselines_with_fid_over_rest(finished):
             by_role.setdefault(tags["schedsearch.role"], []).append(metrics)
         assert len(by_role["baseline"]) == 3 and all("fid" in m for m in by_role["baseline"])
         assert any("fid" in m for m in by_role["trial"] + by_role["best"])
+        # a tracking server serves its own UI: `ui --tracking-uri` on it prints its runs table
+        # and starts nothing (it used to pass the http URI to `mlflow server` as a store)
+        r = cli("ui", "--tracking-uri", f"http://user:pw@127.0.0.1:{port}", "--no-browser",
+                timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.splitlines()[0] == (
+            f"MLflow UI: {base}/#/experiments/{exp['experiment_id']}/runs?workflowType="
+            f"machine_learning&orderByKey=metrics.%60fid%60&orderByAsc=true"), r.stdout
     finally:
         proc.terminate()
         proc.wait(30)

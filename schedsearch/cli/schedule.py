@@ -55,5 +55,6 @@ def run(args) -> int:
             t = f"{float(ts[i]):9.2f}" if i < len(ts) else f"{'(end)':>9}"
             print(f"{i:>4}  {s:10.5f}  {t}")
         end = "0 (clean)" if float(sigmas[-1]) == 0 else f"σ = {float(sigmas[-1]):.5f} (left for the VAE)"
-        print(f"{len(sigmas) - 1} model calls with DPM++ solvers; ends at {end}")
+        calls = len(sigmas) - 1
+        print(f"{calls} model call{'s' if calls != 1 else ''} with DPM++ solvers; ends at {end}")
     return 0

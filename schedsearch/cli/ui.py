@@ -33,14 +33,14 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def runs_url(uri: str, host: str, port: int) -> str:
+def runs_url(uri: str, root: str) -> str:
     """The study's runs table in Model-training mode sorted by FID (MLflow 3 opens experiments in
     its GenAI view otherwise); the server's root when the store holds no study."""
     from mlflow.tracking import MlflowClient  # mlflow: heavy
 
     exps = [e for e in MlflowClient(tracking_uri=uri).search_experiments()
             if e.name != "Default"]
-    root = f"http://{host}:{port}/"
+    root = root.rstrip("/") + "/"
     if not exps:
         return root
     newest = max(exps, key=lambda e: e.last_update_time or 0)
@@ -57,6 +57,9 @@ def server_command(uri: str, artifacts: Path, host: str, port: int) -> list[str]
 def run(args) -> int:
     if args.tracking_uri:
         uri, artifacts = args.tracking_uri, Path("mlartifacts")
+        check_store(uri)
+        if uri.split("://", 1)[0].lower() in ("http", "https"):
+            return _remote(args, uri)
     else:
         out = Path(args.out) if args.out else _newest_run()
         db = out / "mlflow.db"
@@ -66,10 +69,38 @@ def run(args) -> int:
         uri, artifacts = f"sqlite:///{db.resolve()}", out / "mlartifacts"
     check_port(args.host, args.port)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    url = runs_url(uri, args.host, args.port)
+    url = runs_url(uri, f"http://{args.host}:{args.port}/")
     print(f"starting the MLflow server (store {uri}) ...", flush=True)
     return serve(server_command(uri, artifacts, args.host, args.port), env, args.host, args.port,
                  url, browser=not args.no_browser)
+
+
+def check_store(uri: str) -> None:
+    """A --tracking-uri that names nothing is one line, not a server on an empty store (a sqlite
+    file that is not there: MLflow would create it, or fail in the background) or minutes of
+    MLflow's retries (a database or server that does not answer)."""
+    from ..tracking import check_reachable   # mlflow-free: the check comes before the heavy import
+
+    if uri.lower().startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"--tracking-uri {uri}: there is no file {path}; pass the "
+                                    f"mlflow.db of a run folder, or --out DIR")
+    check_reachable(uri, source=("--tracking-uri", "pass --out DIR for a run folder's own "
+                                                  "mlflow.db"))
+
+
+def _remote(args, uri: str) -> int:
+    """A tracking server serves its own UI: print (and open) its runs table, start nothing."""
+    from ..tracking import without_credentials
+
+    url = runs_url(uri, without_credentials(uri))
+    print(f"MLflow UI: {url}\n  (served by the tracking server itself; columns worth showing: "
+          f"fid, fid_heldout, best_minus_this_heldout, nfe and the params solver, "
+          f"schedsearch.role)", flush=True)
+    if not args.no_browser and _has_screen():
+        webbrowser.open(url)
+    return 0
 
 
 def check_port(host: str, port: int) -> None:
