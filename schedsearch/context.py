@@ -28,7 +28,8 @@ class Context:
         full = prompts.load(source, n + k * h, config.prompt_seed,
                             caption_column=config.caption_column)
         check_before_loading(config.model, extractor=config.extractor,
-                             inception=config.inception, ref_stats=config.ref_stats)
+                             inception=config.inception, ref_stats=config.ref_stats,
+                             clip=config.clip)
         kwargs = {k: getattr(config, k) for k in ("height", "width") if getattr(config, k)}
         echo(f"loading model {config.model} ...")
         self.model: models.Model = models.load(config.model, device=config.device,

@@ -382,3 +382,18 @@ def test_clip_score_is_100_times_the_clamped_cosine(tmp_path):
         scorer(images[:2], [1, 2])
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         F.ClipScore(str(tmp_path / "missing"))
+
+
+def test_a_clip_folder_with_pickled_weights_only_is_refused_unread(tmp_path):
+    """transformers would torch.load a pytorch_model.bin; only safetensors are read. The same
+    folder with its safetensors is read (and a folder of neither used to be a traceback)."""
+    model, _ = _tiny_clip(str(tmp_path / "clip"))
+    weights = tmp_path / "clip" / "model.safetensors"
+    assert weights.is_file()
+    weights.rename(tmp_path / "model.safetensors")
+    torch.save(model.state_dict(), tmp_path / "clip" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"holds no model.safetensors \(only safetensors weights "
+                                         r"are read; a pytorch_model.bin is never unpickled\)"):
+        F.ClipScore(str(tmp_path / "clip"))
+    (tmp_path / "model.safetensors").rename(weights)
+    assert F.ClipScore(str(tmp_path / "clip")).model.config.projection_dim == 16

@@ -67,7 +67,7 @@ def run(args) -> int:
     pset = prompts.load(prompt_source(args.model, args.prompts), args.n, args.prompt_seed,
                         caption_column=args.caption_column or "caption")
     check_before_loading(args.model, extractor=args.extractor, inception=args.inception,
-                         ref_stats=args.ref_stats)
+                         ref_stats=args.ref_stats, clip=args.clip)
     model = options.load_model(args)
     if (args.grid or args.save_images) and len(model.latent_shape) != 3:
         raise ValueError(f"{args.model} makes vectors, not images: --grid and --save-images need "

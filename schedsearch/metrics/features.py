@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -211,7 +212,9 @@ def inception(path: Optional[str] = None, device="cpu", batch_size: int = 32) ->
 
     weights = find_inception(path)
     try:
-        net = InceptionV3W(path=_inception_dir(weights), download=False, resize_inside=False)
+        with warnings.catch_warnings():   # torch 2.x deprecates torch.jit.load, clean-fid's loader
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load", category=FutureWarning)
+            net = InceptionV3W(path=_inception_dir(weights), download=False, resize_inside=False)
     except RuntimeError as exc:
         raise ValueError(f"{weights} is not a readable clean-fid Inception TorchScript file "
                          f"({exc}); fetch it again from {INCEPTION_URL}") from None
@@ -276,6 +279,23 @@ def build(kind: Optional[str] = None, *, model=None, device=None,
 
 
 # -- CLIP score (a separate metric) ---------------------------------------------------------------
+_SAVE_CLIP = ("on a machine with internet save one with  python -c \"from transformers import "
+              "CLIPModel, CLIPProcessor as P; n='openai/clip-vit-base-patch32'; "
+              "CLIPModel.from_pretrained(n).save_pretrained('clip'); "
+              "P.from_pretrained(n).save_pretrained('clip')\"  and copy the folder here")
+
+
+def check_clip_folder(path: str) -> None:
+    """A CLIP folder that is missing, or holds no safetensors weights (the only kind read), is one
+    line saying how to make one; checked before a study's model loads too."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"CLIP weights folder {path!r} does not exist; {_SAVE_CLIP}")
+    names = ("model.safetensors", "model.safetensors.index.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        raise ValueError(f"CLIP folder {path!r} holds no model.safetensors (only safetensors "
+                         f"weights are read; a pytorch_model.bin is never unpickled); {_SAVE_CLIP}")
+
+
 class ClipScore:
     """CLIP score, 100·max(cos(image, text), 0) per image (the torchmetrics convention), from a
     local ``transformers`` CLIP folder (e.g. a saved ``openai/clip-vit-base-patch32``). Not part of
@@ -284,18 +304,17 @@ class ClipScore:
     name = "clip-score"
 
     def __init__(self, path: str, device="cpu", batch_size: int = 32):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"CLIP weights folder {path!r} does not exist. On a machine with internet save one "
-                "with  python -c \"from transformers import CLIPModel, CLIPProcessor as P; "
-                "n='openai/clip-vit-base-patch32'; "
-                "CLIPModel.from_pretrained(n).save_pretrained('clip'); "
-                "P.from_pretrained(n).save_pretrained('clip')\"  and copy the folder here")
+        check_clip_folder(path)
         from transformers import CLIPModel, CLIPProcessor  # transformers: heavy, optional
 
         self.device, self.batch_size = torch.device(device), int(batch_size)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        try:   # safetensors only: a pytorch_model.bin beside them is never unpickled
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True,
+                                                   use_safetensors=True).to(self.device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"CLIP folder {path!r} could not be read ({exc}); {_SAVE_CLIP}") \
+                from None
         self.path = path
 
     @torch.no_grad()

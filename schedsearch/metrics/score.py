@@ -219,10 +219,14 @@ class Scorer:
 
 
 def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
-                         inception: Optional[str] = None, ref_stats: Optional[str] = None) -> None:
+                         inception: Optional[str] = None, ref_stats: Optional[str] = None,
+                         clip: Optional[str] = None) -> None:
     """What scoring a model that is not a testbed needs and can be checked before its weights
-    load (minutes for a large pipeline): Inception's weights and a readable reference statistics
-    file. ``scoring_setup`` checks the rest once the model is there."""
+    load (minutes for a large pipeline): a CLIP folder if asked for, Inception's weights and a
+    readable reference statistics file. ``scoring_setup`` checks the rest once the model is
+    there."""
+    if clip:
+        features.check_clip_folder(clip)
     if model_spec in BUILTIN:
         return   # loads in a second, and brings its own reference data
     if (extractor or "inception") == "inception":
