@@ -424,6 +424,7 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
      r"--checkpoints must lie in 2\.\.100 \(--n\), got 300"),
     (["score", "--checkpoints", "1"], r"must lie in 2\.\.256 \(--n\), got 1$"),
     (["score", "--kid-subsets", "-1"], r"--kid-subsets must be >= 0"),
+    (["refstats", "--testbed", "gmm", "--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
     # seeds a torch.Generator cannot take: "Overflow when unpacking long long", or a negative
     # seed silently remapped to 2**64 + seed
     (["sample", "--model", "gmm", "--seeds", "18446744073709551616"],
@@ -444,6 +445,7 @@ def test_a_flag_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, a
 
     out = tmp_path / "out"
     flags = {"score": ["--save-images", str(out)], "sample": ["--out", str(out)],
+             "refstats": ["--out", str(out)],
              "run": ["--out", str(out), "--no-user-preset", "--no-progress"]}[argv[0]]
     assert main([*argv, *flags]) == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err, argv[0]))

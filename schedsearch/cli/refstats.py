@@ -50,6 +50,8 @@ def register(sub) -> None:
 def run(args) -> int:
     if args.n is not None and args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
+    if args.batch_size is not None and args.batch_size < 1:   # 0 used to mean the default
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out:   # before the features whose statistics would go there
         if os.path.isdir(args.out):
             raise IsADirectoryError(21, "is a folder; --out names the statistics file", args.out)
