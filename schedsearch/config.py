@@ -111,21 +111,7 @@ class StudyConfig:
             raise ValueError(f"budget must be an integer >= 1 (model calls per image), got {self.budget!r}")
         if self.trials is None:
             self.trials = default_trials(self.budget)
-        for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap",
-                    "validation_sets", "refine_starts"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
-        check_prompt_seed(self.prompt_seed)
-        for key in ("n_search", "n_heldout"):   # else every trial fails, after the baselines
-            if getattr(self, key) < 2:
-                raise ValueError(f"{key} must be >= 2 (FID needs two images at least), got "
-                                 f"{getattr(self, key)}")
-        # validation seeds start half a seed block above the search seeds (context.py)
-        if (self.validation_sets + 1) * self.n_search + self.heldout_sets * self.n_heldout > SEED_STRIDE // 2:
-            raise ValueError(f"n_search × (validation_sets + 1) + n_heldout × heldout_sets must "
-                             f"stay within {SEED_STRIDE // 2} images, so that validation and "
-                             f"held-out seeds never meet")
+        self._check_counts()
         if self.guidance is not None and not (isinstance(self.guidance, (int, float))
                                               and not isinstance(self.guidance, bool)
                                               and 0 < self.guidance < 100):
@@ -149,6 +135,40 @@ class StudyConfig:
         bad = [b for b in self.baselines or () if b not in ALL_BASELINES]
         if bad:
             raise ValueError(f"unknown baselines {bad}; choose from {', '.join(ALL_BASELINES)}")
+        self._fit_space()
+        objs = list(self.objectives)
+        if objs[:1] != ["fid"] or not set(objs) <= {"fid", "nfe", "clip"} or len(objs) > 2:
+            raise ValueError(f"objectives must be [fid], [fid, nfe] or [fid, clip], got {objs}")
+        if "clip" in objs and not self.clip:
+            raise ValueError("the clip objective needs local CLIP weights: set clip: /path/to/clip")
+        if self.pruner not in ("median", "none"):
+            raise ValueError(f"pruner must be median or none, got {self.pruner!r}")
+        if self.checkpoints is not None:
+            cps = sorted(int(c) for c in self.checkpoints)
+            if not cps or cps[0] < 2 or cps[-1] > self.n_search:
+                raise ValueError(f"checkpoints must lie in [2, n_search={self.n_search}], got {cps}")
+
+    def _check_counts(self) -> None:
+        """Image and trial counts, and the seeds they take."""
+        for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap",
+                    "validation_sets", "refine_starts"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        check_prompt_seed(self.prompt_seed)
+        for key in ("n_search", "n_heldout"):   # else every trial fails, after the baselines
+            if getattr(self, key) < 2:
+                raise ValueError(f"{key} must be >= 2 (FID needs two images at least), got "
+                                 f"{getattr(self, key)}")
+        # validation seeds start half a seed block above the search seeds (context.py)
+        if (self.validation_sets + 1) * self.n_search + self.heldout_sets * self.n_heldout > SEED_STRIDE // 2:
+            raise ValueError(f"n_search × (validation_sets + 1) + n_heldout × heldout_sets must "
+                             f"stay within {SEED_STRIDE // 2} images, so that validation and "
+                             f"held-out seeds never meet")
+
+    def _fit_space(self) -> None:
+        """The space at this budget and, for a testbed, its kind of model; its ranges are checked
+        now, not at trial 1."""
         if self.budget == 1 and self.model in BUILTIN and is_flow(self.model):
             raise ValueError(FLOW_AT_ONE_CALL)
         if self.budget == 1:
@@ -160,18 +180,7 @@ class StudyConfig:
             applicable_baselines(self.baselines, "flow" if is_flow(self.model) else "ddpm")
             if is_flow(self.model):
                 Space(dict(self.space)).check_flow()
-        objs = list(self.objectives)
-        if objs[:1] != ["fid"] or not set(objs) <= {"fid", "nfe", "clip"} or len(objs) > 2:
-            raise ValueError(f"objectives must be [fid], [fid, nfe] or [fid, clip], got {objs}")
-        if "clip" in objs and not self.clip:
-            raise ValueError("the clip objective needs local CLIP weights: set clip: /path/to/clip")
-        if self.pruner not in ("median", "none"):
-            raise ValueError(f"pruner must be median or none, got {self.pruner!r}")
         Space(dict(self.space)).check(self.budget)  # the ranges now, not at trial 1
-        if self.checkpoints is not None:
-            cps = sorted(int(c) for c in self.checkpoints)
-            if not cps or cps[0] < 2 or cps[-1] > self.n_search:
-                raise ValueError(f"checkpoints must lie in [2, n_search={self.n_search}], got {cps}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "StudyConfig":
