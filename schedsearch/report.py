@@ -317,6 +317,7 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
                "trials": {"global": slots.counts(study),
                           "local": dict(sum((Counter(slots.counts(run)) for run in studies.local),
                                         Counter()))},
+               "finished": sum(slots.finished_slots(s) for s in (study, *studies.local)),
                "model": config.model, "out": str(opts.out), "rows": []}
     summary["failed_baselines"] = failed_baselines(studies)
     if not complete:

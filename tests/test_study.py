@@ -718,9 +718,14 @@ def test_a_resumed_study_takes_more_trials_and_refuses_another_plan(tmp_path, ca
             "--baselines", "karras", "--validation-sets", "1", "--no-progress", "--no-user-preset",
             "--no-artifacts", "--out", str(tmp_path)]
     assert main([*args, "--trials", "6"]) == 0
-    capsys.readouterr()
+    assert "stopped by --timeout" not in capsys.readouterr().out
+    # a deadline that has passed before the first slot: the result so far, said to be one
+    assert main([*args, "--trials", "8", "--timeout", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped by --timeout after 6 of 8 trials: the same command continues the study" in out
     assert main([*args, "--trials", "8"]) == 0
-    assert "study gmm-5nfe: 8 trials (2 global, 6 local)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "study gmm-5nfe: 8 trials (2 global, 6 local)" in out and "stopped by" not in out
     stages = slots.stored_stages(f"sqlite:///{tmp_path / 'study.db'}",
                                  optuna.load_study(study_name="gmm-5nfe",
                                                    storage=f"sqlite:///{tmp_path / 'study.db'}"))

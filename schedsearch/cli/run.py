@@ -143,6 +143,9 @@ def run(args) -> int:
     print(f"best trial: {summary['best_trial']}  {json.dumps(summary['best_params'])}")
     for line in verdict(summary["rows"]):
         print(line)
+    if summary["finished"] < config.trials:   # a result so far, not the study's: say so
+        print(f"  stopped by --timeout after {summary['finished']} of {config.trials} trials: "
+              f"the same command continues the study")
     print(f"preset: {summary['preset']}")
     # what the preset holds, in the terms a sampler takes (the trial's params are knot fractions)
     chosen = read(summary["preset"])
