@@ -47,6 +47,11 @@ def make_storage(url: str, heartbeat: float = 10.0, grace: float = 30.0):
         raise ValueError(f"--storage must be a database URL such as sqlite:///study.db or "
                          f"postgresql://user:pass@host/db, got {url!r}")
     shown, scheme = redact(url), url.split("://", 1)[0].lower()
+    if scheme.startswith("sqlite") and url.split("://", 1)[1].split("?")[0].lstrip("/") in (
+            "", ":memory:"):
+        raise ValueError(f"--storage {url} names no file: the study would live in memory and be "
+                         f"lost when this run ends (no resume, no second worker); give a file, "
+                         f"e.g. sqlite:///runs/study.db")
 
     def connects() -> bool:  # does even a plain connection fail?
         engine = sqlalchemy.create_engine(url)

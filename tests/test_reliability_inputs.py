@@ -433,6 +433,10 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     (["score", "--prompt-seed", "99999999999999"],
      r"the prompt seed must be an integer in 0\.\.18446744073708 .*got 99999999999999$"),
     (["run", "--model", "gmm", "--prompt-seed", "-1"], "the prompt seed must be an integer in"),
+    # a sqlite storage that names no file ran the study in memory: lost at exit, no resume
+    (["run", "--model", "gmm", "--storage", "sqlite:///"],
+     r"--storage sqlite:/// names no file: the study would live in memory and be lost"),
+    (["run", "--model", "gmm", "--storage", "sqlite:///:memory:"], "names no file"),
     # class labels a testbed does not have: every baseline and trial used to fail, one by one
     (["run", "--model", "gmm", "--prompts", "classes:9"],
      r"prompts classes:9: class label must be in 0\.\.3, got 4$"),
