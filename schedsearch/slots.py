@@ -36,6 +36,14 @@ COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialSt
                           optuna.trial.TrialState.FAIL)
 
 
+def in_memory(url: str) -> bool:
+    """A sqlite URL that names no file (sqlite://, sqlite:///, sqlite:///:memory:): a database
+    that lives in one process and is gone when it ends."""
+    scheme, _, rest = url.partition("://")
+    return scheme.lower().startswith("sqlite") and rest.split("?")[0].lstrip("/") in ("",
+                                                                                    ":memory:")
+
+
 def make_storage(url: str, heartbeat: float = 10.0, grace: float = 30.0):
     """An Optuna RDB storage (sqlite, PostgreSQL, MySQL) with heartbeats, so trials of killed
     workers are detected, failed and re-queued (RetryHeartbeatStaleTrialCallback). An unreachable
@@ -47,8 +55,7 @@ def make_storage(url: str, heartbeat: float = 10.0, grace: float = 30.0):
         raise ValueError(f"--storage must be a database URL such as sqlite:///study.db or "
                          f"postgresql://user:pass@host/db, got {url!r}")
     shown, scheme = redact(url), url.split("://", 1)[0].lower()
-    if scheme.startswith("sqlite") and url.split("://", 1)[1].split("?")[0].lstrip("/") in (
-            "", ":memory:"):
+    if in_memory(url):
         raise ValueError(f"--storage {url} names no file: the study would live in memory and be "
                          f"lost when this run ends (no resume, no second worker); give a file, "
                          f"e.g. sqlite:///runs/study.db")

@@ -47,7 +47,15 @@ def check_reachable(uri: str, timeout: float = 10.0, *, source: tuple[str, str] 
     its SQLAlchemy store's own for a database) at the first run it logs. Any HTTP answer counts
     as an answer (an auth proxy, a server without /health). ``source``: the setting that named
     the URI, and the way around it, for the message."""
+    from .slots import in_memory
+
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if in_memory(uri):
+        raise ValueError(f"{source[0]} {uri} names no file: the runs would live in memory and be "
+                         f"lost when this run ends; give a file, e.g. sqlite:///runs/mlflow.db, "
+                         f"or {source[1]}")
+    if scheme in ("", "file"):
+        _check_file_store(uri, source)
     if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
         _check_database(uri, scheme, timeout, source)
     if scheme not in ("http", "https"):
@@ -66,6 +74,20 @@ def check_reachable(uri: str, timeout: float = 10.0, *, source: tuple[str, str] 
         why = getattr(exc, "reason", None) or exc
         raise ValueError(f"the MLflow tracking server {redact(uri)} ({source[0]}) does not "
                          f"answer ({why}); start it or check the URL, or {source[1]}") from None
+
+
+def _check_file_store(uri: str, source: tuple[str, str]) -> None:
+    """MLflow's file store (a path, or file://): recent MLflow refuses it when a client opens it,
+    which here was a traceback after the model had loaded."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient   # mlflow: heavy, only for a file store
+
+    try:
+        MlflowClient(tracking_uri=uri)
+    except MlflowException as exc:
+        why = str(exc).split(". ")[0]
+        raise ValueError(f"{source[0]} {uri}: MLflow does not take this store ({why}); use a "
+                         f"database, e.g. sqlite:///runs/mlflow.db, or {source[1]}") from None
 
 
 def without_credentials(url: str) -> str:

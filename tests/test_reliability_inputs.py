@@ -571,3 +571,34 @@ def test_ui_on_a_tracking_uri_that_names_nothing_is_one_line(tmp_path):
         assert re.search(message, line) and "--out DIR" in line, line
         assert "MLflow UI" not in out
     assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("sqlite:///:memory:", r"MLFLOW_TRACKING_URI sqlite:///:memory: names no file: the runs would "
+                           r"live in memory and be lost"),
+    ("file:///{tmp}/mlruns", r"MLFLOW_TRACKING_URI file:///.*/mlruns: MLflow does not take this "
+                             r"store \(.*\); use a database"),
+    ("{tmp}/mlruns", r"MLFLOW_TRACKING_URI .*/mlruns: MLflow does not take this store"),
+])
+def test_a_tracking_uri_mlflow_cannot_keep_is_one_line_before_any_work(tmp_path, capsys,
+                                                                       monkeypatch, uri, message):
+    """In memory, a study's runs were lost at exit (and the run pointed `schedsearch ui` at a
+    folder without them); MLflow's file store was a traceback once the model had loaded."""
+    from mlflow.tracking import MlflowClient
+
+    from schedsearch.cli import main
+
+    uri = uri.replace("{tmp}", str(tmp_path).lstrip("/") if uri.startswith("file") else
+                      str(tmp_path))
+    if not uri.startswith("sqlite"):
+        try:
+            MlflowClient(tracking_uri=uri)
+            pytest.skip("this MLflow still takes its file store")
+        except Exception:   # what the command must now say in one line
+            pass
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = tmp_path / "run"
+    assert main(["run", "--model", "gmm", "--out", str(out), "--no-user-preset",
+                 "--no-progress"]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "run"))
+    assert not out.exists()
