@@ -27,9 +27,9 @@ class Context:
         n, h, k = config.n_search, config.n_heldout, config.heldout_sets
         full = prompts.load(source, n + k * h, config.prompt_seed,
                             caption_column=config.caption_column)
-        check_before_loading(config.model, extractor=config.extractor,
-                             inception=config.inception, ref_stats=config.ref_stats,
-                             clip=config.clip)
+        ref = check_before_loading(config.model, extractor=config.extractor,
+                                   inception=config.inception, ref_stats=config.ref_stats,
+                                   clip=config.clip)
         kwargs = {k: getattr(config, k) for k in ("height", "width") if getattr(config, k)}
         echo(f"loading model {config.model} ...")
         self.model: models.Model = models.load(config.model, device=config.device,
@@ -53,7 +53,7 @@ class Context:
         self.freeu_ok = self.model.unet is not None
         self.extractor, self.ref = scoring_setup(
             self.model, extractor=config.extractor, inception=config.inception,
-            ref_stats=config.ref_stats, device=config.device)
+            ref_stats=ref or config.ref_stats, device=config.device)
         self.clip = None
         if config.clip:
             self.clip = ClipScore(config.clip, device=self.model.device)

@@ -66,15 +66,15 @@ def run(args) -> int:
     # what needs no model first: a large pipeline takes minutes to load
     pset = prompts.load(prompt_source(args.model, args.prompts), args.n, args.prompt_seed,
                         caption_column=args.caption_column or "caption")
-    check_before_loading(args.model, extractor=args.extractor, inception=args.inception,
-                         ref_stats=args.ref_stats, clip=args.clip)
+    read = check_before_loading(args.model, extractor=args.extractor, inception=args.inception,
+                                ref_stats=args.ref_stats, clip=args.clip)
     model = options.load_model(args)
     if (args.grid or args.save_images) and len(model.latent_shape) != 3:
         raise ValueError(f"{args.model} makes vectors, not images: --grid and --save-images need "
                          "an image model")
     preset = options.preset_from_args(args, model)
     extractor, ref = scoring_setup(model, extractor=args.extractor, inception=args.inception,
-                                   ref_stats=args.ref_stats, device=args.device)
+                                   ref_stats=read or args.ref_stats, device=args.device)
     clip = features.ClipScore(args.clip, device=model.device) if args.clip else None
     scorer = Scorer(model, extractor, ref, pset, guidance=preset.guidance,
                     batch_size=args.batch_size, checkpoints=checkpoints,

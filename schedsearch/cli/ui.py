@@ -15,6 +15,11 @@ from pathlib import Path
 from . import UserError, options
 
 
+# MLflow keeps the chosen columns in the browser: what to add once, with *Columns*
+COLUMNS = ("columns worth showing: fid, fid_heldout, best_minus_this_heldout, nfe and the params "
+           "solver, schedsearch.role")
+
+
 def register(sub) -> None:
     p = options.command(
         sub, "ui", help="open the MLflow dashboard of a run folder",
@@ -95,9 +100,7 @@ def _remote(args, uri: str) -> int:
     from ..tracking import without_credentials
 
     url = runs_url(uri, without_credentials(uri))
-    print(f"MLflow UI: {url}\n  (served by the tracking server itself; columns worth showing: "
-          f"fid, fid_heldout, best_minus_this_heldout, nfe and the params solver, "
-          f"schedsearch.role)", flush=True)
+    print(f"MLflow UI: {url}\n  (served by the tracking server itself; {COLUMNS})", flush=True)
     if not args.no_browser and _has_screen():
         webbrowser.open(url)
     return 0
@@ -156,8 +159,7 @@ def serve(cmd: list[str], env: dict, host: str, port: int, url: str | None = Non
             raise UserError(f"the MLflow server exited with status {proc.returncode} before it "
                             f"served on {host}:{port}; its messages above say why")
         url = url or f"http://{host}:{port}/"
-        print(f"MLflow UI: {url}\n  (Ctrl-C to stop; columns worth showing: fid, fid_heldout, "
-              f"best_minus_this_heldout, nfe and the params solver, schedsearch.role)", flush=True)
+        print(f"MLflow UI: {url}\n  (Ctrl-C to stop; {COLUMNS})", flush=True)
         if browser and _has_screen():
             webbrowser.open(url)
         return proc.wait()

@@ -220,31 +220,32 @@ class Scorer:
 
 def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
                          inception: Optional[str] = None, ref_stats: Optional[str] = None,
-                         clip: Optional[str] = None) -> None:
+                         clip: Optional[str] = None) -> Optional[RefStats]:
     """What scoring a model that is not a testbed needs and can be checked before its weights
     load (minutes for a large pipeline): a CLIP folder if asked for, Inception's weights and a
-    readable reference statistics file. ``scoring_setup`` checks the rest once the model is
-    there."""
+    readable reference statistics file, returned (None for a testbed) so that ``scoring_setup``
+    takes it as read rather than reading it again (hundreds of MB with features)."""
     if clip:
         features.check_clip_folder(clip)
     if model_spec in BUILTIN:
-        return   # loads in a second, and brings its own reference data
+        return None   # loads in a second, and brings its own reference data
     if (extractor or "inception") == "inception":
         features.find_inception(inception)
     if not ref_stats:
         raise ValueError(no_reference_data(model_spec))
-    RefStats.load(ref_stats)
+    return RefStats.load(ref_stats)
 
 
 def scoring_setup(model: Model, *, extractor: Optional[str] = None,
-                  inception: Optional[str] = None, ref_stats: Optional[str] = None,
-                  device=None) -> tuple:
+                  inception: Optional[str] = None,
+                  ref_stats: Optional[str | RefStats] = None, device=None) -> tuple:
     """(extractor, reference statistics): ``extractor`` (inception|digits|identity; default: the
-    model's natural one), ``inception`` (weights path), ``ref_stats`` (a file; None: the testbed's
-    cached default). Refuses mismatched statistics."""
+    model's natural one), ``inception`` (weights path), ``ref_stats`` (a file, or statistics
+    already read; None: the testbed's cached default). Refuses mismatched statistics."""
     device = device or model.device
     ext = features.build(extractor, model=model, device=device, inception_path=inception)
-    ref = RefStats.load(ref_stats) if ref_stats else default_refstats(model, ext, device=device)
+    ref = (ref_stats if isinstance(ref_stats, RefStats) else RefStats.load(ref_stats)
+           if ref_stats else default_refstats(model, ext, device=device))
     ref.check(ext)
     return ext, ref
 
