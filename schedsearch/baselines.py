@@ -82,12 +82,18 @@ def _ddpm(ctx, keys, budget: int, table, make) -> dict:
     return out
 
 
+def distill_block(prompt_seed: int) -> int:
+    """The prompt seed of GITS/OSS's own teacher images: the block after the study's."""
+    return (prompt_seed + 1) % prompts.MAX_PROMPT_SEED
+
+
 def distilled_baselines(ctx, keys, make, echo) -> dict[str, Preset]:
     """GITS and OSS at the budget, distilled from one set of teacher trajectories on their own
     prompts and seeds (seed block ``prompt_seed + 1``: disjoint from the search and held-out seeds,
-    so the distilled schedules are not fitted to the images they are scored on)."""
+    so the distilled schedules are not fitted to the images they are scored on; past the last
+    block it wraps to block 0, just as disjoint)."""
     cfg, budget, g = ctx.config, ctx.config.budget, ctx.guidance
-    pset = prompts.load(ctx.prompt_source, cfg.distill_samples, cfg.prompt_seed + 1,
+    pset = prompts.load(ctx.prompt_source, cfg.distill_samples, distill_block(cfg.prompt_seed),
                         caption_column=cfg.caption_column)
     grid = teacher.TeacherGrid(steps=cfg.teacher_steps)
     if budget >= grid.steps:

@@ -640,6 +640,19 @@ def test_a_failed_baseline_is_reported_with_its_reason_not_dropped(tmp_path):
     assert "baseline gits, oss failed:" in (tmp_path / "run" / "comparison.md").read_text()
 
 
+def test_gits_and_oss_distill_on_the_block_after_the_studys_and_wrap_past_the_last():
+    """At the largest --prompt-seed the next block does not exist: GITS/OSS failed with a seed
+    range error; block 0 is just as disjoint from the study's images."""
+    from schedsearch import prompts
+    from schedsearch.baselines import distill_block
+    last = prompts.MAX_PROMPT_SEED - 1
+    assert distill_block(7) == 8 and distill_block(last) == 0
+    study = set(prompts.load("classes:10", 20, last).seeds)
+    distill = prompts.load("classes:10", 20, distill_block(last)).seeds
+    assert distill == tuple(range(20)) and not study & set(distill)
+    assert max(study) == last * prompts.SEED_STRIDE + 19 < 2 ** 64
+
+
 def test_a_study_where_no_trial_completes_exits_2_with_the_reason(tmp_path):
     """The only trial is the paper preset with FreeU scales of 1e30: it diverges; the command
     says why in one line and the study's MLflow run ends FAILED, not RUNNING."""
