@@ -163,6 +163,22 @@ def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pareto_markdown(summary: dict) -> str:
+    """The Pareto front of a multi-objective study (search-subset values), one row per trial
+    in the order of the second objective; '' for a single-objective study."""
+    if "pareto_front" not in summary:
+        return ""
+    second = summary["objectives"][1]
+    lines = [f"Pareto front, FID against {second.upper()} (search subset; lower FID is better, "
+             f"{'fewer NFE' if second == 'nfe' else 'higher CLIP score'} too):", "",
+             f"| trial | FID (search) | {second.upper()} | solver |", "|---|---|---|---|"]
+    for p in summary["pareto_front"]:
+        fid, other = p["values"]
+        other = f"{other:.0f}" if second == "nfe" else f"{other:.4f}"
+        lines.append(f"| {p['trial']} | {fid:.3f} | {other} | {p['params'].get('solver', '?')} |")
+    return "\n".join(lines)
+
+
 def _ci_text(ci: Optional[dict]) -> str:
     if ci is None:
         return "—"
@@ -330,8 +346,9 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
     if multi:
         front = {t.number for t in study.best_trials}
         best = min((d for d in complete if d.number in front), key=lambda d: d.value)
+        summary["objectives"] = list(config.objectives)
         summary["pareto_front"] = [{"trial": t.number, "values": t.values, "params": t.params}
-                                   for t in study.best_trials]
+                                   for t in sorted(study.best_trials, key=lambda t: t.values[1])]
     else:
         best = winner(studies.trials, ctx, complete)
         study.set_user_attr("winner", best.number)   # what export picks without --trial
@@ -357,6 +374,8 @@ def log_study_run(tracker: Tracker, parent: str, summary: dict, rows: list, best
     left."""
     table = comparison_markdown(rows) + "".join(
         f"\n\nbaseline {k} failed: {why}" for k, why in summary["failed_baselines"].items())
+    if "pareto_front" in summary:
+        table += "\n\n" + pareto_markdown(summary)
     files.atomic_write(Path(opts.out) / "comparison.md", table + "\n")
     tracker.log_text(parent, table, "comparison.md")
     tracker.log_json(parent, summary, "summary.json")

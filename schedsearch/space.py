@@ -195,6 +195,17 @@ class Space:
                              "denoise, leaving the paper family no step; use end: [sigma] at "
                              "budget 1")
 
+    def fewest_calls(self) -> int:
+        """The smallest NFE every point of the space can spend, where the NFE is searched (the
+        ``fid, nfe`` objectives): 1 only when the space passes at budget 1, else 2 — the paper
+        family ending at 0 has no step left at 1 call, and Optuna's categorical choices are the
+        same in every trial, so those trials would fail."""
+        try:
+            self.check(1)
+        except ValueError:
+            return 2
+        return 1
+
     # -- the global stage ----------------------------------------------------------------------
     def suggest(self, trial, target: Target, nfe_range: Optional[tuple[int, int]] = None
                 ) -> Preset:

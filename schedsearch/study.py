@@ -117,7 +117,7 @@ def _pruner(config: StudyConfig):
 
 def warm_slots(config: StudyConfig, space: Space) -> int:
     """Slots that re-run the best baselines as free-form trials, one per (baseline, solver)."""
-    if "nfe" in config.objectives or "knots" not in space.ranges["family"]:
+    if "knots" not in space.ranges["family"]:
         return 0
     return config.warm_start * len(space.ranges["solver"])
 
@@ -136,8 +136,11 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
         check_resume(config, stored, name)
         if stored.get("local_slots") is not None:   # the local runs are laid out: they grow
             n1 = int(stored.get("slots") or 0)
-    seeds = [] if "nfe" in config.objectives else space.seed_trials(ctx.target)
-    plan = [({"seeded_from": why}, params) for why, params in seeds][:n1]
+    # with the NFE searched, the seeds and warm starts spend the whole budget: the front's top
+    # end then starts from the best known schedules, as a single-objective study does
+    at_budget = {"nfe": config.budget} if "nfe" in config.objectives else {}
+    plan = [({"seeded_from": why}, {**params, **at_budget})
+            for why, params in space.seed_trials(ctx.target)][:n1]
     plan += [({"warm": k}, {}) for k in range(min(warm_slots(config, space), n1 - len(plan)))]
     plan += [({}, {})] * (n1 - len(plan))
     return slots.open_studies(
@@ -303,7 +306,8 @@ class Worker:
         if stage == 1:
             sampler = make_sampler(config.sampler, seed, self.multi)
             fixed = self._warm(slot.user_attrs["warm"]) if "warm" in slot.user_attrs else None
-            nfe_range = (1, config.budget) if "nfe" in config.objectives else None
+            nfe_range = ((min(self.space.fewest_calls(), config.budget), config.budget)
+                         if "nfe" in config.objectives else None)
             make = lambda trial: (self.space.suggest(trial, self.ctx.target, nfe_range), None)  # noqa: E731
             study, number = st.trials, slot.number
         else:
@@ -339,7 +343,10 @@ class Worker:
         if k // len(solvers_) >= len(ranked):
             return None
         base = ranked[k // len(solvers_)]["preset"]
-        return self.space.warm_params(base, solvers_[k % len(solvers_)], target)
+        params = self.space.warm_params(base, solvers_[k % len(solvers_)], target)
+        if params is not None and "nfe" in config.objectives:
+            params["nfe"] = config.budget
+        return params
 
     def _show_best(self) -> None:
         best = best_trial(self.studies, self.multi)

@@ -399,12 +399,26 @@ def test_dashboard_lists_trials_and_baselines_with_fid_over_rest(finished):
 
 
 def test_fid_and_nfe_objectives_give_a_pareto_front(tmp_path):
-    cfg = StudyConfig.from_dict({**SMALL, "objectives": ["fid", "nfe"], "trials": 8, "baselines": ["karras"]})
+    """The NFE searched from 2 (the paper family ending at 0 has no step at 1 call: those trials
+    failed), the best baselines warm-started at the budget, so the front's top end is never worse
+    than them; the front printed in comparison.md."""
+    cfg = StudyConfig.from_dict({**SMALL, "objectives": ["fid", "nfe"], "trials": 24,
+                                 "baselines": ["karras", "ays"], "warm_start": 1})
     summary = run_study(cfg, RunOptions(out=tmp_path, progress=False, export_user_preset=False),
                         echo=lambda *_: None)
     front = summary["pareto_front"]
-    assert front and all(1 <= p["params"]["nfe"] <= 5 for p in front)
+    assert summary["objectives"] == ["fid", "nfe"]
+    assert [p["values"][1] for p in front] == sorted({p["values"][1] for p in front})
     study = optuna.load_study(study_name="gmm-5nfe", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert not study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    warm = [t for t in study.trials if "warm" in t.user_attrs]
+    assert len(warm) == 5 and all(t.params["nfe"] == 5 for t in warm)
+    best_baseline = min(r["fid"] for r in summary["rows"] if r["key"] in ("karras", "ays"))
+    assert front[-1]["values"] == [min(t.values[0] for t in study.trials if t.values
+                                       and t.values[1] == 5), 5]
+    assert front[-1]["values"][0] <= best_baseline
+    assert {t.params["nfe"] for t in study.trials} - {5} and min(t.params["nfe"] for t in study.trials) >= 2
+    assert "| trial | FID (search) | NFE | solver |" in (tmp_path / "comparison.md").read_text()
     for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         assert t.values[1] == t.params["nfe"] == t.user_attrs["candidate"]["nfe"]
     # nobody on the front is beaten on both objectives by another complete trial

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import (FLOW_BASELINES, MIN_TRIALS, SD_BASELINES, TRIALS_PER_NFE, StudyConfig,
                       default_study_name, default_trials)
 from ..presets import read
-from ..report import comparison_markdown
+from ..report import comparison_markdown, pareto_markdown
 from ..study import RunOptions, run_study
 from . import UserError, options
 
@@ -140,6 +140,9 @@ def run(args) -> int:
     print()
     print(comparison_markdown(summary["rows"]))
     print()
+    if "pareto_front" in summary:
+        print(pareto_markdown(summary))
+        print()
     print(f"best trial: {summary['best_trial']}  {json.dumps(summary['best_params'])}")
     for line in verdict(summary["rows"]):
         print(line)
