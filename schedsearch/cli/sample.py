@@ -72,7 +72,9 @@ def _jobs(args, model):
     if args.prompt is not None and args.prompts:
         raise ValueError("give --prompt TEXT or --prompts SOURCE, not both")
     if args.n is not None and not args.prompts:
-        raise ValueError("--n applies to --prompts")
+        raise ValueError("--n applies to --prompts (e.g. --prompts classes:10 --n 40: 40 images, "
+                         "each its own seed); without --prompts every class or prompt is drawn "
+                         f"once per seed of --seeds (default {DEFAULT_SEEDS})")
     # '' is a mistake (an unset shell variable), not a request for the default seeds
     seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
     check_seeds(seeds or ())
