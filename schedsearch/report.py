@@ -462,7 +462,8 @@ def log_artifacts(tracker: Tracker, runs: dict, chosen: dict, ctx) -> None:
 
 def log_figures(tracker: Tracker, parent: str, summary: dict, chosen: dict, complete: list,
                 study: optuna.Study) -> None:
-    """FID by trial, the winner's σ list against the baselines', parameter importance."""
+    """FID by trial, the winner's σ list against the baselines', a multi-objective study's
+    Pareto front, parameter importance."""
     from . import plots  # matplotlib: only when artifacts are drawn
 
     others = {k: p for k, p in chosen.items() if k != "best"}
@@ -473,6 +474,17 @@ def log_figures(tracker: Tracker, parent: str, summary: dict, chosen: dict, comp
     curves = {p.name: [float(s) for s in p.sigmas] for p in [winner, *others.values()]}
     tracker.log_figure(parent, plots.schedules(curves, "winner vs baselines",
                                                highlight=winner.name), "schedules.png")
+    if "pareto_front" in summary:
+        second = summary["objectives"][1]
+        xlabel = "NFE (model calls)" if second == "nfe" else "CLIP score (higher is better)"
+        # baselines have an NFE but no CLIP score: they are drawn only against the NFE
+        bases = ({r["name"]: (r["nfe"], r["fid"]) for r in summary["rows"][1:]}
+                 if second == "nfe" else {})
+        tracker.log_figure(parent, plots.pareto(
+            [tuple(d.trial.values[::-1]) for d in complete],
+            [tuple(p["values"][::-1]) for p in summary["pareto_front"]], bases, xlabel,
+            integer_x=second == "nfe"),
+            "pareto_front.png")
     imp = importances(study)
     if imp:
         tracker.log_figure(parent, plots.importance(imp), "importance.png")

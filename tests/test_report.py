@@ -77,6 +77,27 @@ def test_an_interval_beside_its_difference_gets_a_footnote_saying_why():
     assert "basic bootstrap" in table[5] and "docs/scoring.md" in table[5] and len(table) == 6
 
 
+def test_the_pareto_table_and_figure_show_the_front_and_the_baselines_beside_it():
+    from schedsearch import plots
+    from schedsearch.report import pareto_markdown
+
+    summary = {"objectives": ["fid", "nfe"], "pareto_front": [
+        {"trial": 7, "values": [0.61, 2], "params": {"solver": "unipc"}},
+        {"trial": 3, "values": [0.18, 5], "params": {"solver": "dpmpp_2m"}}]}
+    table = pareto_markdown(summary).splitlines()
+    assert table[-2:] == ["| 7 | 0.610 | 2 | unipc |", "| 3 | 0.180 | 5 | dpmpp_2m |"]
+    assert pareto_markdown({"rows": []}) == ""
+    fig = plots.pareto([(2, 0.61), (3, 4.0), (5, 0.18)], [(2, 0.61), (5, 0.18)],
+                       {"karras @5": (5, 0.26), "karras @20": (20, 0.19)})
+    ax = fig.axes[0]
+    # karras @20 lies past the trials: a dashed line at its FID, the x-axis stays at 2..5
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 0.19
+    assert ax.get_xlim()[1] < 6
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["trial", "Pareto front", "karras @5", "karras @20 (NFE 20)"]
+
+
 def test_a_study_of_schedsearch_0_1_exports_the_same_preset(legacy, tmp_path):
     old = presets.read(LEGACY / "legacy-gmm.preset.json")
     summary = json.loads((LEGACY / "summary.json").read_text())

@@ -321,6 +321,7 @@ def test_mlflow_holds_every_trial_and_baseline(finished):
             assert not names
     parent_files = {a.path for a in client.list_artifacts(parent)}
     assert {"comparison.md", "summary.json", "fid_vs_trial.png", "schedules.png"} <= parent_files
+    assert "pareto_front.png" not in parent_files   # one objective: no front to draw
 
 
 def test_exported_preset_reproduces_the_trials_images_exactly(finished, tmp_path):
@@ -419,6 +420,12 @@ def test_fid_and_nfe_objectives_give_a_pareto_front(tmp_path):
     assert front[-1]["values"][0] <= best_baseline
     assert {t.params["nfe"] for t in study.trials} - {5} and min(t.params["nfe"] for t in study.trials) >= 2
     assert "| trial | FID (search) | NFE | solver |" in (tmp_path / "comparison.md").read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("gmm-5nfe").experiment_id],
+                                filter_string="tags.`schedsearch.role` = 'study'")[0].info.run_id
+    assert "pareto_front.png" in {a.path for a in client.list_artifacts(parent)}
     for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         assert t.values[1] == t.params["nfe"] == t.user_attrs["candidate"]["nfe"]
     # nobody on the front is beaten on both objectives by another complete trial
