@@ -138,7 +138,8 @@ class StudyConfig:
         self._fit_space()
         objs = list(self.objectives)
         if objs[:1] != ["fid"] or not set(objs) <= {"fid", "nfe", "clip"} or len(objs) > 2:
-            raise ValueError(f"objectives must be [fid], [fid, nfe] or [fid, clip], got {objs}")
+            raise ValueError(f"objectives must be [fid], [fid, nfe] or [fid, clip] (FID first: "
+                             f"--objectives fid,nfe), got {objs}")
         if "clip" in objs and not self.clip:
             raise ValueError("the clip objective needs local CLIP weights: set clip: /path/to/clip")
         if self.pruner not in ("median", "none"):

@@ -388,6 +388,17 @@ def test_a_study_name_that_is_not_a_plain_name_is_refused(tmp_path, name):
     assert RunOptions(out=tmp_path, study_name="sd15_v1.2-5nfe").study_name == "sd15_v1.2-5nfe"
 
 
+def test_comma_lists_of_run_are_read_as_people_type_them():
+    from schedsearch.cli import build_parser
+    from schedsearch.cli.run import config_from_args
+
+    args = build_parser().parse_args(["run", "--model", "gmm", "--objectives", "FID, nfe",
+                                      "--baselines", "Karras, ays,"])
+    config, name = config_from_args(args)
+    assert config.objectives == ["fid", "nfe"] and config.baselines == ["karras", "ays"]
+    assert name == "gmm-5nfe"
+
+
 def test_default_study_names_are_plain_whatever_the_model_path():
     from types import SimpleNamespace
 
@@ -443,6 +454,8 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     # one image per trial: used to run every baseline and trial, each failing, then say so
     (["run", "--model", "gmm", "--n-search", "1"], "n_search must be >= 2"),
     (["run", "--model", "gmm", "--n-heldout", "1"], "n_heldout must be >= 2"),
+    (["run", "--model", "gmm", "--objectives", "nfe,fid"],
+     r"objectives must be .*\(FID first: --objectives fid,nfe\), got \['nfe', 'fid'\]$"),
 ])
 def test_a_flag_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, argv, message):
     from schedsearch.cli import main

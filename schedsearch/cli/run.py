@@ -105,11 +105,16 @@ OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_s
              "inception", "clip", "batch_size", "device", "dtype")
 
 
+def _names(text):
+    """'fid, NFE' → ['fid', 'nfe']: a comma list as people type it (None when not given)."""
+    return [n.strip().lower() for n in text.split(",") if n.strip()] if text else None
+
+
 def config_from_args(args):
 
     overrides = {k: getattr(args, k) for k in OVERRIDES}
-    overrides["objectives"] = args.objectives.split(",") if args.objectives else None
-    overrides["baselines"] = args.baselines.split(",") if args.baselines else None
+    overrides["objectives"] = _names(args.objectives)
+    overrides["baselines"] = _names(args.baselines)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = (StudyConfig.from_file(args.config, **overrides) if args.config
               else StudyConfig.from_dict(overrides))
