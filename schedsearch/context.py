@@ -37,12 +37,7 @@ class Context:
         self.family = self.model.family
         self.guidance = (config.guidance if config.guidance is not None
                          else models.default_guidance(self.family))
-        if self.family in models.DEFAULT_PROMPTS:
-            # a testbed's prompts are class labels: a bad one now, not in every trial and baseline
-            try:
-                self.model.condition(list(dict.fromkeys(full.prompts)))
-            except ValueError as exc:
-                raise ValueError(f"prompts {source}: {exc}") from None
+        models.check_prompts(self.model, full.prompts, source)
         self.search_set = full.take(0, n)
         self.heldout_sets = [full.take(n + i * h, n + (i + 1) * h) for i in range(k)]
         self.heldout_set = self.heldout_sets[0]

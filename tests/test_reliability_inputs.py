@@ -451,6 +451,12 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     # class labels a testbed does not have: every baseline and trial used to fail, one by one
     (["run", "--model", "gmm", "--prompts", "classes:9"],
      r"prompts classes:9: class label must be in 0\.\.3, got 4$"),
+    # ... and in sample and score, where the error came once sampling was under way
+    (["sample", "--model", "gmm", "--prompts", "classes:9", "--n", "8"],
+     r"prompts classes:9: class label must be in 0\.\.3, got 4$"),
+    (["sample", "--model", "gmm", "--prompt", "7"], r"prompts --prompt: class label must be in"),
+    (["score", "--model", "gmm", "--prompts", "classes:9", "--n", "8"],
+     r"prompts classes:9: class label must be in 0\.\.3, got 4$"),
     # one image per trial: used to run every baseline and trial, each failing, then say so
     (["run", "--model", "gmm", "--n-search", "1"], "n_search must be >= 2"),
     (["run", "--model", "gmm", "--n-heldout", "1"], "n_heldout must be >= 2"),
@@ -475,6 +481,8 @@ def test_a_flag_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, a
     (["oss", "--budget", "0"], r"--budget must be >= 1 \(model calls per image\), got 0"),
     (["gits", "--budget", "3", "--coeff", "0"], "coeff must be a finite number > 0, got 0.0"),
     (["gits", "--budget", "3", "--coeff", "inf"], "coeff must be a finite number > 0, got inf"),
+    (["teacher", "--prompts", "classes:9"], r"prompts classes:9: class label must be in 0\.\.3"),
+    (["oss", "--budget", "3", "--prompts", "classes:9"], r"prompts classes:9: class label must"),
 ])
 def test_a_distiller_flag_is_checked_before_the_teacher_runs(tmp_path, capsys, argv, message):
     """On a real model the 100-step teacher takes minutes to hours; these errors used to come

@@ -136,6 +136,7 @@ def _setup(args):
     pairs = (list(main.prompts), seeds if seeds is not None else list(main.seeds))
     held = (list(rest.prompts), list(rest.seeds)) if rest is not None else None
     model = options.load_model(args)
+    models.check_prompts(model, pairs[0] + (held[0] if held else []), source)
     guidance = args.guidance if args.guidance is not None else models.default_guidance(model.family)
     return model, main.source, pairs, held, guidance, grid
 

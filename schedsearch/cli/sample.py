@@ -170,6 +170,7 @@ def run(args) -> int:
     t_loaded = time.perf_counter()
     preset = options.preset_from_args(args, model)
     prompts, seeds, columns, source = _jobs(args, model)
+    models.check_prompts(model, prompts, args.prompts or "--prompt")
     with tqdm(total=len(prompts), desc=f"sampling {model.name}", unit="img",
               disable=args.no_progress, file=sys.stderr) as bar:
         out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver,

@@ -9,7 +9,7 @@ from .. import prompts
 from ..images import grid, save_images
 from ..metrics import features
 from ..metrics.score import Scorer, check_before_loading, scoring_setup
-from ..models import prompt_source
+from ..models import check_prompts, prompt_source
 from ..version import __version__
 from . import options
 
@@ -64,11 +64,13 @@ def run(args) -> int:
             raise ValueError(f"--checkpoints must lie in 2..{args.n} (--n), got "
                              f"{', '.join(map(str, bad))}")
     # what needs no model first: a large pipeline takes minutes to load
-    pset = prompts.load(prompt_source(args.model, args.prompts), args.n, args.prompt_seed,
+    source = prompt_source(args.model, args.prompts)
+    pset = prompts.load(source, args.n, args.prompt_seed,
                         caption_column=args.caption_column or "caption")
     read = check_before_loading(args.model, extractor=args.extractor, inception=args.inception,
                                 ref_stats=args.ref_stats, clip=args.clip)
     model = options.load_model(args)
+    check_prompts(model, pset.prompts, source)
     if (args.grid or args.save_images) and len(model.latent_shape) != 3:
         raise ValueError(f"{args.model} makes vectors, not images: --grid and --save-images need "
                          "an image model")

@@ -83,6 +83,16 @@ def default_guidance(family: str) -> float:
     return DEFAULT_GUIDANCE.get(family, 5.5)
 
 
+def check_prompts(model: Model, prompts, source) -> None:
+    """A testbed's prompts are class labels: one it does not have is one line naming the source
+    now, not an error once sampling is under way (in every trial and baseline of a study)."""
+    if model.family in DEFAULT_PROMPTS:
+        try:
+            model.condition(list(dict.fromkeys(prompts)))
+        except ValueError as exc:
+            raise ValueError(f"prompts {source}: {exc}") from None
+
+
 def default_prompts(model: Model) -> str:
     """``classes:K`` for the class-conditional testbeds; text models need a prompt file."""
     return prompt_source(model.family, name=model.name)
