@@ -29,6 +29,7 @@ def sqlite_init_lock(url: str):
         return
     sqlite_wal()
     path = url[len("sqlite:///"):]
+    check_sqlite_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path + ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -36,6 +37,28 @@ def sqlite_init_lock(url: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# the first 16 bytes of every SQLite 3 database file (sqlite.org/fileformat.html, 1.3)
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_sqlite_file(path: str) -> None:
+    """A file that is there but is no SQLite database (damaged, or another program's) is one
+    line naming it, not SQLAlchemy's traceback from the first pragma. A missing or empty file is
+    fine: SQLite makes a new database in it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a database file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head and head != SQLITE_MAGIC:
+        raise ValueError(f"{path} is not an SQLite database (damaged, or another program's "
+                         f"file): move it aside, and a study started there makes a new one")
 
 
 _WAL = False

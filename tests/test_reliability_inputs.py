@@ -623,3 +623,27 @@ def test_a_tracking_uri_mlflow_cannot_keep_is_one_line_before_any_work(tmp_path,
                  "--no-progress"]) == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err, "run"))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, name", [("run", "study.db"), ("run", "mlflow.db"),
+                                           ("ui", "mlflow.db"), ("export", "study.db")])
+def test_a_damaged_database_in_the_run_folder_is_one_line_and_left_as_it_is(tmp_path, capsys,
+                                                                            command, name):
+    """Used to be SQLAlchemy's 'file is not a database' traceback (mlflow.db: after the model
+    had loaded)."""
+    from schedsearch.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.db").write_bytes(b"")           # an empty file is a new database: fine
+    (out / "mlflow.db").write_bytes(b"")
+    (out / name).write_bytes(b"PK\x03\x04 a zip file, not sqlite")
+    argv = {"run": ["run", "--model", "gmm", "--no-user-preset", "--no-progress"],
+            "ui": ["ui", "--no-browser"], "export": ["export", "--name", "x", "--to",
+                                                     str(tmp_path / "x.json")]}[command]
+    assert main([*argv, "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert line.endswith(f"{out / name} is not an SQLite database (damaged, or another "
+                         f"program's file): move it aside, and a study started there makes a "
+                         f"new one")
+    assert (out / name).read_bytes() == b"PK\x03\x04 a zip file, not sqlite"

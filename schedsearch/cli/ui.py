@@ -12,6 +12,7 @@ import time
 import webbrowser
 from pathlib import Path
 
+from ..locks import check_sqlite_file
 from . import UserError, options
 
 
@@ -72,6 +73,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"no mlflow.db in {out}; run `schedsearch run` first or pass "
                                     f"--tracking-uri")
         uri, artifacts = f"sqlite:///{db.resolve()}", out / "mlartifacts"
+        check_sqlite_file(str(db))
     check_port(args.host, args.port)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     url = runs_url(uri, f"http://{args.host}:{args.port}/")
