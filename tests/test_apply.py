@@ -37,7 +37,8 @@ def test_generate_on_a_pipeline_object_equals_the_loaded_model(saved):
 
 def test_generate_takes_names_specs_and_refuses_other_objects(saved):
     pipe, _ = saved
-    out = schedsearch.generate("gmm", "ays-sd15-5", [0, 1, 2], output="samples")
+    with pytest.warns(UserWarning, match="ays-sd15-5 was made for sd15 models; applying it to a gmm"):
+        out = schedsearch.generate("gmm", "ays-sd15-5", [0, 1, 2], output="samples")
     assert out.latents.shape == (3, 16) and out.nfe == 5
     with pytest.raises(TypeError, match="expected a model spec, a diffusers pipeline"):
         schedsearch.generate(object(), "sd15-5", ["x"])
