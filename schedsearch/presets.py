@@ -100,6 +100,10 @@ class Preset:
     def from_json(cls, data, origin: str = "preset") -> "Preset":
         if not isinstance(data, dict):
             raise ValueError(f"{origin}: a preset must be a JSON object")
+        if "schema" not in data:
+            raise ValueError(f"{origin}: not a schedsearch preset (no \"schema\": \"{SCHEMA}\"); "
+                             f"make one with `schedsearch export` or copy a shipped one "
+                             f"(`schedsearch presets show sd15-5 --format json`)")
         if data.get("schema") != SCHEMA:
             raise ValueError(f"{origin}: unknown preset schema {data.get('schema')!r} "
                              f"(this schedsearch reads {SCHEMA!r})")
@@ -150,6 +154,8 @@ def read(path: str | os.PathLike) -> Preset:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"preset file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a preset file") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text ({files.first_bad_byte(path)}); a preset is "
                          f"a JSON text file") from None
@@ -168,7 +174,7 @@ def available() -> dict[str, Path]:
     shipped_files = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.json"))}
     found = {}
     if user_dir().is_dir():
-        found = {p.stem: p for p in sorted(user_dir().glob("*.json"))}
+        found = {p.stem: p for p in sorted(user_dir().glob("*.json")) if p.is_file()}
     return {**found, **shipped_files}
 
 

@@ -53,6 +53,8 @@ def test_round_trip_is_exact(tmp_path):
     (lambda d: d.update(solver="lms"), "solver must be one of"),
     (lambda d: d.update(nfe=9), "says nfe = 9 but its σ list and solver spend 5"),
     (lambda d: d.update(schema="other/2"), "unknown preset schema"),
+    (lambda d: d.pop("schema"), r'not a schedsearch preset \(no "schema": "schedsearch.preset/1"\); '
+                                r'make one with `schedsearch export`'),
     (lambda d: d.pop("sigmas"), "missing sigmas"),
     (lambda d: d["freeu"]["steps"].pop(), "FreeU plan has 4 steps but the σ list has 5"),
     (lambda d: d["freeu"]["steps"][0].update(b1=0), "FreeU b1 must be a finite number > 0"),
@@ -95,6 +97,23 @@ def test_a_user_file_with_a_shipped_name_is_ignored_and_listed_so(tmp_path, monk
         f"sd15-8{' ' * 22} sd15      8  dpmpp_2m  off    shipped",
         f"sd15-8{' ' * 22} (ignored: the shipped sd15-8 wins; rename {tmp_path / 'sd15-8.json'} "
         f"to use it by name, or give its path)"]
+
+
+def test_the_list_shows_an_unreadable_user_file_and_skips_a_folder(tmp_path, monkeypatch, capsys):
+    """A folder named x.json in the preset folder stopped the whole list with 'cannot write'."""
+    from schedsearch.cli import main
+
+    monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(tmp_path))
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "other.json").write_text('{"name": "x"}')   # some other program's JSON
+    presets.load("ays-sd15-5").replace(name="mine").save(tmp_path / "mine.json")
+    assert main(["presets", "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "folder" not in rows and rows["mine"].endswith(str(tmp_path / "mine.json"))
+    assert rows["other"].startswith("other" + " " * 24 + f"(unreadable: {tmp_path / 'other.json'}: "
+                                    "not a schedsearch preset")
+    with pytest.raises(ValueError, match=r"folder.json is a folder, not a preset file$"):
+        presets.read(tmp_path / "folder.json")
 
 
 def test_cli_show_formats():
