@@ -460,6 +460,11 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     # one image per trial: used to run every baseline and trial, each failing, then say so
     (["run", "--model", "gmm", "--n-search", "1"], "n_search must be >= 2"),
     (["run", "--model", "gmm", "--n-heldout", "1"], "n_heldout must be >= 2"),
+    # --inception beside a testbed's own extractor was ignored: not the FID that was asked for
+    (["score", "--model", "gmm", "--inception", "weights.pt"],
+     r"--inception is used only with --extractor inception; gmm scores with its own extractor"),
+    (["run", "--model", "gmm", "--extractor", "identity", "--inception", "weights.pt"],
+     r"gmm scores with the identity extractor \(add --extractor inception"),
     (["run", "--model", "gmm", "--objectives", "nfe,fid"],
      r"objectives must be .*\(FID first: --objectives fid,nfe\), got \['nfe', 'fid'\]$"),
 ])
@@ -647,3 +652,25 @@ def test_a_damaged_database_in_the_run_folder_is_one_line_and_left_as_it_is(tmp_
                          f"program's file): move it aside, and a study started there makes a "
                          f"new one")
     assert (out / name).read_bytes() == b"PK\x03\x04 a zip file, not sqlite"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--config", "{d}"], "'{d}' is a folder, not a file; give the file's path$"),
+    (["score", "--ref-stats", "{d}"], "'{d}' is a folder; reference statistics are one "
+                                      ".safetensors file: make it from an image folder"),
+    (["sample", "--preset", "{d}"], "{d} is a folder, not a preset file$"),
+])
+def test_a_folder_given_for_an_input_file_says_so(tmp_path, capsys, argv, message):
+    """It said 'cannot write' (a config), 'does not exist' (reference statistics)."""
+    from schedsearch.cli import main
+
+    folder = tmp_path / "given"
+    folder.mkdir()
+    out = tmp_path / "out"
+    argv = [a.format(d=folder) for a in argv]
+    flags = {"run": ["--out", str(out), "--no-user-preset"], "score": [],
+             "sample": ["--out", str(out)]}[argv[0]]
+    assert main([*argv, "--model", "gmm", *flags]) == 2
+    assert re.search(message.format(d=re.escape(str(folder))),
+                     _one_error_line(capsys.readouterr().err, argv[0]))
+    assert list(folder.iterdir()) == []

@@ -76,6 +76,8 @@ def output_error(exc: OSError, args) -> str | None:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST) and blocker is not None:
         return (f"cannot create {where}: '{blocker}' is a file, not a folder; remove or rename "
                 f"it, or {instead}")
+    if exc.errno == errno.EISDIR and not output:   # an input (--config DIR): nothing is written
+        return f"{where} is a folder, not a file; give the file's path"
     if exc.errno == errno.EISDIR:
         return f"cannot write {where}: it is a folder, not a file; give a file name or {instead}"
     if exc.errno == errno.EROFS:

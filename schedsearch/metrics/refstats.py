@@ -119,6 +119,10 @@ class RefStats:
 
     @classmethod
     def load(cls, path: str) -> "RefStats":
+        if os.path.isdir(path):   # an image folder given where its statistics belong
+            raise ValueError(f"{path!r} is a folder; reference statistics are one .safetensors "
+                             "file: make it from an image folder with `schedsearch refstats "
+                             "--images DIR --out FILE`")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference statistics file {path!r} does not exist; make one "
                                     "with `schedsearch refstats --images DIR --out FILE`")

@@ -227,6 +227,11 @@ def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
     takes it as read rather than reading it again (hundreds of MB with features)."""
     if clip:
         features.check_clip_folder(clip)
+    if inception and (extractor or ("inception" if model_spec not in BUILTIN else None)) \
+            != "inception":   # it used to be ignored: a FID not computed the way it was asked
+        raise ValueError(f"--inception is used only with --extractor inception; {model_spec} "
+                         f"scores with {'the ' + extractor if extractor else 'its own'} "
+                         f"extractor (add --extractor inception to score with Inception)")
     if model_spec in BUILTIN:
         return None   # loads in a second, and brings its own reference data
     if (extractor or "inception") == "inception":
