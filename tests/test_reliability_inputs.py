@@ -436,6 +436,15 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     (["score", "--checkpoints", "1"], r"must lie in 2\.\.256 \(--n\), got 1$"),
     (["score", "--kid-subsets", "-1"], r"--kid-subsets must be >= 0"),
     (["refstats", "--testbed", "gmm", "--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+    # refstats flags that did nothing for their source (a digits --data-seed stamped the same
+    # statistics with that seed)
+    (["refstats", "--testbed", "digits", "--data-seed", "3"],
+     r"--data-seed applies to --testbed gmm .*the digits reference is its fixed held-out split$"),
+    (["refstats", "--images", "imgs", "--data-seed", "3"], r"a folder's images are what they are$"),
+    (["refstats", "--images", "imgs", "--rebuild"], r"--rebuild applies to --testbed"),
+    (["refstats", "--testbed", "gmm", "--inception", "w.pt"],
+     r"--inception is used only with --extractor inception; the gmm testbed's statistics use "
+     r"its own extractor$"),
     # seeds a torch.Generator cannot take: "Overflow when unpacking long long", or a negative
     # seed silently remapped to 2**64 + seed
     (["sample", "--model", "gmm", "--seeds", "18446744073709551616"],
@@ -674,3 +683,15 @@ def test_a_folder_given_for_an_input_file_says_so(tmp_path, capsys, argv, messag
     assert re.search(message.format(d=re.escape(str(folder))),
                      _one_error_line(capsys.readouterr().err, argv[0]))
     assert list(folder.iterdir()) == []
+
+
+def test_refstats_no_features_without_out_is_one_line(tmp_path, capsys, monkeypatch):
+    """The cached copy keeps its features (KID needs them): without --out the flag did nothing."""
+    from schedsearch.cli import main
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    assert main(["refstats", "--testbed", "gmm", "--no-features"]) == 2
+    assert _one_error_line(capsys.readouterr().err, "refstats").endswith(
+        "--no-features applies to the --out file (the cached copy keeps its features, for KID); "
+        "add --out FILE")
+    assert not (tmp_path / "cache").exists()

@@ -47,7 +47,28 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def _check_flags(args) -> None:
+    """A flag that does nothing for this source is one line, not silently dropped (a digits
+    --data-seed used to build the same statistics, stamped with that seed)."""
+    if args.images and args.rebuild:
+        raise ValueError("--rebuild applies to --testbed (its cached copy); --images always "
+                         "reads the folder")
+    if args.data_seed is not None and args.testbed != "gmm":
+        raise ValueError("--data-seed applies to --testbed gmm (its exact samples); "
+                         + ("a folder's images are what they are" if args.images else
+                            "the digits reference is its fixed held-out split"))
+    if args.testbed and args.no_features and not args.out:
+        raise ValueError("--no-features applies to the --out file (the cached copy keeps its "
+                         "features, for KID); add --out FILE")
+    if args.inception and (args.extractor or ("inception" if args.images else None)) \
+            != "inception":
+        what = f"the {args.testbed} testbed's statistics" if args.testbed else "these statistics"
+        raise ValueError(f"--inception is used only with --extractor inception; {what} use "
+                         f"{'the ' + args.extractor if args.extractor else 'its own'} extractor")
+
+
 def run(args) -> int:
+    _check_flags(args)
     if args.n is not None and args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:   # 0 used to mean the default
