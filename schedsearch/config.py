@@ -219,7 +219,9 @@ class StudyConfig:
         # the local stage's dimension does. With more global trials at 5 NFE on digits, one
         # study's incumbent became a lucky paper-family point whose basin was worse.
         base = min(self.trials, MIN_TRIALS)
-        local = int(round(base * self.refine)) + self.trials - base
+        # at least one global trial: the local stage refines the global stage's best, and a
+        # study of one trial (a quick try) should run the paper's preset, not a random point
+        local = min(int(round(base * self.refine)) + self.trials - base, self.trials - 1)
         return self.trials - local, local
 
     def local_runs(self, runs: int) -> list[int]:

@@ -64,7 +64,9 @@ def test_trials_grow_with_the_budget_unless_set(budget, trials, local):
 
 
 @pytest.mark.parametrize("trials, refine, stages", [(8, 0.6, (3, 5)), (48, 0.5, (24, 24)),
-                                                    (100, 0.5, (24, 76)), (100, 0.0, (100, 0))])
+                                                    (100, 0.5, (24, 76)), (100, 0.0, (100, 0)),
+                                                    # one global trial at least: it was (0, 1)
+                                                    (1, 0.6, (1, 0)), (2, 0.9, (1, 1))])
 def test_refine_splits_the_first_48_trials_and_the_rest_are_local(trials, refine, stages):
     assert StudyConfig(trials=trials, refine=refine).stages() == stages
 
