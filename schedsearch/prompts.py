@@ -136,6 +136,10 @@ def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: st
     if n is not None and n < 1:
         raise ValueError(f"the number of prompts must be >= 1, got {n}")
     check_prompt_seed(seed)
+    if caption_column != "caption" and not source.lower().endswith(".csv"):
+        # it used to be ignored: the prompts were not the column that was asked for
+        raise ValueError(f"--caption-column {caption_column!r} applies to a CSV prompt file, not "
+                         f"to {source!r}")
     if source.startswith("classes:"):
         try:
             k = int(source.split(":", 1)[1])

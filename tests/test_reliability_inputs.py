@@ -474,6 +474,13 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
      r"--inception is used only with --extractor inception; gmm scores with its own extractor"),
     (["run", "--model", "gmm", "--extractor", "identity", "--inception", "weights.pt"],
      r"gmm scores with the identity extractor \(add --extractor inception"),
+    # dropped without a word: the prompts were not the column asked for; a multi-objective study
+    # has no local stage and no winner's round
+    (["score", "--model", "gmm", "--caption-column", "text"],
+     r"--caption-column 'text' applies to a CSV prompt file, not to 'classes:4'$"),
+    (["run", "--model", "gmm", "--objectives", "fid,nfe", "--refine", "0.3", "--validation-sets",
+      "2"], r"--refine, --validation-sets: for a single-objective study; --objectives fid,nfe "
+            r"runs one stage"),
     (["run", "--model", "gmm", "--objectives", "nfe,fid"],
      r"objectives must be .*\(FID first: --objectives fid,nfe\), got \['nfe', 'fid'\]$"),
 ])

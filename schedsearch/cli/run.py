@@ -105,6 +105,10 @@ OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_s
              "inception", "clip", "batch_size", "device", "dtype")
 
 
+# what only a single-objective study uses: the local (CMA-ES) stage and the winner's re-scoring
+SINGLE_OBJECTIVE = ("refine", "refine_starts", "refine_margin", "validation_sets")
+
+
 def _names(text):
     """'fid, NFE' → ['fid', 'nfe']: a comma list as people type it (None when not given)."""
     return [n.strip().lower() for n in text.split(",") if n.strip()] if text else None
@@ -118,6 +122,13 @@ def config_from_args(args):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = (StudyConfig.from_file(args.config, **overrides) if args.config
               else StudyConfig.from_dict(overrides))
+    if len(config.objectives) > 1:   # these flags were dropped without a word
+        unused = [f"--{k.replace('_', '-')}" for k in SINGLE_OBJECTIVE
+                  if getattr(args, k) is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: for a single-objective study; --objectives "
+                             f"{','.join(config.objectives)} runs one stage, and its front's "
+                             f"lowest FID is re-scored on held-out only")
     return config, args.study_name or default_study_name(config)
 
 
