@@ -318,3 +318,17 @@ def test_score_a_preset(tmp_path, monkeypatch, capsys):
     p = presets.load("sd15-8")
     assert got["nfe"] == 8 and got["provenance"]["solver"] == "dpmpp_2m"
     assert got["provenance"]["sigmas"] == p.sigmas.tolist() and got["provenance"]["guidance"] == 5.5
+
+
+def test_score_says_why_kid_is_missing_with_statistics_made_without_features(tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    stats = tmp_path / "no-features.safetensors"
+    assert main(["refstats", "--testbed", "gmm", "--no-features", "--out", str(stats)]) == 0
+    capsys.readouterr()
+    assert main(["score", "--model", "gmm", "--ref-stats", str(stats), "--n", "64"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["kid"] is None and json.loads(out)["fid"] > 0
+    assert err.strip().splitlines()[-1] == (
+        f"note: no KID: the reference statistics {stats} hold mu and sigma only (made with "
+        f"--no-features); remake them without it for KID")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from tqdm.auto import tqdm
+
 from .. import prompts
 from ..images import grid, save_images
 from ..metrics import features
@@ -45,24 +47,30 @@ def register(sub) -> None:
     options.batch_size(p, 64)
     p.add_argument("--save-images", metavar="DIR", help="also write every image as a PNG")
     p.add_argument("--grid", metavar="PNG", help="write a grid of the first 64 images")
+    options.progress(p)
     p.set_defaults(handler=run)
 
 
-def run(args) -> int:
-
+def _checkpoints(args) -> list[int]:
+    """The image counts FID is also reported at, with --n and --kid-subsets checked."""
     if args.n < 2:
         raise ValueError(f"--n must be >= 2 (FID needs two images at least), got {args.n}")
     if args.kid_subsets < 0:
         raise ValueError(f"--kid-subsets must be >= 0 (0: no KID), got {args.kid_subsets}")
     if args.checkpoints is None:
-        checkpoints = [c for c in DEFAULT_CHECKPOINTS if c < args.n]
-    else:   # sizes the user asked for are checked, not dropped
-        checkpoints = (options.int_list(args.checkpoints, "--checkpoints")
-                       if args.checkpoints.strip() else [])
-        bad = [c for c in checkpoints if not 2 <= c <= args.n]
-        if bad:
-            raise ValueError(f"--checkpoints must lie in 2..{args.n} (--n), got "
-                             f"{', '.join(map(str, bad))}")
+        return [c for c in DEFAULT_CHECKPOINTS if c < args.n]
+    # sizes the user asked for are checked, not dropped
+    checkpoints = (options.int_list(args.checkpoints, "--checkpoints")
+                   if args.checkpoints.strip() else [])
+    bad = [c for c in checkpoints if not 2 <= c <= args.n]
+    if bad:
+        raise ValueError(f"--checkpoints must lie in 2..{args.n} (--n), got "
+                         f"{', '.join(map(str, bad))}")
+    return checkpoints
+
+
+def run(args) -> int:
+    checkpoints = _checkpoints(args)
     # what needs no model first: a large pipeline takes minutes to load
     source = prompt_source(args.model, args.prompts)
     pset = prompts.load(source, args.n, args.prompt_seed,
@@ -81,14 +89,18 @@ def run(args) -> int:
     scorer = Scorer(model, extractor, ref, pset, guidance=preset.guidance,
                     batch_size=args.batch_size, checkpoints=checkpoints,
                     kid_subsets=args.kid_subsets, clip=clip)
-    on_batch = None
-    if args.save_images:
+    # a real model's 256 images take minutes: a bar on stderr, stdout stays the JSON
+    with tqdm(total=len(pset), desc=f"scoring {model.name}", unit="img",
+              disable=args.no_progress, file=sys.stderr) as bar:
 
         def on_batch(start, images):
-            save_images(images, args.save_images,
-                        [f"{start + i:06d}.png" for i in range(images.shape[0])])
-    res = scorer.score(preset.sigmas, solver=preset.solver, freeu=preset.freeu,
-                       keep_images=64 if args.grid else 0, on_batch=on_batch, keep_features=False)
+            if args.save_images:
+                save_images(images, args.save_images,
+                            [f"{start + i:06d}.png" for i in range(images.shape[0])])
+            bar.update(images.shape[0])
+        res = scorer.score(preset.sigmas, solver=preset.solver, freeu=preset.freeu,
+                           keep_images=64 if args.grid else 0, on_batch=on_batch,
+                           keep_features=False)
     if args.grid:
 
         grid(res.images, scale=4 if res.images.shape[-1] <= 32 else 1).save(args.grid)
@@ -100,4 +112,8 @@ def run(args) -> int:
         "preset": args.preset, "device": str(model.device), "schedsearch_version": __version__}
     json.dump(out, sys.stdout, indent=2)
     print()
+    if out.get("kid") is None and args.kid_subsets > 0:   # a null with no reason reads as a bug
+        which = f" {ref.path}" if ref.path else ""
+        print(f"note: no KID: the reference statistics{which} hold mu and sigma only (made with "
+              f"--no-features); remake them without it for KID", file=sys.stderr)
     return 0
