@@ -254,7 +254,8 @@ class Worker:
         st, config = self.studies, self.ctx.config
         done = sum(slots.finished_slots(s) for s in (st.trials, *st.local))
         self.bar = tqdm(total=config.trials, initial=min(done, config.trials), desc="trials",
-                        unit="trial", disable=not self.opts.progress, dynamic_ncols=True)
+                        unit="trial", disable=None if self.opts.progress else True,
+                        dynamic_ncols=True)
         self._show_best()
         try:
             while deadline is None or time.time() < deadline:

@@ -75,6 +75,11 @@ def test_fid_of_two_folders_equals_clean_fid(folders, net):
     fa, fb = cf.get_folder_features(a, net, **kw), cf.get_folder_features(b, net, **kw)
     assert np.array_equal(M.folder_features(a, ext), fa.astype(np.float64))
     assert np.array_equal(M.folder_features(b, ext), fb.astype(np.float64))
+    # refstats' progress bar: advanced by each batch's images, to the folder's count
+    seen = []
+    bar = type("Bar", (), {"update": lambda self, k: seen.append(k)})()
+    assert np.array_equal(M.folder_features(a, ext, num=19, progress=bar), fa[:19])
+    assert seen == [8, 8, 3]
     assert ours == pytest.approx(cf.fid_from_feats(fa.astype(np.float64), fb.astype(np.float64)),
                                  rel=1e-12)
 

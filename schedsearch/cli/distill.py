@@ -143,8 +143,9 @@ def _setup(args):
 
 def _bar(args, total: int, desc: str):
 
-    return tqdm(total=total, desc=desc, unit="img", disable=args.no_progress, file=sys.stderr,
-                dynamic_ncols=True)
+    # None: off when stderr is not a terminal (a log file gets no bar redrawn in place)
+    return tqdm(total=total, desc=desc, unit="img", disable=args.no_progress or None,
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def _teacher(args, model, pairs, guidance, grid, desc="teacher"):

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from tqdm.auto import tqdm
+
 from .. import models
 from ..files import check_writable
 from ..metrics import features
@@ -44,6 +46,7 @@ def register(sub) -> None:
                    help="store only mu and sigma (smaller file; KID then unavailable)")
     options.batch_size(p, None)
     p.add_argument("--device", help="cuda, cpu (default: cuda if available)")
+    options.progress(p)
     p.set_defaults(handler=run)
 
 
@@ -87,7 +90,10 @@ def run(args) -> int:
             raise ValueError(f"--n {n}: {args.images!r} holds only {len(found)} images")
         ext = features.build(args.extractor or "inception", device=device,
                              inception_path=args.inception, batch_size=args.batch_size)
-        feats = folder_features(args.images, ext, args.batch_size, num=n)
+        # thousands of images through Inception on a CPU take a while
+        with tqdm(total=n, desc="embedding images", unit="img",
+                  disable=args.no_progress or None, file=sys.stderr) as bar:
+            feats = folder_features(args.images, ext, args.batch_size, num=n, progress=bar)
         ref = RefStats.from_features(feats, extractor=ext, source=os.path.abspath(args.images),
                                      keep_features=not args.no_features)
         ref.save(args.out)

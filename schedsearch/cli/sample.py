@@ -172,7 +172,7 @@ def run(args) -> int:
     prompts, seeds, columns, source = _jobs(args, model)
     models.check_prompts(model, prompts, args.prompts or "--prompt")
     with tqdm(total=len(prompts), desc=f"sampling {model.name}", unit="img",
-              disable=args.no_progress, file=sys.stderr) as bar:
+              disable=args.no_progress or None, file=sys.stderr) as bar:
         out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver,
                      guidance=preset.guidance, freeu=preset.freeu, batch_size=args.batch_size,
                      progress=bar)

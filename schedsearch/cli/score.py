@@ -91,7 +91,7 @@ def run(args) -> int:
                     kid_subsets=args.kid_subsets, clip=clip)
     # a real model's 256 images take minutes: a bar on stderr, stdout stays the JSON
     with tqdm(total=len(pset), desc=f"scoring {model.name}", unit="img",
-              disable=args.no_progress, file=sys.stderr) as bar:
+              disable=args.no_progress or None, file=sys.stderr) as bar:
 
         def on_batch(start, images):
             if args.save_images:

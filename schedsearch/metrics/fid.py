@@ -238,8 +238,9 @@ def read_image(path: str, channels: Optional[int] = None) -> np.ndarray:
 
 
 def folder_features(folder: str, extractor, batch_size: Optional[int] = None,
-                    num: Optional[int] = None) -> np.ndarray:
-    """Features of the images of a folder, read a batch at a time (``num``: the first num files)."""
+                    num: Optional[int] = None, progress=None) -> np.ndarray:
+    """Features of the images of a folder, read a batch at a time (``num``: the first num files;
+    ``progress``: a tqdm-like bar, updated by the images of each batch)."""
     files = list_images(folder)[:num]
     bs = int(batch_size or getattr(extractor, "batch_size", 64))
     channels = getattr(extractor, "channels", None)
@@ -251,6 +252,8 @@ def folder_features(folder: str, extractor, batch_size: Optional[int] = None,
         # against the folder's first image too: batches of one size each may still differ
         extractor.check_one_size([first[0], *arrays], [first[1], *batch])
         out.append(extractor.from_uint8(arrays, names=batch))
+        if progress is not None:
+            progress.update(len(batch))
     return np.concatenate(out)
 
 
