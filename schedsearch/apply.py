@@ -46,11 +46,14 @@ def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Opti
     (the sampler's ``Samples``: latents, images as tensors, timings). A σ list outside the
     model's noise table, or a preset made for the other kind of model (flow-matching vs DDPM), is
     refused unless ``allow_outside_table`` lifts the former (see ``presets.fit``). ``height``,
-    ``width``: the image size when ``model_or_pipe`` is a pipeline (default its native one)."""
+    ``width``: the image size when ``model_or_pipe`` is a pipeline (default its native one).
+    ``prompts`` may be one string, as a diffusers pipeline takes it."""
+    if output not in ("pil", "samples"):   # before the sampling, not after it
+        raise ValueError(f"output must be 'pil' or 'samples', got {output!r}")
     preset = load_preset(preset) if isinstance(preset, str) else preset
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     model = as_model(model_or_pipe, **size)
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     preset, notes = fit(preset, model, guidance, allow_outside_table=allow_outside_table)
     for note in notes:
@@ -58,11 +61,7 @@ def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Opti
     out = sample(model, preset.sigmas, prompts, seeds, solver=preset.solver,
                  guidance=preset.guidance, freeu=preset.freeu, batch_size=batch_size,
                  progress=progress)
-    if output == "samples":
-        return out
-    if output != "pil":
-        raise ValueError(f"output must be 'pil' or 'samples', got {output!r}")
-    return to_pil(out)
+    return out if output == "samples" else to_pil(out)
 
 
 def to_pil(samples: Samples) -> list:

@@ -156,6 +156,9 @@ def _first_call_key(sigma0: float, guidance: float, plan: Optional[FreeUPlan], p
 def _checked(model, prompts, seeds, sigmas, freeu: Optional[FreeUPlan], batch_size: int):
     """``sample``'s inputs as lists and a float64 σ tensor, and the FreeU plan if it acts; a
     clear error for each way they cannot be sampled."""
+    if isinstance(prompts, str):   # list("a cat") would be five one-letter prompts
+        raise TypeError(f"prompts must be a list, one per image; got the string {prompts!r} "
+                        f"(write [{prompts!r}])")
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")

@@ -46,3 +46,23 @@ def test_generate_takes_names_specs_and_refuses_other_objects(saved):
         from_pipeline(type("FluxPipeline", (), {})())
     with pytest.warns(UserWarning, match="made for sdxl models"):
         schedsearch.generate(pipe, "sdxl-8", ["x"], seeds=[0], output="samples")
+
+
+def test_generate_takes_one_prompt_as_a_string_and_checks_output_before_sampling(saved):
+    """A string was a list of one-letter prompts: "a red cube" gave 10 images."""
+    pipe, _ = saved
+    one = schedsearch.generate(pipe, "sd15-5", "a red cube", seeds=[4], output="samples")
+    listed = schedsearch.generate(pipe, "sd15-5", ["a red cube"], seeds=[4], output="samples")
+    assert one.prompts == ["a red cube"] and torch.equal(one.latents, listed.latents)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="output must be 'pil' or 'samples', got 'png'"):
+            schedsearch.generate(pipe, "sd15-5", "a red cube", output="png")
+    finally:
+        hook.remove()
+    assert calls == []   # refused before any model call
+    model = schedsearch.as_model(pipe)
+    with pytest.raises(TypeError, match=r"prompts must be a list, one per image; got the string "
+                                        r"'a red cube' \(write \['a red cube'\]\)"):
+        sample(model, presets.load("sd15-5").sigmas, "a red cube", [0] * 10)
