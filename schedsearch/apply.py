@@ -12,6 +12,7 @@ components are used, its scheduler only read for the noise table.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Optional, Sequence
 
@@ -20,7 +21,7 @@ from PIL import Image
 from .models import Model, load
 from .models.diffusers_flow import FLOW_SUPPORTED, from_flow_pipeline
 from .models.diffusers_sd import SUPPORTED, from_pipeline
-from .presets import Preset, fit, load as load_preset
+from .presets import Preset, as_preset, fit
 from .sampler import Samples, sample, to_uint8
 
 
@@ -38,7 +39,7 @@ def as_model(model_or_pipe, **kwargs) -> Model:
                     f"{type(model_or_pipe).__name__}")
 
 
-def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Optional[Sequence[int]] = None,
+def generate(model_or_pipe, preset: Preset | str | os.PathLike | dict, prompts: Sequence, seeds: Optional[Sequence[int]] = None,
              *, guidance: Optional[float] = None, batch_size: int = 8, output: str = "pil",
              progress=None, allow_outside_table: bool = False, height: Optional[int] = None,
              width: Optional[int] = None) -> list | Samples:
@@ -47,10 +48,11 @@ def generate(model_or_pipe, preset: Preset | str, prompts: Sequence, seeds: Opti
     model's noise table, or a preset made for the other kind of model (flow-matching vs DDPM), is
     refused unless ``allow_outside_table`` lifts the former (see ``presets.fit``). ``height``,
     ``width``: the image size when ``model_or_pipe`` is a pipeline (default its native one).
-    ``prompts`` may be one string, as a diffusers pipeline takes it."""
+    ``preset``: a Preset, a preset name or path, or its JSON object. ``prompts`` may be one
+    string, as a diffusers pipeline takes it."""
     if output not in ("pil", "samples"):   # before the sampling, not after it
         raise ValueError(f"output must be 'pil' or 'samples', got {output!r}")
-    preset = load_preset(preset) if isinstance(preset, str) else preset
+    preset = as_preset(preset)
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     model = as_model(model_or_pipe, **size)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

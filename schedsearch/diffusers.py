@@ -61,7 +61,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from . import presets as _presets, solvers
 from .freeu import restore, set_freeu, snapshot
 from .noise import FlowTable, NoiseTable, flow_t, is_flow_config
-from .presets import Preset, load as load_preset
+from .presets import Preset, as_preset
 
 __all__ = ["PresetScheduler", "PresetSchedulerOutput", "flow_euler_scheduler", "flow_euler_sigmas",
            "freeu_plan"]
@@ -110,14 +110,10 @@ def _trace(solve, sigmas: list[float]) -> tuple[list[float], list[int]]:
 
 
 def _as_preset(preset) -> Preset:
-    if isinstance(preset, Preset):
-        return preset
-    if isinstance(preset, dict):
-        return Preset.from_json(preset, origin="PresetScheduler config")
-    if isinstance(preset, str):
-        return load_preset(preset)
-    raise ValueError("PresetScheduler needs a preset: build it with "
-                     "PresetScheduler.from_preset(preset, pipe.scheduler.config)")
+    if preset is None:
+        raise ValueError("PresetScheduler needs a preset: build it with "
+                         "PresetScheduler.from_preset(preset, pipe.scheduler.config)")
+    return as_preset(preset, origin="PresetScheduler config")
 
 
 _FLOW_TEXT_TO_IMAGE_ONLY = ("PresetScheduler runs flow presets in text-to-image SD3/FLUX "

@@ -236,6 +236,19 @@ def load(name_or_path: str | os.PathLike) -> Preset:
     return read(names[s])
 
 
+def as_preset(preset, origin: str = "preset") -> Preset:
+    """A ``Preset`` from what Python callers hand over: a Preset, a name or path (str or
+    ``os.PathLike``), or the JSON object a preset file holds."""
+    if isinstance(preset, Preset):
+        return preset
+    if isinstance(preset, dict):
+        return Preset.from_json(preset, origin=origin)
+    if isinstance(preset, (str, os.PathLike)):
+        return load(preset)
+    raise TypeError(f"expected a preset: a Preset, a preset name, a path to its .json file or its "
+                    f"JSON object, got {type(preset).__name__}")
+
+
 # -- shipped presets ------------------------------------------------------------------------------
 def paper_preset(name: str) -> Preset:
     setting = schedules.PAPER_SETTINGS[name]

@@ -66,3 +66,25 @@ def test_generate_takes_one_prompt_as_a_string_and_checks_output_before_sampling
     with pytest.raises(TypeError, match=r"prompts must be a list, one per image; got the string "
                                         r"'a red cube' \(write \['a red cube'\]\)"):
         sample(model, presets.load("sd15-5").sigmas, "a red cube", [0] * 10)
+
+
+def test_a_preset_is_a_preset_a_name_a_path_or_its_json(saved, tmp_path):
+    """A pathlib.Path was taken for a Preset and failed deep inside ('has no attribute family')."""
+    from pathlib import Path
+
+    from schedsearch.diffusers import PresetScheduler
+
+    pipe, _ = saved
+    preset = presets.load("sd15-5")
+    path = preset.replace(name="mine").save(tmp_path / "mine.json")
+    for given in (Path(path), str(path), preset.to_json(), "sd15-5", preset):
+        got = presets.as_preset(given)
+        assert torch.equal(got.sigmas, preset.sigmas) and got.freeu == preset.freeu
+    by_path = schedsearch.generate(pipe, Path(path), ["x"], seeds=[1], output="samples")
+    by_name = schedsearch.generate(pipe, "sd15-5", ["x"], seeds=[1], output="samples")
+    assert torch.equal(by_path.latents, by_name.latents)
+    scheduler = PresetScheduler.from_preset(Path(path), pipe.scheduler.config)
+    assert scheduler.preset.name == "mine"
+    with pytest.raises(TypeError, match="expected a preset: a Preset, a preset name, a path to "
+                                        "its .json file or its JSON object, got int"):
+        schedsearch.generate(pipe, 5, ["x"])
