@@ -318,3 +318,27 @@ def test_the_studys_export_keeps_its_results_and_returns_a_warning(tmp_path, mon
     assert written["warning"].startswith(f"preset not copied to the user preset folder {blocker}")
     assert "point $SCHEDSEARCH_PRESETS at a folder you can write to" in written["warning"]
     assert written["warning"].endswith(f"the study's preset is in {written['preset']}")
+
+
+def test_running_out_of_memory_is_one_line_naming_the_batch_size(capsys):
+    """torch's own allocation failure (a real one: 4 PiB on the CPU), through the CLI's error
+    handling; every batch of a study is as large, so the fix is the batch size."""
+    import argparse
+
+    import torch
+
+    from schedsearch.cli import _handle, memory_error
+
+    args = argparse.Namespace(command="score", batch_size=64,
+                              handler=lambda a: torch.empty(2 ** 50, dtype=torch.uint8))
+    assert _handle(args) == 2
+    assert one_line(capsys, "score") == (
+        "schedsearch score: error: out of CPU memory allocating 1.05e+06 GiB: lower --batch-size "
+        "(now 64); a study resumes where it stopped")
+    # CUDA's message, as torch.cuda.OutOfMemoryError words it (no GPU on this machine)
+    cuda = type("OutOfMemoryError", (RuntimeError,), {})(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+    assert memory_error(cuda, argparse.Namespace(batch_size=None, dtype="auto")) == (
+        "out of GPU memory allocating 2.00 GiB: lower --batch-size, or use --dtype fp16; a study "
+        "resumes where it stopped")
+    assert memory_error(RuntimeError("shape mismatch"), args) is None

@@ -88,6 +88,24 @@ def output_error(exc: OSError, args) -> str | None:
     return f"cannot write {where} ({exc.strerror}); {instead}"
 
 
+def memory_error(exc: Exception, args) -> str | None:
+    """One line for running out of GPU or CPU memory (None: not that). The batch is what a user
+    can change: every batch of a study is as large, so each trial would run out again."""
+    text = str(exc)
+    gpu = type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text
+    if not (gpu or isinstance(exc, MemoryError) or "can't allocate memory" in text):
+        return None
+    found = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]?i?B\b|\d+ bytes)", text)
+    amount = found.group(1) if found else None
+    if amount and amount.endswith(" bytes"):
+        amount = f"{int(amount.split()[0]) / 2 ** 30:.3g} GiB"
+    size = getattr(args, "batch_size", None)
+    return (f"out of {'GPU' if gpu else 'CPU'} memory{f' allocating {amount}' if amount else ''}"
+            f": lower --batch-size{f' (now {size})' if size else ''}"
+            f"{', or use --dtype fp16' if gpu and getattr(args, 'dtype', None) != 'fp16' else ''}"
+            f"; a study resumes where it stopped")
+
+
 def _wrapped_os_error(exc: Exception) -> OSError | None:
     """The OSError behind a library's own exception: safetensors reports a failed write (a full
     disk for ``refstats --out``) as SafetensorError "... (os error 28) at path ..."."""
@@ -143,9 +161,10 @@ def _handle(args) -> int:
         # tool killed by SIGPIPE would; stdout goes to devnull so the exit flush cannot fail too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception as exc:  # an OSError (or one in disguise) under an output path, else raised
+    except Exception as exc:  # an OSError (or one in disguise) under an output path, running out
+        # of memory; anything else is raised
         err = exc if isinstance(exc, OSError) else _wrapped_os_error(exc)
-        line = output_error(err, args) if err is not None else None
+        line = output_error(err, args) if err is not None else memory_error(exc, args)
         if debug or line is None:
             raise
         print(f"schedsearch {args.command}: error: {line}", file=sys.stderr)
