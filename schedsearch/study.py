@@ -418,7 +418,11 @@ def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Cont
         raise
     with _unless_taken_over(echo, f"baseline {', '.join(keys)}") as told:
         storage.set_trial_user_attr(slot.trial_id, "results", results)
-        study.tell(slot.number, min((r["fid"] for r in results.values()), default=float("nan")))
+        if results:
+            study.tell(slot.number, min(r["fid"] for r in results.values()))
+        else:   # none of the group applies (GITS/OSS at a budget the teacher cannot beat):
+            # skipped, not failed; telling Optuna NaN made it warn and fail the slot
+            study.tell(slot.number, state=optuna.trial.TrialState.PRUNED)
     if told.taken_over:
         for run in runs:
             tracker.end(run, "INTERRUPTED", TAKEN_OVER)

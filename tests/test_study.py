@@ -663,6 +663,24 @@ def test_a_failed_baseline_is_reported_with_its_reason_not_dropped(tmp_path):
     assert "baseline gits, oss failed:" in (tmp_path / "run" / "comparison.md").read_text()
 
 
+def test_gits_and_oss_at_a_budget_the_teacher_cannot_beat_are_skipped_not_failed(tmp_path,
+                                                                              recwarn):
+    """Their slot was told NaN: Optuna warned "The value nan is not acceptable" and failed it."""
+    cfg = StudyConfig.from_dict({**SMALL, "n_search": 8, "n_heldout": 8, "checkpoints": [4],
+                                 "trials": 1, "rerank": 0, "teacher_steps": 5,
+                                 "baselines": ["karras", "gits", "oss"]})
+    summary = run_study(cfg, RunOptions(out=tmp_path / "run", progress=False,
+                                        export_user_preset=False), echo=lambda *_: None)
+    assert summary["failed_baselines"] == {}
+    assert [r["key"] for r in summary["rows"]] == ["best", "karras"]
+    study = optuna.load_study(study_name="gmm-5nfe:baselines",
+                              storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    states = {tuple(t.user_attrs["baselines"]): t.state for t in study.trials}
+    assert states == {("karras",): optuna.trial.TrialState.COMPLETE,
+                      ("gits", "oss"): optuna.trial.TrialState.PRUNED}
+    assert not [w for w in recwarn if "nan" in str(w.message)]
+
+
 def test_gits_and_oss_distill_on_the_block_after_the_studys_and_wrap_past_the_last():
     """At the largest --prompt-seed the next block does not exist: GITS/OSS failed with a seed
     range error; block 0 is just as disjoint from the study's images."""
