@@ -809,7 +809,7 @@ def test_a_study_from_before_the_local_runs_keeps_its_one_local_study(tmp_path):
 
 def test_run_prints_the_presets_sigma_list_solver_and_freeu(tmp_path, capsys, monkeypatch):
     """The last lines of ``schedsearch run`` show the recommended preset as a sampler takes it —
-    its σ list, solver and FreeU plan, read back from the preset file it wrote — since the
+    its σ list, solver, FreeU plan and guidance, read back from the preset file it wrote — since the
     winner's params (knot fractions, p1/p2/stop) do not say which σ it runs."""
     from schedsearch.cli import main
 
@@ -822,7 +822,8 @@ def test_run_prints_the_presets_sigma_list_solver_and_freeu(tmp_path, capsys, mo
     preset = presets.read(lines[at][len("preset: "):])
     assert lines[at + 1].split() == (
         ["σ", *[f"{v:.4g}," for v in preset.sigmas.tolist()[:-1]],
-         f"{preset.sigmas.tolist()[-1]:.4g}", "·", preset.solver, "·", "FreeU", "off"])
+         f"{preset.sigmas.tolist()[-1]:.4g}", "·", preset.solver, "·", "FreeU", "off", "·",
+         "guidance", "3"])   # gmm's CFG scale: a searched one (space: guidance) differs
     assert preset.nfe == 5 and preset.solver in SEARCHED_SOLVERS
 
 

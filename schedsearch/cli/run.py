@@ -169,7 +169,7 @@ def run(args) -> int:
     # what the preset holds, in the terms a sampler takes (the trial's params are knot fractions)
     chosen = read(summary["preset"])
     print(f"        σ {', '.join(f'{v:.4g}' for v in chosen.sigmas.tolist())} · {chosen.solver}"
-          f" · FreeU {chosen.freeu_text()}")
+          f" · FreeU {chosen.freeu_text()} · guidance {chosen.guidance:.4g}")
     if summary.get("user_preset"):
         print(f"        also saved as '{name}' (schedsearch presets show {name})")
     if summary.get("warning"):
