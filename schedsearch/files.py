@@ -73,6 +73,10 @@ def first_bad_byte(path: str | os.PathLike) -> str:
     return "it changed while being read"
 
 
+class CacheWarning(UserWarning):
+    """A cache could not be read or written: the result is computed anyway, at a cost."""
+
+
 def cache_dir(*parts: str) -> Path:
     """``$SCHEDSEARCH_CACHE`` (default ``~/.cache/schedsearch``), joined with ``parts``."""
     root = os.environ.get("SCHEDSEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",

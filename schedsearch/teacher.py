@@ -54,7 +54,7 @@ GRID_KINDS = ("uniform", "karras", "logsnr")
 TEACHER_SOLVERS = ("dpmpp_1s",)
 
 
-class TeacherCacheWarning(UserWarning):
+class TeacherCacheWarning(files.CacheWarning):
     """A cached teacher file was unusable and has been recomputed."""
 
 
@@ -312,8 +312,9 @@ def trajectories(model, prompts: Sequence, seeds: Sequence[int], *, guidance: fl
         try:
             _save(path, key, sigmas, x, d)
         except OSError as exc:  # a read-only or full disk costs the cache, not the result
-            warnings.warn(f"could not write the teacher cache {path}: {exc}", TeacherCacheWarning,
-                          stacklevel=2)
+            warnings.warn(f"could not write the teacher cache {path} ({exc.strerror or exc}); "
+                          f"it is recomputed next time: point --cache-dir or SCHEDSEARCH_CACHE "
+                          f"at a folder you can write to", TeacherCacheWarning, stacklevel=2)
     return Teacher(sigmas=sigmas, x=x, denoised=d, calls=calls, **common)
 
 

@@ -535,7 +535,31 @@ def test_a_teacher_cache_that_cannot_be_written_is_one_warning_line(tmp_path, ca
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("schedsearch teacher: warning: could not write the teacher cache ")
+    assert lines[0].endswith("(Not a directory); it is recomputed next time: point --cache-dir "
+                             "or SCHEDSEARCH_CACHE at a folder you can write to")
     assert warnings.showwarning is before   # main() leaves the caller's warnings as they were
+
+
+def test_a_cache_that_cannot_hold_reference_statistics_costs_a_warning_not_the_score(
+        tmp_path, capsys, monkeypatch):
+    """It was '[Errno 2] No such file or directory' and no score."""
+    import json
+
+    from schedsearch.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(blocker / "cache"))
+    assert main(["score", "--model", "gmm", "--n", "32", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["fid"] > 0
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"schedsearch score: warning: could not cache the reference statistics in "
+        f"{blocker / 'cache' / 'refstats'}/")
+    assert lines[0].endswith("(Not a directory); they are rebuilt next time: point "
+                             "SCHEDSEARCH_CACHE at a folder you can write to")
+    assert blocker.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("command", ["run", "score"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -258,7 +259,13 @@ def default_refstats(model, extractor=None, *, n: Optional[int] = None, seed: Op
         source = f"digits held-out split ({images.shape[0]} images)"
     ref = RefStats.from_features(feats, extractor=extractor, source=source, model=model.name,
                                  model_fingerprint=model.fingerprint(), seed=seed)
-    ref.save(path)
+    try:
+        ref.save(path)
+    except OSError as exc:   # a read-only or missing cache costs a rebuild next time, not the run
+        warnings.warn(f"could not cache the reference statistics in {path} "
+                      f"({exc.strerror or exc}); they are rebuilt next time: point "
+                      f"SCHEDSEARCH_CACHE at a folder you can write to", files.CacheWarning,
+                      stacklevel=2)
     return ref
 
 
