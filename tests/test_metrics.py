@@ -206,6 +206,13 @@ def test_a_user_provided_inception_file_is_loaded_through_clean_fid(tmp_path, mo
     # the environment variable works as well as the flag
     monkeypatch.setenv(F.INCEPTION_ENV, str(stored))
     assert F.find_inception() == str(stored)
+    # a cache that cannot be written: the link goes to a temporary folder ('No such file' before)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(blocker / "cache"))
+    elsewhere = F._inception_dir(str(stored))
+    assert not elsewhere.startswith(str(tmp_path))
+    assert os.path.realpath(os.path.join(elsewhere, F.INCEPTION_FILE)) == str(stored)
 
 
 def test_missing_inception_says_where_to_put_it_and_how_to_get_it(tmp_path, monkeypatch):

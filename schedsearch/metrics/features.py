@@ -14,8 +14,11 @@ vectors for the Gaussian-mixture testbed. Work is done batch by batch so memory 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Optional, Sequence
 
@@ -199,7 +202,11 @@ def _inception_dir(weights: str) -> str:
         return os.path.dirname(weights)
     key = hashlib.sha256(os.path.abspath(weights).encode()).hexdigest()[:12]
     folder = str(files.cache_dir("inception", key))
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:   # a cache that cannot be written: the link lives as long as the process
+        folder = tempfile.mkdtemp(prefix="schedsearch-inception-")
+        atexit.register(shutil.rmtree, folder, True)
     link = os.path.join(folder, INCEPTION_FILE)
     if not os.path.lexists(link):
         os.symlink(os.path.abspath(weights), link)
