@@ -22,12 +22,14 @@ def load_runs(uri: str, study: str | None):
     from schedsearch.tracking import ROLE
 
     client = MlflowClient(tracking_uri=uri)
-    exps = client.search_experiments()
-    if study:
-        exps = [e for e in exps if e.name == study]
+    # a study is an experiment holding a study run; MLflow's own "Default" holds none (taking the
+    # last experiment listed picked it, and drew empty figures)
+    exps = [e for e in client.search_experiments(order_by=["last_update_time DESC"])
+            if (e.name == study if study else
+                client.search_runs([e.experiment_id], f"tags.`{ROLE}` = 'study'", max_results=1))]
     if not exps:
-        raise SystemExit(f"no experiment {'named ' + study if study else ''} in {uri}")
-    exp = exps[-1]
+        raise SystemExit(f"no study {'named ' + study + ' ' if study else ''}in {uri}")
+    exp = exps[0]
     runs = client.search_runs([exp.experiment_id], max_results=5000)
     parent = next((r for r in runs if r.data.tags.get(ROLE) == "study"), None)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == (parent.info.run_id if parent else None)]
@@ -40,7 +42,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the run folder (holds mlflow.db)")
-    ap.add_argument("--study", help="experiment name (default: the only/latest one)")
+    ap.add_argument("--study", help="the study's name (default: the latest study in the store)")
     ap.add_argument("--to", help="where to write the figures (default: --out)")
     args = ap.parse_args()
     to = Path(args.to or args.out)
