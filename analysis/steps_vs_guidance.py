@@ -49,7 +49,9 @@ def main() -> int:
         rows.append({"guidance": g, "fid": {str(s): v for s, v in fids.items()}})
 
     lo, hi = min(args.steps), max(args.steps)
-    second = sorted(args.steps)[1] if len(args.steps) > 1 else lo
+    # the step count after the fewest against the most (with two counts, the fewest: the
+    # second was the most, and the column compared it with itself)
+    second = sorted(set(args.steps))[1] if len(set(args.steps)) > 2 else lo
     lines = ["| guidance | " + " | ".join(f"{s} steps" for s in args.steps)
              + f" | {second} − {hi} steps, same seeds |",
              "|---|" + "---|" * (len(args.steps) + 1)]
