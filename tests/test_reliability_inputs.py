@@ -481,6 +481,12 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     (["run", "--model", "gmm", "--objectives", "fid,nfe", "--refine", "0.3", "--validation-sets",
       "2"], r"--refine, --validation-sets: for a single-objective study; --objectives fid,nfe "
             r"runs one stage"),
+    # a device torch does not know was its traceback; a CUDA index the machine lacks said cuda
+    (["sample", "--model", "gmm", "--device", "tpu"],
+     r"--device 'tpu' is not a device torch knows; use cpu, cuda or cuda:N$"),
+    (["score", "--model", "gmm", "--device", "cuda:99"],
+     r"--device cuda:99(: this machine has \d+ CUDA device| was asked for, but no CUDA device)"),
+    (["refstats", "--testbed", "gmm", "--device", "tpu"], r"--device 'tpu' is not a device"),
     (["run", "--model", "gmm", "--objectives", "nfe,fid"],
      r"objectives must be .*\(FID first: --objectives fid,nfe\), got \['nfe', 'fid'\]$"),
 ])

@@ -80,7 +80,7 @@ def run(args) -> int:
         if os.path.isdir(args.out):
             raise IsADirectoryError(21, "is a folder; --out names the statistics file", args.out)
         check_writable(os.path.dirname(os.path.abspath(args.out)))
-    device = args.device or str(models.default_device())
+    device = str(models.resolve_device(args.device))
     if args.images:
         if not args.out:
             raise ValueError("--images needs --out FILE (where to write the statistics)")

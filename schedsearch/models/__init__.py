@@ -114,6 +114,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: Optional[str | torch.device]) -> torch.device:
+    """``device`` as a torch device (None: CUDA if there is one), with one line for a name torch
+    does not know and for a CUDA device this machine does not have."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device torch knows; use cpu, cuda or "
+                         f"cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for, but no CUDA device is available "
+                             f"here")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    return dev
+
+
 def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
     """fp16 on CUDA and fp32 on CPU unless asked otherwise; fp16/bf16 on CPU are refused (slow,
     and several CPU kernels lack half precision)."""
@@ -136,9 +157,7 @@ def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> t
 def load(spec: str = "digits", *, device: Optional[str | torch.device] = None,
          dtype: Optional[str | torch.dtype] = None, **kwargs) -> Model:
     """Load a model by spec; see the module docstring."""
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available here")
+    device = resolve_device(device)
     dt = resolve_dtype(dtype, device)
     if spec == "gmm":
         return GaussianMixture.default(device=device, dtype=torch.float32, **kwargs)
