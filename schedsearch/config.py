@@ -157,6 +157,9 @@ class StudyConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
         check_prompt_seed(self.prompt_seed)
+        s = self.seed   # Optuna's samplers seed numpy, which takes 0..2**32 - 1
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32:
+            raise ValueError(f"seed (the search's) must be an integer in 0..{2 ** 32 - 1}, got {s!r}")
         for key in ("n_search", "n_heldout"):   # else every trial fails, after the baselines
             if getattr(self, key) < 2:
                 raise ValueError(f"{key} must be >= 2 (FID needs two images at least), got "

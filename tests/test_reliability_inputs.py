@@ -487,6 +487,9 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     (["score", "--model", "gmm", "--device", "cuda:99"],
      r"--device cuda:99(: this machine has \d+ CUDA device| was asked for, but no CUDA device)"),
     (["refstats", "--testbed", "gmm", "--device", "tpu"], r"--device 'tpu' is not a device"),
+    # numpy's own words, once the storage was made
+    (["run", "--model", "gmm", "--seed", "-1"],
+     r"seed \(the search's\) must be an integer in 0\.\.4294967295, got -1$"),
     (["run", "--model", "gmm", "--objectives", "nfe,fid"],
      r"objectives must be .*\(FID first: --objectives fid,nfe\), got \['nfe', 'fid'\]$"),
 ])
