@@ -450,6 +450,9 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     (["sample", "--model", "gmm", "--seeds", "18446744073709551616"],
      r"seeds must lie in 0\.\.18446744073709551615 .*, got 18446744073709551616$"),
     (["sample", "--model", "gmm", "--seeds", "0,-5"], r"seeds must lie in .*, got -5$"),
+    # a typo of a range built a list of ten billion seeds first
+    (["sample", "--model", "gmm", "--seeds", "3,0-9999999999"],
+     r"--seeds asks for 10,000,000,001 values; at most 1,000,000 \(one image each\)$"),
     (["score", "--prompt-seed", "99999999999999"],
      r"the prompt seed must be an integer in 0\.\.18446744073708 .*got 99999999999999$"),
     (["run", "--model", "gmm", "--prompt-seed", "-1"], "the prompt seed must be an integer in"),

@@ -187,6 +187,9 @@ def sampling(p, *, default_schedule: str, default_steps: int) -> None:
     p.set_defaults(default_schedule=default_schedule, default_steps=default_steps)
 
 
+MAX_LIST = 1_000_000
+
+
 def int_list(text: str, what: str) -> list[int]:
     """'0-7', '0,3,5', '0-3,10' → integers in the order given (seeds, class labels)."""
     out: list[int] = []
@@ -201,6 +204,9 @@ def int_list(text: str, what: str) -> list[int]:
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"{what}: the range {part!r} runs backwards")
+        if len(out) + hi - lo + 1 > MAX_LIST:   # a typo such as 0-99999999999 built the list
+            raise ValueError(f"{what} asks for {len(out) + hi - lo + 1:,} values; at most "
+                             f"{MAX_LIST:,} (one image each)")
         out.extend(range(lo, hi + 1))
     if not out:
         raise ValueError(f"{what} is empty: give at least one, e.g. 0-7")
