@@ -135,6 +135,9 @@ def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: st
     """Load ``n`` prompts (all when None) from ``source`` with seeds ``seed·10⁶ + i``."""
     if n is not None and n < 1:
         raise ValueError(f"the number of prompts must be >= 1, got {n}")
+    if n is not None and n > SEED_STRIDE:   # more would take the next prompt seed's seeds
+        raise ValueError(f"at most {SEED_STRIDE:,} images per prompt seed (image i gets seed "
+                         f"prompt_seed·{SEED_STRIDE:,} + i), got {n:,}")
     check_prompt_seed(seed)
     if caption_column != "caption" and not source.lower().endswith(".csv"):
         # it used to be ignored: the prompts were not the column that was asked for

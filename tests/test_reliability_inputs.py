@@ -435,6 +435,9 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
      r"--checkpoints must lie in 2\.\.100 \(--n\), got 300"),
     (["score", "--checkpoints", "1"], r"must lie in 2\.\.256 \(--n\), got 1$"),
     (["score", "--kid-subsets", "-1"], r"--kid-subsets must be >= 0"),
+    # it built a list of ten billion prompts first
+    (["score", "--n", "10000000000", "--checkpoints", ""],
+     r"at most 1,000,000 images per prompt seed .*, got 10,000,000,000$"),
     (["refstats", "--testbed", "gmm", "--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
     # refstats flags that did nothing for their source (a digits --data-seed stamped the same
     # statistics with that seed)
