@@ -741,3 +741,24 @@ def test_refstats_no_features_without_out_is_one_line(tmp_path, capsys, monkeypa
         "--no-features applies to the --out file (the cached copy keeps its features, for KID); "
         "add --out FILE")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "--budjet", "4"], "schedsearch run: error: unrecognized arguments: --budjet 4 "
+                               "(did you mean --budget for --budjet?)"),
+    (["presets", "show", "sd15-5", "--formt=json"],
+     "schedsearch presets show: error: unrecognized arguments: --formt=json (did you mean "
+     "--format for --formt=json?)"),
+    (["gits", "--budget", "4", "--calibrate"],
+     "schedsearch gits: error: unrecognized arguments: --calibrate"),
+])
+def test_an_unknown_flag_is_named_by_its_command_with_the_likely_one(capsys, argv, line):
+    """argparse's top level said 'schedsearch: error: unrecognized arguments' under the usage
+    of every command."""
+    from schedsearch.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == line and err[0].startswith(f"usage: schedsearch {argv[0]}")

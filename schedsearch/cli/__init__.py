@@ -135,13 +135,32 @@ def _one_line_warnings(command: str):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unrecognized(parser, sys.argv[1:] if argv is None else argv, extra)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
     with warnings.catch_warnings():   # restored on return: main() is also called in-process
         warnings.showwarning = _one_line_warnings(args.command)
         return _handle(args)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, argv: list, extra: list) -> None:
+    """Unknown arguments, said by the command they were given to (argparse's top level said
+    'schedsearch: error' with the usage of every command) with the flag a typo was likely meant
+    as; exits with status 2 like any argparse error."""
+    import difflib
+
+    for token in argv:   # down to the (sub)command the arguments were given to
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parser = subs[0].choices[token]
+    flags = [s for a in parser._actions for s in a.option_strings]
+    near = [f"{m[0]} for {e}" for e in extra if e.startswith("--")
+            if (m := difflib.get_close_matches(e.split("=")[0], flags, 1, 0.7))]
+    parser.error(f"unrecognized arguments: {' '.join(extra)}"
+                 + (f" (did you mean {', '.join(near)}?)" if near else ""))
 
 
 def _handle(args) -> int:
