@@ -152,7 +152,9 @@ def _unrecognized(parser: argparse.ArgumentParser, argv: list, extra: list) -> N
     as; exits with status 2 like any argparse error."""
     import difflib
 
-    for token in argv:   # down to the (sub)command the arguments were given to
+    # down to the (sub)command the arguments were given to; argparse has no public way to reach
+    # a subcommand's parser or its flags, so this reads _actions (stable since Python 3.2)
+    for token in argv:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         if subs and token in subs[0].choices:
             parser = subs[0].choices[token]
