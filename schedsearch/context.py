@@ -3,33 +3,55 @@ feature extractor and reference statistics, and a scorer per prompt set."""
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from . import models, presets, prompts
 from .config import StudyConfig
 from .metrics import ScoreResult, Scorer, check_before_loading, scoring_setup
 from .metrics.features import ClipScore
+from .metrics.refstats import RefStats
 from .presets import Preset
 from .sampler import sample
 from .space import Target
 
 
+@dataclass
+class Inputs:
+    """What a study reads before its model: the prompt source, every prompt it samples (the
+    search subset, then the held-out sets) and the reference statistics of a file it was given."""
+
+    source: str
+    prompts: prompts.PromptSet
+    ref: Optional[RefStats]
+
+
+def read_inputs(config: StudyConfig) -> Inputs:
+    """The prompts, Inception's weights and the reference statistics, checked before any work: a
+    large pipeline takes minutes to load, and a missing file should not wait for it (nor leave a
+    new study behind)."""
+    source = models.prompt_source(config.model, config.prompts)
+    # the search subset, then K disjoint held-out sets further down the same prompt list (new
+    # prompts where the source has them, new seeds always)
+    n, h, k = config.n_search, config.n_heldout, config.heldout_sets
+    full = prompts.load(source, n + k * h, config.prompt_seed,
+                        caption_column=config.caption_column)
+    ref = check_before_loading(config.model, extractor=config.extractor,
+                               inception=config.inception, ref_stats=config.ref_stats,
+                               clip=config.clip)
+    return Inputs(source, full, ref)
+
+
 class Context:
     """The loaded model, prompt subsets and scorers of one study in one process."""
 
-    def __init__(self, config: StudyConfig, echo: Callable[[str], None] = print):
+    def __init__(self, config: StudyConfig, echo: Callable[[str], None] = print,
+                 inputs: Optional[Inputs] = None):
         self.config = config
-        # the prompts, Inception's weights and the reference statistics first: a large pipeline
-        # takes minutes to load, and a missing file should not wait for it
-        source = self.prompt_source = models.prompt_source(config.model, config.prompts)
-        # the search subset, then K disjoint held-out sets further down the same prompt list
-        # (new prompts where the source has them, new seeds always)
+        inputs = inputs or read_inputs(config)
+        self.prompt_source = source = inputs.source
+        full, ref = inputs.prompts, inputs.ref
         n, h, k = config.n_search, config.n_heldout, config.heldout_sets
-        full = prompts.load(source, n + k * h, config.prompt_seed,
-                            caption_column=config.caption_column)
-        ref = check_before_loading(config.model, extractor=config.extractor,
-                                   inception=config.inception, ref_stats=config.ref_stats,
-                                   clip=config.clip)
         kwargs = {k: getattr(config, k) for k in ("height", "width") if getattr(config, k)}
         echo(f"loading model {config.model} ...")
         self.model: models.Model = models.load(config.model, device=config.device,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import baselines, presets, report, slots, solvers
 from .config import StudyConfig, applicable_baselines, config_json, default_study_name, identity
-from .context import Context
+from .context import Context, read_inputs
 from .metrics import ScoreError
 from .space import Space, make_sampler, refine_sampler
 from .tracking import Tracker, check_reachable, run_params, tracking_uri_for
@@ -69,12 +69,13 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     """Run (or join, or resume) the study and return its summary."""
     t_start = time.perf_counter()
     check_reachable(tracking_uri_for(opts.out))
+    inputs = read_inputs(config)   # bad prompts or reference files: one line, no study left behind
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     name = opts.study_name or default_study_name(config)
     storage_url = opts.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = slots.make_storage(storage_url, opts.heartbeat, opts.grace)
-    ctx = Context(config, echo)
+    ctx = Context(config, echo, inputs)
     ctx.artifacts = opts.artifacts
     dropped = Space(dict(config.space)).notes(ctx.target)   # refused here, before any work
     model_baselines(ctx)

@@ -713,6 +713,8 @@ def test_a_damaged_database_in_the_run_folder_is_one_line_and_left_as_it_is(tmp_
     (["run", "--config", "{d}"], "'{d}' is a folder, not a file; give the file's path$"),
     (["score", "--ref-stats", "{d}"], "'{d}' is a folder; reference statistics are one "
                                       ".safetensors file: make it from an image folder"),
+    # read before the study's storage is made: a failed run used to leave an empty study.db
+    (["run", "--ref-stats", "{d}"], "'{d}' is a folder; reference statistics are one "),
     (["sample", "--preset", "{d}"], "{d} is a folder, not a preset file$"),
 ])
 def test_a_folder_given_for_an_input_file_says_so(tmp_path, capsys, argv, message):
@@ -728,7 +730,7 @@ def test_a_folder_given_for_an_input_file_says_so(tmp_path, capsys, argv, messag
     assert main([*argv, "--model", "gmm", *flags]) == 2
     assert re.search(message.format(d=re.escape(str(folder))),
                      _one_error_line(capsys.readouterr().err, argv[0]))
-    assert list(folder.iterdir()) == []
+    assert list(folder.iterdir()) == [] and not out.exists()
 
 
 def test_refstats_no_features_without_out_is_one_line(tmp_path, capsys, monkeypatch):

@@ -223,8 +223,9 @@ def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
                          clip: Optional[str] = None) -> Optional[RefStats]:
     """What scoring a model that is not a testbed needs and can be checked before its weights
     load (minutes for a large pipeline): a CLIP folder if asked for, Inception's weights and a
-    readable reference statistics file, returned (None for a testbed) so that ``scoring_setup``
-    takes it as read rather than reading it again (hundreds of MB with features)."""
+    readable reference statistics file, returned (None when none is given to a testbed, which
+    brings its own) so that ``scoring_setup`` takes it as read rather than reading it again
+    (hundreds of MB with features)."""
     if clip:
         features.check_clip_folder(clip)
     if inception and (extractor or ("inception" if model_spec not in BUILTIN else None)) \
@@ -232,8 +233,8 @@ def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
         raise ValueError(f"--inception is used only with --extractor inception; {model_spec} "
                          f"scores with {'the ' + extractor if extractor else 'its own'} "
                          f"extractor (add --extractor inception to score with Inception)")
-    if model_spec in BUILTIN:
-        return None   # loads in a second, and brings its own reference data
+    if model_spec in BUILTIN:   # loads in a second, and brings its own reference data
+        return RefStats.load(ref_stats) if ref_stats else None
     if (extractor or "inception") == "inception":
         features.find_inception(inception)
     if not ref_stats:
