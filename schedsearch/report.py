@@ -553,7 +553,9 @@ def preset_from_study(storage_url: str, study_name: str, name: str,
     try:
         study = slots.load(storage, study_name)
     except ValueError:
-        raise ValueError(f"no study named {study_name!r} in {slots.redact(storage_url)}") from None
+        names = sorted(n for n in optuna.get_all_study_names(storage) if ":" not in n)
+        raise ValueError(f"no study named {study_name!r} in {slots.redact(storage_url)}; it holds "
+                         + (", ".join(names) if names else "none")) from None
     pick = _pick_trial(storage, study, trial_number)
     cfg = study.user_attrs.get("config", {})
     held = study.user_attrs.get(f"heldout:trial{pick.number}")

@@ -289,6 +289,30 @@ def test_export_without_study_takes_the_storages_only_study(two_studies, capsys,
     assert not (tmp_path / "z.json").exists()
 
 
+@pytest.mark.parametrize("flags, line", [
+    # a storage file that is not there was created, empty, then said to hold no study
+    (["--storage", "sqlite:///{t}/missing.db"], "--storage sqlite:///{t}/missing.db: there is no "
+     "file {t}/missing.db; pass the study.db of a run folder, or --out DIR"),
+    # a stage study exported something; an unknown name did not say which studies there are
+    (["--out", "{a}", "--study", "legacy-gmm:refine"], "legacy-gmm:refine is a stage of study "
+     "legacy-gmm: export --study legacy-gmm (--trial N picks any trial of either stage)"),
+    (["--out", "{a}", "--study", "nope"], "no study named 'nope' in sqlite:///{a}/study.db; it "
+     "holds legacy-gmm, other"),
+])
+def test_export_names_a_storage_or_study_that_is_not_there(two_studies, capsys, tmp_path, flags,
+                                                           line):
+    from schedsearch.cli import main
+
+    a, _ = two_studies
+    fill = dict(t=tmp_path, a=a)
+    argv = ["export", "--name", "x", "--to", str(tmp_path / "x.json"),
+            *[f.format(**fill) for f in flags]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"schedsearch export: error: {line.format(**fill)}"]
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "x.json").exists()
+
+
 def test_the_studys_export_refuses_a_clash_with_a_warning_and_keeps_its_own_file(two_studies,
                                                                                 tmp_path):
     from types import SimpleNamespace

@@ -138,6 +138,16 @@ def export(args) -> int:
     storage = args.storage or f"sqlite:///{(Path(args.out) / 'study.db').resolve()}"
     if not args.storage and not (Path(args.out) / "study.db").is_file():
         raise FileNotFoundError(f"no study.db in {args.out}; is it a schedsearch run folder?")
+    if args.storage and args.storage.lower().startswith("sqlite:///") \
+            and not Path(args.storage[len("sqlite:///"):]).is_file():
+        # opening it would create an empty database there, and then say it holds no study
+        raise FileNotFoundError(f"--storage {args.storage}: there is no file "
+                                f"{args.storage[len('sqlite:///'):] or '(none named)'}; pass the "
+                                f"study.db of a run folder, or --out DIR")
+    if args.study and ":" in args.study:   # <name>:refine, <name>:baselines
+        whole = args.study.split(":")[0]
+        raise ValueError(f"{args.study} is a stage of study {whole}: export --study {whole} "
+                         f"(--trial N picks any trial of either stage)")
     preset = preset_from_study(storage, args.study or only_study(storage), args.name, args.trial)
     if args.to:
         path = preset.save(Path(args.to))
