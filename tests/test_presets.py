@@ -116,7 +116,7 @@ def test_the_list_shows_an_unreadable_user_file_and_skips_a_folder(tmp_path, mon
         presets.read(tmp_path / "folder.json")
 
 
-def test_cli_show_formats():
+def test_cli_show_formats(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "schedsearch", "presets", "show", *a],  # noqa: E731
                                     capture_output=True, text=True, check=True).stdout
     data = json.loads(run("sd15-5", "--format", "json"))
@@ -124,6 +124,9 @@ def test_cli_show_formats():
     comfy = [float(v) for v in run("sd15-5", "--format", "comfy").split(",")]
     assert comfy[0] == pytest.approx(14.614641) and comfy[-1] == pytest.approx(0.132002)
     assert "FreeU: original on steps [0, 1, 2, 3, 4]" in run("sd15-5")
+    # a searched guidance (space: guidance) was shown with all its digits
+    path = presets.load("sd15-5").replace(guidance=2.163846400703612).save(tmp_path / "g.json")
+    assert run(str(path)).splitlines()[0] == "sd15-5: sd15, 5 NFE, dpmpp_1s, guidance 2.164"
 
 
 # -- σ outside the model's noise table ------------------------------------------------------------

@@ -95,8 +95,9 @@ def print_preset(preset, fmt: str, **extra) -> None:
             print(f"note: {note}", file=sys.stderr)
     else:
         d = preset.to_json()
+        # a searched guidance has every digit in the JSON; four say what it is
         print(f"{preset.name}: {preset.family}, {preset.nfe} NFE, {preset.solver}, guidance "
-              f"{preset.guidance}")
+              f"{preset.guidance:.4g}")
         print(f"  σ: {', '.join(f'{s:.4f}' for s in d['sigmas'])}")
         if comfy.is_flow(preset):   # the model's own time t = σ/(1+σ) and its timestep 1000·t
             print(f"  t: {comfy.flow_t_string(preset.sigmas)} (timestep 1000·t)")
