@@ -28,7 +28,7 @@ def sqlite_init_lock(url: str):
         yield
         return
     sqlite_wal()
-    path = url[len("sqlite:///"):]
+    path = sqlite_path(url)
     check_sqlite_file(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path + ".lock", "a") as f:
@@ -37,6 +37,21 @@ def sqlite_init_lock(url: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a ``sqlite:///`` URL names ('' when it names none); None for any other URL."""
+    return url[len("sqlite:///"):] if url.lower().startswith("sqlite:///") else None
+
+
+def check_existing_sqlite(url: str, flag: str, what: str) -> None:
+    """A sqlite URL given to read a run's database must name a file that is there: opening one
+    that is not creates it, empty (folders and all, for an MLflow server), and then finds nothing
+    in it. ``what``: the file a run folder holds (study.db, mlflow.db)."""
+    path = sqlite_path(url)
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {url}: there is no file {path or '(none named)'}; pass "
+                                f"the {what} of a run folder, or --out DIR")
 
 
 # the first 16 bytes of every SQLite 3 database file (sqlite.org/fileformat.html, 1.3)

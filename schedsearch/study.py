@@ -308,7 +308,8 @@ class Worker:
         if stage == 1:
             sampler = make_sampler(config.sampler, seed, self.multi)
             fixed = self._warm(slot.user_attrs["warm"]) if "warm" in slot.user_attrs else None
-            nfe_range = ((min(self.space.fewest_calls(), config.budget), config.budget)
+            # fewest_calls() <= budget: a space that cannot fill budget 1 is refused at 1
+            nfe_range = ((self.space.fewest_calls(), config.budget)
                          if "nfe" in config.objectives else None)
             make = lambda trial: (self.space.suggest(trial, self.ctx.target, nfe_range), None)  # noqa: E731
             study, number = st.trials, slot.number

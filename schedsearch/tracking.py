@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 from safetensors.torch import save_file
 
 from .images import grid
-from .locks import check_sqlite_file, sqlite_init_lock
+from .locks import check_sqlite_file, sqlite_init_lock, sqlite_path
 from .presets import Preset
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -57,7 +57,7 @@ def check_reachable(uri: str, timeout: float = 10.0, *, source: tuple[str, str] 
     if scheme in ("", "file"):
         _check_file_store(uri, source)
     if scheme == "sqlite":   # a damaged mlflow.db: one line before the model loads
-        check_sqlite_file(uri[len("sqlite:///"):])
+        check_sqlite_file(sqlite_path(uri))
     if scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
         _check_database(uri, scheme, timeout, source)
     if scheme not in ("http", "https"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 
 from .. import comfy, slots
+from ..locks import check_existing_sqlite
 from ..presets import SHIPPED_DIR, available, load, read, user_dir, user_path
 from ..report import preset_from_study
 from . import options
@@ -139,12 +140,8 @@ def export(args) -> int:
     storage = args.storage or f"sqlite:///{(Path(args.out) / 'study.db').resolve()}"
     if not args.storage and not (Path(args.out) / "study.db").is_file():
         raise FileNotFoundError(f"no study.db in {args.out}; is it a schedsearch run folder?")
-    if args.storage and args.storage.lower().startswith("sqlite:///") \
-            and not Path(args.storage[len("sqlite:///"):]).is_file():
-        # opening it would create an empty database there, and then say it holds no study
-        raise FileNotFoundError(f"--storage {args.storage}: there is no file "
-                                f"{args.storage[len('sqlite:///'):] or '(none named)'}; pass the "
-                                f"study.db of a run folder, or --out DIR")
+    if args.storage:
+        check_existing_sqlite(args.storage, "--storage", "study.db")
     if args.study and ":" in args.study:   # <name>:refine, <name>:baselines
         whole = args.study.split(":")[0]
         raise ValueError(f"{args.study} is a stage of study {whole}: export --study {whole} "

@@ -12,7 +12,7 @@ import time
 import webbrowser
 from pathlib import Path
 
-from ..locks import check_sqlite_file
+from ..locks import check_existing_sqlite, check_sqlite_file
 from . import UserError, options
 
 
@@ -88,11 +88,7 @@ def check_store(uri: str) -> None:
     MLflow's retries (a database or server that does not answer)."""
     from ..tracking import check_reachable   # mlflow-free: the check comes before the heavy import
 
-    if uri.lower().startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise FileNotFoundError(f"--tracking-uri {uri}: there is no file {path}; pass the "
-                                    f"mlflow.db of a run folder, or --out DIR")
+    check_existing_sqlite(uri, "--tracking-uri", "mlflow.db")
     check_reachable(uri, source=("--tracking-uri", "pass --out DIR for a run folder's own "
                                                   "mlflow.db"))
 
