@@ -230,8 +230,8 @@ def _search_text(budgets: list) -> str:
                     + ", ".join(f"{n1} / {n2}" for _, (n1, n2) in counts)))
     starts = s.get("refine_starts") or 1   # studies made before the local stage was split: 1
     # studies made before the margin existed started every second run; say the rule the later
-    # ones ran with (the README's reading says which budgets that changed). Studies with a 10%
-    # margin ran the rule before it: any family's trial could start a further run.
+    # ones ran with (docs/search.md, "Why a margin", says which budgets that changed). Studies
+    # with a 10% margin ran the rule before it: any family's trial could start a further run.
     margins = {b["budget"]: b["search"].get("refine_margin") for b in budgets
                if b["search"].get("refine_margin") is not None}
     margin = StudyConfig.refine_margin if StudyConfig.refine_margin in margins.values() else \
