@@ -201,3 +201,25 @@ def test_every_command_help_is_wrapped_and_run_describes_both_stages(capsys):
             flat = " ".join(description.split())
             for part in ("free-form σ lists", "CMA-ES", "fresh seeds", "paired 95% CI"):
                 assert part in flat, part
+
+
+def test_the_guidance_help_names_every_family_default_and_where_it_comes_first():
+    """--guidance's help is written out (the CLI does not import the models for --help); it must
+    say every family's default as models.DEFAULT_GUIDANCE has it, and name the preset (sample,
+    score) or the config (run) that comes before it, and nothing for the distillers."""
+    from schedsearch.cli import build_parser
+    from schedsearch.models import DEFAULT_GUIDANCE
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = {name: next(a.help for a in commands[name]._actions if "--guidance" in a.option_strings)
+             for name in ("run", "sample", "score", "oss")}
+    labels = {"digits": "digits and digits-flow", "digits-flow": "digits and digits-flow",
+              "gmm": "gmm and gmm-flow", "gmm-flow": "gmm and gmm-flow", "sd15": "SD1.x/2.x",
+              "sd2": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX's distilled guidance"}
+    assert set(labels) == set(DEFAULT_GUIDANCE)
+    for family, value in DEFAULT_GUIDANCE.items():
+        for text in helps.values():
+            assert f"{labels[family]} {value:g}" in text, (family, text)
+    assert "the --config file's, else" in helps["run"]
+    assert "the preset's, else" in helps["sample"] and "the preset's, else" in helps["score"]
+    assert "(default: per model family" in helps["oss"]

@@ -89,10 +89,13 @@ def prompts(p, *, default_seed: int | None = 0, captions: bool = True) -> None:
                        help="CSV caption column (default caption)")
 
 
-def guidance(p) -> None:
+def guidance(p, *, first: str = "") -> None:
+    """``first``: where the command's guidance comes from before the family default, if anywhere
+    (a preset, a config file)."""
     p.add_argument("--guidance", type=float,
-                   help="CFG scale (default: the preset's, else per model family: digits 4, "
-                        "gmm 3, SD1.x/2.x 5.5, SDXL 7.5)")
+                   help=f"CFG scale (default: {first + ', else ' if first else ''}per model "
+                        "family: digits and digits-flow 4, gmm and gmm-flow 3, SD1.x/2.x 5.5, "
+                        "SDXL 7.5, SD3 7; FLUX's distilled guidance 3.5)")
 
 
 def batch_size(p, default: int | None) -> None:
@@ -183,7 +186,7 @@ def sampling(p, *, default_schedule: str, default_steps: int) -> None:
     p.add_argument("--allow-outside-table", action="store_true",
                    help="run a σ list that reaches above the model's noise table (its σ_max) "
                         "or below half its σ_min; refused by default")
-    guidance(p)
+    guidance(p, first="the preset's")
     p.set_defaults(default_schedule=default_schedule, default_steps=default_steps)
 
 

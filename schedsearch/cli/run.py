@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
     p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
     p.add_argument("--seed", type=int, help="the search's seed (default 0)")
-    options.guidance(p)
+    options.guidance(p, first="the --config file's")
     p.add_argument("--objectives", help="fid (default), fid,nfe or fid,clip (multi-objective, Pareto front)")
     p.add_argument("--baselines",
                    help=f"comma-separated subset of {','.join(SD_BASELINES)} (DDPM models) or "
