@@ -147,14 +147,22 @@ class Space:
         return [f for f in self.ranges["family"] if not (flow and f == "paper")]
 
     def notes(self, target: Target) -> list[str]:
-        """What this model leaves out of the configured space, one line each (said once by the
-        study); a space left empty is refused in one line before any work."""
+        """What the study should say once about its space, one line each: a searched guidance,
+        and what this model leaves out of the configured space; a space left empty is refused in
+        one line before any work."""
+        lines = []
+        if self.ranges["guidance"] is not None:
+            lo, hi = self.ranges["guidance"]
+            # FID alone rewards less guidance (docs/search.md, the guidance interval): say that
+            # a win over the baselines then measures the guidance as well as the schedule
+            lines.append(f"guidance: searched in [{lo:g}, {hi:g}], the baselines run at "
+                         f"{target.guidance:g}: FID alone prefers less guidance, so a win over "
+                         f"them is the guidance's as much as the schedule's (docs/search.md)")
         if target.table.kind != "flow":
-            return []
+            return lines
         if target.budget < 2:
             raise ValueError(FLOW_AT_ONE_CALL)
         self.check_flow()
-        lines = []
         if "paper" in self.ranges["family"]:
             lines.append("family paper: not searched (no faithful analogue on a flow-matching "
                          "model, docs/flow.md); the space holds knots from σ = ∞")
@@ -285,8 +293,18 @@ class Space:
         seeds = [("paper preset", first)]
         if plain != first:
             seeds.append(("paper schedule, DPM++2M, no FreeU", plain))
-        return [(why, p) for why, p in seeds
+        return [(why, self._at_study_guidance(p, target)) for why, p in seeds
                 if p["solver"] in self.ranges["solver"] and p["end"] in self.ranges["end"]]
+
+    def _at_study_guidance(self, params: dict, target: Target) -> dict:
+        """A seed or warm start with the guidance opened runs at the study's guidance (the
+        baselines'), or the nearest end of the range, not at a random draw: then a warm start
+        still reproduces its baseline, and the winner is never worse than it on the search subset,
+        whenever the range holds the study's guidance."""
+        if self.ranges["guidance"] is None:
+            return params
+        lo, hi = _range(self.ranges, "guidance")
+        return {**params, "guidance": min(max(float(target.guidance), lo), hi)}
 
     def _paper_params(self, name: str, target: Target) -> dict:
         """The paper preset's hyperparameters transplanted to this budget, as trial params.
@@ -335,7 +353,7 @@ class Space:
                   **{f"knot_{i}": f for i, f in enumerate(fractions, 1)}, "solver": solver}
         if self.freeu_searched(target):
             params["freeu"] = False
-        return params
+        return self._at_study_guidance(params, target)
 
     def _clamp(self, params: dict) -> dict:
         """Enqueued params must lie inside the distributions, or Optuna rejects them."""

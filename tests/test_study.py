@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from schedsearch import presets, slots, solvers
+from schedsearch import presets, report, slots, solvers
 from schedsearch.config import StudyConfig, config_json
 from schedsearch.noise import SD
 from schedsearch.space import SEARCHED_SOLVERS, Space, Target
@@ -872,3 +872,35 @@ def test_a_one_call_study_searches_the_paper_family_stopping_above_zero(tmp_path
     assert set(states) <= {"COMPLETE", "PRUNED"} and states["COMPLETE"] >= 3, states
     best = presets.load(summary["preset"])
     assert best.nfe == 1 and len(best.sigmas) == 2 and 0 < float(best.sigmas[-1]) < 14.61
+
+
+def test_a_searched_guidance_is_said_and_the_warm_starts_keep_the_studys(tmp_path):
+    """``space: {guidance: [lo, hi]}`` opens the guidance: the sampler's trials draw one in the
+    range and their presets run it; the baselines stay at the study's (gmm's 3), and so do the
+    seeds and warm starts, so the best baseline's warm start reproduces its FID exactly (with a
+    drawn guidance it did not). The study says once that FID alone prefers less guidance."""
+    config = StudyConfig.from_dict(dict(model="gmm", budget=3, trials=8, n_search=48,
+                                        n_heldout=48, batch_size=48, baselines=["karras", "ays"],
+                                        space={"guidance": [2.0, 4.0], "solver": ["dpmpp_2m"]}))
+    said = []
+    summary = run_study(config, RunOptions(out=tmp_path, progress=False, export_user_preset=False),
+                        echo=said.append)
+    assert [line.strip() for line in said if "guidance:" in line] == [
+        "guidance: searched in [2, 4], the baselines run at 3: FID alone prefers less guidance, "
+        "so a win over them is the guidance's as much as the schedule's (docs/search.md)"]
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    studies = slots.Studies(trials=slots.load(storage, "gmm-3nfe"), local=(), storage=storage,
+                            baselines=slots.load(storage, "gmm-3nfe:baselines"))
+    assert {k: b["preset"].guidance for k, b in report.collect_baselines(studies).items()} == {
+        "karras": 3.0, "ays": 3.0}
+    rows = {r["name"]: r for r in summary["rows"][1:]}
+    first = {t.number: t for t in slots.load(storage, "gmm-3nfe").get_trials()}
+    assert first[0].user_attrs["seeded_from"] == "paper schedule, DPM++2M, no FreeU"
+    assert first[0].params["guidance"] == 3.0
+    warm = first[1]   # AYS, the best baseline at 3 NFE, as a knots point with DPM++2M
+    assert warm.user_attrs["warm"] == 0 and warm.params["guidance"] == 3.0
+    assert warm.values[0] == rows["ays (sd15) @3"]["fid"]
+    drawn = [t.params["guidance"] for t in first.values() if t.number > 2]
+    drawn += [t.params["d_guidance"] for t in slots.load(storage, "gmm-3nfe:refine").get_trials()]
+    assert len(set(drawn)) > 1 and 3.0 not in drawn
+    assert 2.0 <= presets.load(summary["preset"]).guidance <= 4.0
