@@ -904,3 +904,26 @@ def test_a_searched_guidance_is_said_and_the_warm_starts_keep_the_studys(tmp_pat
     drawn += [t.params["d_guidance"] for t in slots.load(storage, "gmm-3nfe:refine").get_trials()]
     assert len(set(drawn)) > 1 and 3.0 not in drawn
     assert 2.0 <= presets.load(summary["preset"]).guidance <= 4.0
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "gp"])
+def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
+    """``--sampler cmaes`` (the ``cmaes`` package, a dependency since it died with
+    ModuleNotFoundError on a fresh install) and ``--sampler gp`` (Optuna's GPSampler, which needs
+    scipy and torch) drive the global stage over the mixed space: families with different
+    parameters, categorical ends and solvers. With no warm starts and no local stage every trial
+    after the paper's two seeds is the sampler's own; none may fail."""
+    from schedsearch.cli import main
+
+    config = tmp_path / "study.yaml"
+    config.write_text("warm_start: 0\nrefine: 0\n")
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--model", "gmm", "--budget", "3", "--trials", "10",
+                 "--n-search", "48", "--n-heldout", "48", "--baselines", "karras",
+                 "--sampler", sampler, "--no-progress", "--no-user-preset", "--out", str(out)]) == 0
+    study = slots.load(slots.make_storage(f"sqlite:///{out / 'study.db'}"), "gmm-3nfe")
+    assert study.user_attrs["config"]["sampler"] == sampler
+    trials = study.get_trials()
+    assert len(trials) == 10 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    own = [t for t in trials if "seeded_from" not in t.user_attrs]
+    assert len(own) == 8 and len({json.dumps(t.params, sort_keys=True) for t in own}) == 8
