@@ -354,11 +354,12 @@ def finished_slots(study: optuna.Study) -> int:
 # -- opening a study ------------------------------------------------------------------------------
 def open_studies(storage, name: str, *, directions: list, sampler, pruner, identity: dict,
                  attrs: dict, plan: list, baseline_groups: list, grace: float = 30.0,
-                 trials: Optional[int] = None) -> Studies:
+                 trials: Optional[int] = None, defaults: Optional[dict] = None) -> Studies:
     """Create the study (or join it) and make sure its slots exist.
 
     ``identity``: what the study measures; joining a study stored with another identity is
-    refused. ``attrs``: user attributes written by the creator. ``plan``: the global stage's
+    refused. ``defaults``: what an identity key left unset (None) stands for on this model, so
+    that naming the default (``--guidance 3`` on gmm) joins a study made without it. ``attrs``: user attributes written by the creator. ``plan``: the global stage's
     slots in order, each the user attributes and fixed parameters ``(attrs, params)`` it is
     enqueued with. ``baseline_groups``: lists of baseline keys, one slot each. The local stage's
     runs are laid out once the global stage is done (``open_local``); a study that has them
@@ -370,7 +371,7 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
         for k, v in {**attrs, "identity": identity}.items():
             study.set_user_attr(k, v)
     else:
-        _check_identity(study, identity)
+        _check_identity(study, identity, defaults or {})
     base, _ = create_or_load(storage, f"{name}:baselines", directions=["minimize"],
                              sampler=optuna.samplers.RandomSampler(seed=0))
     ensure_slots(study, plan, grace)
@@ -431,14 +432,26 @@ def grow_local(study: optuna.Study, trials: int, grace: float) -> None:
             time.sleep(0.5)
 
 
-def _check_identity(study: optuna.Study, identity: dict) -> None:
+def _check_identity(study: optuna.Study, identity: dict, defaults: dict) -> None:
+    """Refuse to join a study stored with another identity; a key left unset (None) counts as
+    its value in ``defaults``, so naming the default and leaving it out are the same study."""
     stored = wait_for(lambda: study.user_attrs.get("identity"), 60)
-    if stored is not None and stored != identity:
-        diff = {k: (stored.get(k), identity.get(k)) for k in identity
-                if stored.get(k) != identity.get(k)}
+    if stored is None:
+        return
+
+    def value(ident: dict, k: str):
+        return defaults.get(k) if ident.get(k) is None else ident.get(k)
+
+    def shown(v, k: str) -> str:
+        return f"the default ({defaults[k]!r})" if v is None and defaults.get(k) is not None \
+            else repr(v)
+
+    diff = [k for k in identity if value(stored, k) != value(identity, k)]
+    if diff:
         raise ValueError(
             f"study {study.study_name!r} already exists with a different setup: "
-            + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            + "; ".join(f"{k}: stored {shown(stored.get(k), k)}, now {shown(identity.get(k), k)}"
+                        for k in diff)
             + ". Re-run with the same settings to continue it, or pass --study-name NEW.")
 
 

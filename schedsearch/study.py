@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import optuna
 from tqdm.auto import tqdm
 
-from . import baselines, presets, report, slots, solvers
+from . import baselines, models, presets, report, slots, solvers
 from .config import StudyConfig, applicable_baselines, config_json, default_study_name, identity
 from .context import Context, read_inputs
 from .metrics import ScoreError
@@ -150,7 +150,9 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
         identity=identity(config), plan=plan, grace=grace,
         attrs={"config": config_json(config), "schedsearch_version": __version__,
                "family": ctx.family},
-        baseline_groups=baseline_groups(model_baselines(ctx)), trials=config.trials)
+        baseline_groups=baseline_groups(model_baselines(ctx)), trials=config.trials,
+        defaults={"guidance": models.default_guidance(ctx.family),
+                  "prompts": models.DEFAULT_PROMPTS.get(ctx.family)})
 
 
 # How a study searches is fixed when it is created; only its number of trials may grow.

@@ -927,3 +927,33 @@ def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
     assert len(trials) == 10 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     own = [t for t in trials if "seeded_from" not in t.user_attrs]
     assert len(own) == 8 and len({json.dumps(t.params, sort_keys=True) for t in own}) == 8
+
+
+def test_a_study_resumes_with_its_defaults_named_and_refuses_another_setup(tmp_path, capsys):
+    """Re-running a study with another guidance, prompt source or subset size is one line naming
+    each difference (it measures something else). Naming the model's defaults (gmm: guidance 3,
+    classes:4) continues it: before, ``--guidance 3`` on a study made without it was refused as
+    'stored None, now 3.0'; and a default made explicit at creation resumes without it too."""
+    from schedsearch.cli import main
+
+    def run(out, *extra):
+        return main(["run", "--model", "gmm", "--budget", "3", "--trials", "3", "--n-search", "16",
+                     "--n-heldout", "16", "--baselines", "karras", "--no-progress",
+                     "--no-user-preset", "--out", str(tmp_path / out), *extra])
+
+    assert run("a") == 0
+    assert run("a", "--guidance", "3", "--prompts", "classes:4") == 0
+    capsys.readouterr()
+    assert run("a", "--guidance", "2.5", "--prompts", "classes:3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["schedsearch run: error: study 'gmm-3nfe' already exists with a different "
+                   "setup: guidance: stored the default (3.0), now 2.5; prompts: stored the "
+                   "default ('classes:4'), now 'classes:3'. Re-run with the same settings to "
+                   "continue it, or pass --study-name NEW."]
+    assert run("a", "--n-search", "24") == 2
+    assert "n_search: stored 16, now 24" in capsys.readouterr().err
+    assert run("b", "--guidance", "3") == 0 and run("b") == 0
+    storage = slots.make_storage(f"sqlite:///{tmp_path / 'a' / 'study.db'}")
+    assert sorted(optuna.get_all_study_names(storage)) == [
+        "gmm-3nfe", "gmm-3nfe:baselines", "gmm-3nfe:refine"]
+    assert len(slots.load(storage, "gmm-3nfe").get_trials()) == 1
