@@ -27,6 +27,7 @@ from . import baselines, models, presets, report, slots, solvers
 from .config import StudyConfig, applicable_baselines, config_json, default_study_name, identity
 from .context import Context, read_inputs
 from .metrics import ScoreError
+from .metrics.features import default_kind
 from .space import Space, make_sampler, refine_sampler
 from .tracking import Tracker, check_reachable, run_params, tracking_uri_for
 from .version import __version__
@@ -152,7 +153,8 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
                "family": ctx.family},
         baseline_groups=baseline_groups(model_baselines(ctx)), trials=config.trials,
         defaults={"guidance": models.default_guidance(ctx.family),
-                  "prompts": models.DEFAULT_PROMPTS.get(ctx.family)})
+                  "prompts": models.DEFAULT_PROMPTS.get(ctx.family),
+                  "extractor": default_kind(ctx.model)})
 
 
 # How a study searches is fixed when it is created; only its number of trials may grow.

@@ -932,7 +932,7 @@ def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
 def test_a_study_resumes_with_its_defaults_named_and_refuses_another_setup(tmp_path, capsys):
     """Re-running a study with another guidance, prompt source or subset size is one line naming
     each difference (it measures something else). Naming the model's defaults (gmm: guidance 3,
-    classes:4) continues it: before, ``--guidance 3`` on a study made without it was refused as
+    classes:4, the identity extractor) continues it: before, ``--guidance 3`` on a study made without it was refused as
     'stored None, now 3.0'; and a default made explicit at creation resumes without it too."""
     from schedsearch.cli import main
 
@@ -942,7 +942,7 @@ def test_a_study_resumes_with_its_defaults_named_and_refuses_another_setup(tmp_p
                      "--no-user-preset", "--out", str(tmp_path / out), *extra])
 
     assert run("a") == 0
-    assert run("a", "--guidance", "3", "--prompts", "classes:4") == 0
+    assert run("a", "--guidance", "3", "--prompts", "classes:4", "--extractor", "identity") == 0
     capsys.readouterr()
     assert run("a", "--guidance", "2.5", "--prompts", "classes:3") == 2
     err = capsys.readouterr().err.strip().splitlines()
