@@ -94,7 +94,9 @@ def distilled_baselines(ctx, keys, make, echo) -> dict[str, Preset]:
     block it wraps to block 0, just as disjoint)."""
     cfg, budget, g = ctx.config, ctx.config.budget, ctx.guidance
     pset = prompts.load(ctx.prompt_source, cfg.distill_samples, distill_block(cfg.prompt_seed),
-                        caption_column=cfg.caption_column)
+                        caption_column=cfg.caption_column,
+                        why=f"distill_samples {cfg.distill_samples}, the teacher's images; lower "
+                            "it in the study config, or repeat lines in the file")
     grid = teacher.TeacherGrid(steps=cfg.teacher_steps)
     if budget >= grid.steps:
         echo(f"  (no GITS/OSS: the budget {budget} is not below the teacher's {grid.steps} steps)")

@@ -35,7 +35,9 @@ def read_inputs(config: StudyConfig) -> Inputs:
     # prompts where the source has them, new seeds always)
     n, h, k = config.n_search, config.n_heldout, config.heldout_sets
     full = prompts.load(source, n + k * h, config.prompt_seed,
-                        caption_column=config.caption_column)
+                        caption_column=config.caption_column,
+                        why=f"a prompt per image: --n-search {n} + {k} held-out set(s) × "
+                            f"--n-heldout {h}; lower them, or repeat lines in the file")
     ref = check_before_loading(config.model, extractor=config.extractor,
                                inception=config.inception, ref_stats=config.ref_stats,
                                clip=config.clip)

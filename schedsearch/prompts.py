@@ -130,9 +130,10 @@ def check_prompt_seed(seed) -> None:
                          f"images' seeds must fit a torch.Generator), got {seed!r}")
 
 
-def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: str = "caption"
-         ) -> PromptSet:
-    """Load ``n`` prompts (all when None) from ``source`` with seeds ``seed·10⁶ + i``."""
+def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: str = "caption",
+         why: str = "") -> PromptSet:
+    """Load ``n`` prompts (all when None) from ``source`` with seeds ``seed·10⁶ + i``. ``why``:
+    where ``n`` comes from and how to ask for fewer, for the message when the file is short."""
     if n is not None and n < 1:
         raise ValueError(f"the number of prompts must be >= 1, got {n}")
     if n is not None and n > SEED_STRIDE:   # more would take the next prompt seed's seeds
@@ -158,7 +159,8 @@ def load(source: str, n: int | None = None, seed: int = 0, *, caption_column: st
             raise ValueError(f"prompt file {source!r} holds no prompts; put one prompt per line")
         if n is not None:
             if n > len(prompts):
-                raise ValueError(f"asked for {n} prompts but {source!r} holds only {len(prompts)}")
+                raise ValueError(f"asked for {n} prompts but {source!r} holds only {len(prompts)}"
+                                 + (f" ({why})" if why else ""))
             prompts = prompts[:n]
     seeds = [seed * SEED_STRIDE + i for i in range(len(prompts))]
     name = source if source.startswith("classes:") else os.path.basename(source)

@@ -595,7 +595,12 @@ def test_a_text_models_prompts_and_scoring_files_are_checked_before_it_loads(
              "--no-user-preset", "--no-progress"] if command == "run" else ["--n", "4"])
     for flags, message in (
             ([], r"my-sd-model needs prompts: pass --prompts FILE"),
-            (["--prompts", str(three)], r"asked for 4 prompts but '.*three.txt' holds only 3$"),
+            (["--prompts", str(three)], r"asked for 4 prompts but '.*three.txt' holds only 3"
+                                        + (r" \(a prompt per image: --n-search 2 \+ 1 held-out "
+                                           r"set\(s\) × --n-heldout 2; lower them, or repeat "
+                                           r"lines in the file\)$" if command == "run" else
+                                           r" \(--n 4, a prompt per image; lower it, or repeat "
+                                           r"lines in the file\)$")),
             (["--prompts", str(four)], r"Inception weights .* were not found; looked at: "
                                        r".*no-inception\.pt"),
             (["--prompts", str(four), "--extractor", "identity"],

@@ -74,7 +74,9 @@ def run(args) -> int:
     # what needs no model first: a large pipeline takes minutes to load
     source = prompt_source(args.model, args.prompts)
     pset = prompts.load(source, args.n, args.prompt_seed,
-                        caption_column=args.caption_column or "caption")
+                        caption_column=args.caption_column or "caption",
+                        why=f"--n {args.n}, a prompt per image; lower it, or repeat lines in the "
+                            "file")
     read = check_before_loading(args.model, extractor=args.extractor, inception=args.inception,
                                 ref_stats=args.ref_stats, clip=args.clip)
     model = options.load_model(args)
