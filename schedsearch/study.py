@@ -152,9 +152,16 @@ def open_studies(storage, name: str, ctx: Context, grace: float = 30.0) -> slots
         attrs={"config": config_json(config), "schedsearch_version": __version__,
                "family": ctx.family},
         baseline_groups=baseline_groups(model_baselines(ctx)), trials=config.trials,
-        defaults={"guidance": models.default_guidance(ctx.family),
-                  "prompts": models.DEFAULT_PROMPTS.get(ctx.family),
-                  "extractor": default_kind(ctx.model)})
+        defaults=identity_defaults(ctx))
+
+
+def identity_defaults(ctx: Context) -> dict:
+    """What a study's identity keys left unset stand for on this model: naming the default
+    (``--guidance 3`` on gmm, ``--height 512`` on SD1.5) is the same study as leaving it out."""
+    height, width = getattr(ctx.model, "native_size", (None, None))
+    return {"guidance": models.default_guidance(ctx.family),
+            "prompts": models.DEFAULT_PROMPTS.get(ctx.family),
+            "extractor": default_kind(ctx.model), "height": height, "width": width}
 
 
 # How a study searches is fixed when it is created; only its number of trials may grow.

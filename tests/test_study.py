@@ -959,3 +959,24 @@ def test_a_study_resumes_with_its_defaults_named_and_refuses_another_setup(tmp_p
     assert sorted(optuna.get_all_study_names(storage)) == [
         "gmm-3nfe", "gmm-3nfe:baselines", "gmm-3nfe:refine"]
     assert len(slots.load(storage, "gmm-3nfe").get_trials()) == 1
+
+
+def test_a_pipeline_study_resumes_with_its_native_size_named(tmp_path, monkeypatch, offline_sd):
+    """On a real pipeline, ``--height``/``--width`` left out mean the model's native size: naming
+    it continues the study (a worker started with ``--height 512`` joins one started without),
+    another size is refused before any trial, naming the default it stood for."""
+    from schedsearch import models
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    base = dict(model=offline_sd.model, budget=2, prompts=str(offline_sd.prompts), n_search=4,
+                n_heldout=4, batch_size=4, trials=2, ref_stats=str(offline_sd.ref),
+                inception=str(offline_sd.inception), baselines=["karras"], guidance=5.5)
+    opts = RunOptions(out=tmp_path / "run", progress=False, export_user_preset=False)
+    run_study(StudyConfig.from_dict(base), opts, echo=lambda *_: None)
+    h, w = models.load(offline_sd.model).native_size
+    assert h > 0 and w > 0
+    again = run_study(StudyConfig.from_dict({**base, "height": h, "width": w}), opts,
+                      echo=lambda *_: None)
+    assert again["finished"]
+    with pytest.raises(ValueError, match=rf"height: stored the default \({h}\), now {2 * h}\. "):
+        run_study(StudyConfig.from_dict({**base, "height": 2 * h}), opts, echo=lambda *_: None)

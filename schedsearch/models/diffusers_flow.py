@@ -100,8 +100,11 @@ class FlowDiffusion:
 
     def __init__(self, pipe, *, name: str, height: int, width: int, device: torch.device,
                  dtype: torch.dtype, eval_batch: int, source: str = "",
-                 max_sequence_length: Optional[int] = None):
+                 max_sequence_length: Optional[int] = None,
+                 native_size: Optional[tuple[int, int]] = None):
         self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
+        # the resolution with no --height/--width (a resumed study compares the two as one)
+        self.native_size = native_size or (height, width)
         self.family = FAMILY[type(pipe).__name__]
         self.name, self.source = name, source
         self.device, self.dtype = torch.device(device), dtype
@@ -412,4 +415,4 @@ def _prepare(pipe, *, name, source, device, dtype, height, width, eval_batch,
         eval_batch = (4 if big else 8) if device.type == "cuda" else 1
     return FlowDiffusion(pipe, name=name, height=height, width=width, device=device,
                          dtype=dtype, eval_batch=eval_batch, source=source,
-                         max_sequence_length=max_sequence_length)
+                         max_sequence_length=max_sequence_length, native_size=(size, size))

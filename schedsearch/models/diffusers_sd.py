@@ -66,8 +66,11 @@ class StableDiffusion:
 
     def __init__(self, pipe, *, name: str, family: str, height: int, width: int,
                  device: torch.device, dtype: torch.dtype, eval_batch: int,
-                 prediction_type: Optional[str] = None, source: str = ""):
+                 prediction_type: Optional[str] = None, source: str = "",
+                 native_size: Optional[tuple[int, int]] = None):
         self.pipe = pipe
+        # the resolution with no --height/--width (a resumed study compares the two as one)
+        self.native_size = native_size or (height, width)
         self.unet, self.vae = pipe.unet, pipe.vae
         self.is_xl = hasattr(pipe, "text_encoder_2")
         self.name, self.family, self.source = name, family, source
@@ -372,4 +375,5 @@ def _prepare(pipe, *, name, source, device, dtype, height, width, eval_batch, fa
         eval_batch = (4 if big else 8) if device.type == "cuda" else 1
     return StableDiffusion(pipe, name=name, family=family or _family(pipe),
                            height=height, width=width, device=device, dtype=dtype,
-                           eval_batch=eval_batch, prediction_type=prediction_type, source=source)
+                           eval_batch=eval_batch, prediction_type=prediction_type, source=source,
+                           native_size=(default_h * scale, default_w * scale))
