@@ -137,7 +137,10 @@ class Space:
                              f"{r['solver']!r}")
         r["solver"] = names
         if r["guidance"] is not None:
-            _range(r, "guidance")
+            lo, hi = _range(r, "guidance")
+            if not 0 < lo <= hi < 100:   # the bounds of a study's and a preset's guidance
+                raise ValueError(f"search space: guidance must lie inside (0, 100), got "
+                                 f"{r['guidance']!r}")
 
     def families(self, target: Target) -> list[str]:
         """The families this model's space holds: the config's, less ``paper`` on a flow-matching
