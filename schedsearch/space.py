@@ -93,7 +93,8 @@ def _choices(space: dict, key: str, allowed) -> list:
 @dataclass(frozen=True)
 class Target:
     """What every candidate of one study shares: the budget, the model's noise table and family,
-    whether FreeU can act (the model has a UNet), and the guidance when it is not searched."""
+    whether FreeU can act (the model has a UNet), and the study's guidance (every candidate's
+    when it is not searched; the baselines', seeds' and warm starts' when it is)."""
 
     budget: int
     table: NoiseTable
