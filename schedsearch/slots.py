@@ -359,7 +359,8 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
 
     ``identity``: what the study measures; joining a study stored with another identity is
     refused. ``defaults``: what an identity key left unset (None) stands for on this model, so
-    that naming the default (``--guidance 3`` on gmm) joins a study made without it. ``attrs``: user attributes written by the creator. ``plan``: the global stage's
+    that naming the default (``--guidance 3`` on gmm) joins a study made without it.
+    ``attrs``: user attributes written by the creator. ``plan``: the global stage's
     slots in order, each the user attributes and fixed parameters ``(attrs, params)`` it is
     enqueued with. ``baseline_groups``: lists of baseline keys, one slot each. The local stage's
     runs are laid out once the global stage is done (``open_local``); a study that has them

@@ -924,7 +924,8 @@ def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
     config = tmp_path / "study.yaml"
     config.write_text("warm_start: 0\nrefine: 0\n")
     out = tmp_path / "run"
-    assert main(["run", "--config", str(config), "--model", "gmm", "--budget", "3", "--trials", "10",
+    assert main(["run", "--config", str(config), "--model", "gmm", "--budget", "3",
+                 "--trials", "10",
                  "--n-search", "48", "--n-heldout", "48", "--baselines", "karras",
                  "--sampler", sampler, "--no-progress", "--no-user-preset", "--out", str(out)]) == 0
     study = slots.load(slots.make_storage(f"sqlite:///{out / 'study.db'}"), "gmm-3nfe")
@@ -938,8 +939,9 @@ def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
 def test_a_study_resumes_with_its_defaults_named_and_refuses_another_setup(tmp_path, capsys):
     """Re-running a study with another guidance, prompt source or subset size is one line naming
     each difference (it measures something else). Naming the model's defaults (gmm: guidance 3,
-    classes:4, the identity extractor) continues it: before, ``--guidance 3`` on a study made without it was refused as
-    'stored None, now 3.0'; and a default made explicit at creation resumes without it too."""
+    classes:4, the identity extractor) continues it: before, ``--guidance 3`` on a study made
+    without it was refused as 'stored None, now 3.0'; and a default made explicit at creation
+    resumes without it too."""
     from schedsearch.cli import main
 
     def run(out, *extra):
