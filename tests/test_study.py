@@ -925,8 +925,7 @@ def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
     config.write_text("warm_start: 0\nrefine: 0\n")
     out = tmp_path / "run"
     assert main(["run", "--config", str(config), "--model", "gmm", "--budget", "3",
-                 "--trials", "10",
-                 "--n-search", "48", "--n-heldout", "48", "--baselines", "karras",
+                 "--trials", "10", "--n-search", "48", "--n-heldout", "48", "--baselines", "karras",
                  "--sampler", sampler, "--no-progress", "--no-user-preset", "--out", str(out)]) == 0
     study = slots.load(slots.make_storage(f"sqlite:///{out / 'study.db'}"), "gmm-3nfe")
     assert study.user_attrs["config"]["sampler"] == sampler
