@@ -83,15 +83,17 @@ def main(argv=None) -> int:
 
     model = models.load(args.testbed)
     extractor, ref = scoring_setup(model)
-    guidance = models.default_guidance(model.family)
     sets = [prompts.load(models.default_prompts(model), args.n, p) for p in args.prompt_seeds]
-    scorers = [Scorer(model, extractor, ref, s, guidance=guidance, batch_size=args.batch_size,
-                      checkpoints=[], kid_subsets=0) for s in sets]
+    scorers: dict = {}   # per guidance: a study that searched it has winners at their own
 
     def fid(preset) -> float:
-        """Mean FID over the prompt seeds."""
+        """Mean FID over the prompt seeds, at the preset's guidance."""
+        g = models.default_guidance(model.family) if preset.guidance is None else preset.guidance
+        if g not in scorers:
+            scorers[g] = [Scorer(model, extractor, ref, s, guidance=g, batch_size=args.batch_size,
+                                 checkpoints=[], kid_subsets=0) for s in sets]
         return float(np.mean([s.score(preset.sigmas, solver=preset.solver,
-                                      freeu=preset.freeu).fid for s in scorers]))
+                                      freeu=preset.freeu).fid for s in scorers[g]]))
 
     references: dict = {}   # the long-step references are the same at every budget: scored once
 

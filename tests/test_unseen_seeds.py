@@ -32,9 +32,11 @@ def test_ratios_divide_the_mean_winner_by_the_best_same_nfe_baseline_and_the_ref
 
 def test_unseen_seeds_scores_the_studys_winner_and_baselines_on_other_prompt_seeds(tmp_path):
     work = tmp_path / "runs"
+    # a searched guidance: the winner runs at its own (not gmm's 3), the baselines at 3
     cfg = StudyConfig.from_dict(dict(model="gmm", budget=3, n_search=64, n_heldout=64,
                                      batch_size=64, trials=6, refine=0.5, validation_sets=2,
-                                     baselines=["karras", "ays", "karras20"]))
+                                     baselines=["karras", "ays", "karras20"],
+                                     space={"guidance": [2.0, 2.5]}))
     summary = run_study(cfg, RunOptions(out=work / "gmm-3nfe-seed0", progress=False,
                                         export_user_preset=False), echo=lambda *_: None)
     baselines, winner = unseen.study_presets(work / "gmm-3nfe-seed0")
@@ -47,10 +49,11 @@ def test_unseen_seeds_scores_the_studys_winner_and_baselines_on_other_prompt_see
 
     def score(preset, seed):
         pset = prompts.load(models.default_prompts(model), 64, seed)
-        return Scorer(model, extractor, ref, pset, guidance=models.default_guidance(model.family),
+        return Scorer(model, extractor, ref, pset, guidance=preset.guidance,
                       batch_size=64, checkpoints=[], kid_subsets=0).score(
             preset.sigmas, solver=preset.solver, freeu=preset.freeu).fid
 
+    assert 2.0 <= winner.guidance <= 2.5 and baselines["ays"][1].guidance == 3.0
     assert score(winner, 0) == pytest.approx(rows["best"]["fid"], rel=1e-6)
 
     out = tmp_path / "results"
