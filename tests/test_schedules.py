@@ -260,3 +260,25 @@ def test_schedule_flags_keep_their_defaults_where_they_apply(capsys):
     assert sigmas("karras", "--steps", "5", "--rho", "3") != sigmas("karras", "--steps", "5")
     assert sigmas("knots", "--fractions", "0.2,0.3")[-1] == 0
     assert sigmas("knots", "--fractions", "0.2,0.3", "--end", "sigma")[-1] > 0
+
+
+def test_a_sigma_list_or_fractions_alone_name_their_schedule(capsys):
+    """`--sigmas` and `--fractions` say "alone, it selects the explicit/knots schedule", as they
+    do for sample and score; `schedule` required NAME anyway and refused `--sigmas 14,1,0`."""
+    import json
+
+    from schedsearch.cli import main
+
+    def printed(*args):
+        assert main(["schedule", *args, "--format", "json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    alone = printed("--sigmas", "14,1,0")
+    assert alone["schedule"]["name"] == "explicit" and alone["sigmas"] == [14.0, 1.0, 0.0]
+    assert alone == printed("explicit", "--sigmas", "14,1,0")
+    knots = printed("--fractions", "0.2,0.3", "--end", "sigma")
+    assert knots == printed("knots", "--fractions", "0.2,0.3", "--end", "sigma")
+    assert len(knots["sigmas"]) == 3 and knots["sigmas"][-1] > 0
+    assert main(["schedule"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "NAME" in err and "--sigmas" in err

@@ -24,7 +24,9 @@ def register(sub) -> None:
                   "schedsearch schedule ays --steps 5 --family sdxl --format comfy",
                   "schedsearch schedule flow --steps 8 --noise-config "
                   "sd3/scheduler/scheduler_config.json --format comfy"])
-    p.add_argument("name", metavar="NAME", choices=NAMES, help="schedule family or preset")
+    p.add_argument("name", metavar="NAME", nargs="?", choices=NAMES,
+                   help="schedule family or preset (optional with --sigmas or --fractions, which "
+                        "name their own)")
     options.schedule(p)
     p.add_argument("--format", choices=["table", "json", "comfy"], default="table",
                    help="table (default), json ({sigmas, timesteps, ...}) or comfy (a comma-"
@@ -34,12 +36,17 @@ def register(sub) -> None:
 
 def run(args) -> int:
 
+    # --sigmas or --fractions alone name their schedule, as they do for sample and score
+    name = (args.name or ("explicit" if args.sigmas else None)
+            or ("knots" if args.fractions else None))
+    if name is None:
+        raise ValueError("give a schedule NAME (e.g. karras --steps 5), or a σ list with --sigmas")
     table = options.noise_table(args) or SD
-    if args.name in FLOW_NAMES and table.kind != "flow":   # this command has no --model
-        raise ValueError(f"schedule {args.name!r} is for flow-matching models: give one's scheduler "
+    if name in FLOW_NAMES and table.kind != "flow":   # this command has no --model
+        raise ValueError(f"schedule {name!r} is for flow-matching models: give one's scheduler "
                          f"config with --noise-config FILE (e.g. sd3/scheduler/"
                          f"scheduler_config.json of a diffusers folder; docs/flow.md)")
-    spec = options.schedule_spec(args, args.name)
+    spec = options.schedule_spec(args, name)
     sigmas = build(spec, table)
     ts = timesteps(sigmas, table)
     if args.format == "json":
