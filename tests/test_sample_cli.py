@@ -116,6 +116,7 @@ def test_prompt_file_uses_the_prompt_sets_own_seeds(sd_dir, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gmm", "--seeds", "3-1"], "--seeds: the range '3-1' runs backwards"),
     (["--model", "gmm", "--seeds", "a"], "--seeds must be integers or ranges a-b"),
+    (["--model", "gmm", "--seeds", "0-3,2"], "--seeds lists seed 2 twice"),
     (["--model", "gmm", "--prompt", "7"], "class label must be in 0..3, got 7"),
     (["--model", "gmm", "--height", "64"], "--height: for Stable Diffusion models only"),
     (["--model", "gmm", "--freeu", "1,2"], "--freeu takes four numbers b1,b2,s1,s2"),

@@ -78,6 +78,10 @@ def _jobs(args, model):
     # '' is a mistake (an unset shell variable), not a request for the default seeds
     seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
     check_seeds(seeds or ())
+    if seeds is not None and len(set(seeds)) < len(seeds):   # the same image twice, two names
+        again = next(s for i, s in enumerate(seeds) if s in seeds[:i])
+        raise ValueError(f"--seeds lists seed {again} twice: each (prompt, seed) gives one image, "
+                         "so give each seed once")
     if args.prompt is not None:
         texts, source = list(args.prompt), {"source": "--prompt"}
     else:
