@@ -332,3 +332,30 @@ def test_score_says_why_kid_is_missing_with_statistics_made_without_features(tmp
     assert err.strip().splitlines()[-1] == (
         f"note: no KID: the reference statistics {stats} hold mu and sigma only (made with "
         f"--no-features); remake them without it for KID")
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--grid", "grid.txt", "--grid 'grid.txt': give an image file name"),
+    ("--grid", "blocker/g.png", "cannot write --grid 'blocker/g.png' (not a folder at"),
+    ("--save-images", "blocker", "cannot write --save-images 'blocker' (not a folder at"),
+])
+def test_score_refuses_an_output_it_cannot_write_before_the_model(flag, path, message, tmp_path,
+                                                                 monkeypatch, capsys):
+    """--grid and --save-images were written during and after the model calls: a bad path
+    failed there, with a raw errno line and the scores unprinted. The model named here does not
+    exist, so the output's message coming first shows nothing else was attempted."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file")
+    assert main(["score", "--model", str(tmp_path / "no-such-model"), flag, path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_score_writes_its_grid_and_images_into_new_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    grid_png, images = tmp_path / "new" / "dir" / "g.png", tmp_path / "images"
+    assert main(["score", "--n", "16", "--checkpoints", "", "--grid", str(grid_png),
+                 "--save-images", str(images), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] > 0
+    from PIL import Image
+    assert Image.open(grid_png).size[0] > 0 and len(list(images.glob("*.png"))) == 16

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+from PIL import Image
 
 from tqdm.auto import tqdm
 
 from .. import prompts
+from ..files import check_writable
 from ..images import grid, save_images
 from ..metrics import features
 from ..metrics.score import Scorer, check_before_loading, scoring_setup
@@ -69,8 +73,26 @@ def _checkpoints(args) -> list[int]:
     return checkpoints
 
 
+def _check_outputs(args) -> None:
+    """--save-images and --grid are written during and after the scoring: a path that cannot
+    take them fails here, before the model calls, not after them with the scores unprinted."""
+    if args.grid and os.path.splitext(args.grid)[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"--grid {args.grid!r}: give an image file name, e.g. grid.png (PIL "
+                         f"writes the format its extension names)")
+    for flag, path, folder in (
+            ("--save-images", args.save_images, args.save_images),
+            ("--grid", args.grid, args.grid and os.path.dirname(os.path.abspath(args.grid)))):
+        if path:
+            try:
+                check_writable(folder)
+            except OSError as exc:
+                raise ValueError(f"cannot write {flag} {path!r} ({exc.strerror} at "
+                                 f"'{exc.filename}'); choose another path") from None
+
+
 def run(args) -> int:
     checkpoints = _checkpoints(args)
+    _check_outputs(args)
     # what needs no model first: a large pipeline takes minutes to load
     source = prompt_source(args.model, args.prompts)
     pset = prompts.load(source, args.n, args.prompt_seed,
@@ -104,7 +126,7 @@ def run(args) -> int:
                            keep_images=64 if args.grid else 0, on_batch=on_batch,
                            keep_features=False)
     if args.grid:
-
+        os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
         grid(res.images, scale=4 if res.images.shape[-1] <= 32 else 1).save(args.grid)
     out = res.as_dict()
     out["provenance"] = {
