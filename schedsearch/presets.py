@@ -232,7 +232,8 @@ def load(name_or_path: str | os.PathLike) -> Preset:
     names = available()
     if s not in names:
         raise ValueError(f"no preset named {s!r}; known presets: {', '.join(sorted(names))} "
-                         f"(or give a path to a .json file)")
+                         f"(or give a path to a .json file; `schedsearch run` saves its winner under "
+                         f"the study's name, e.g. digits-5nfe)")
     return read(names[s])
 
 

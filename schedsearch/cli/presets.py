@@ -22,8 +22,8 @@ def register(sub) -> None:
                     "provenance. Shipped: the paper's settings and AYS.",
         examples=["schedsearch presets list", "schedsearch presets show sd15-5",
                   "schedsearch presets show sd15-5 --format comfy",
-                  "schedsearch presets show gmm-flow-5nfe --format comfy   # a flow preset: its "
-                  "t list (∞ → 1.0)",
+                  "schedsearch presets show gmm-flow-5nfe --format comfy   # a flow preset (from "
+                  "`schedsearch run --model gmm-flow --budget 5`): its t list (∞ → 1.0)",
                   "schedsearch presets show sd15-5 --format comfy-workflow > sd15-5.workflow.json"])
     psub = p.add_subparsers(dest="action", metavar="ACTION")
     ls = psub.add_parser("list", help="list known presets")
