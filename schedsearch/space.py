@@ -87,7 +87,15 @@ def _choices(space: dict, key: str, allowed) -> list:
     if not isinstance(v, (list, tuple)) or not v or any(c not in allowed for c in v):
         raise ValueError(f"search space {key!r} must be a non-empty list of "
                          f"{', '.join(map(str, allowed))}; got {v!r}")
+    _once(key, v)
     return list(v)
+
+
+def _once(key: str, choices) -> None:
+    """A choice listed twice would be drawn twice as often and warm-started twice."""
+    again = next((c for i, c in enumerate(choices) if c in choices[:i]), None)
+    if again is not None:
+        raise ValueError(f"search space {key!r} lists {again} twice; give each choice once")
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,9 @@ class Space:
         if not 0 < lo <= hi < 1:
             raise ValueError(f"search space: knot fractions must lie strictly inside (0, 1), "
                              f"got {r['knots']!r}")
+        if not isinstance(r["freeu"], bool):   # [false] or "no" would be true, and search it
+            raise ValueError(f"search space 'freeu' must be true (search FreeU) or false, got "
+                             f"{r['freeu']!r}")
         for k in FREEU_KEYS:
             if _range(r, k)[0] <= 0:
                 raise ValueError(f"search space: FreeU {k} must stay > 0 (diffusers treats 0 as off)")
@@ -136,6 +147,7 @@ class Space:
             raise ValueError(f"search space: solver must be a non-empty list of "
                              f"{', '.join(SEARCHABLE_SOLVERS)} (one model call per step), got "
                              f"{r['solver']!r}")
+        _once("solver", names)
         r["solver"] = names
         if r["guidance"] is not None:
             lo, hi = _range(r, "guidance")

@@ -143,6 +143,10 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(space={"family": ["knots", "spline"]}), "'family' must be a non-empty list of paper, knots"),
     (dict(space={"solver": ["dpmpp_2m", "heun"]}), "one model call per step"),
     (dict(space={"solver": ["rk45"]}), "solver must be one of"),
+    (dict(space={"solver": ["unipc", "UniPC", "ipndm"]}), "'solver' lists unipc twice"),
+    (dict(space={"end": ["zero", "zero"]}), "'end' lists zero twice"),
+    (dict(space={"freeu": [False]}), r"'freeu' must be true \(search FreeU\) or false, got \[False"),
+    (dict(space={"freeu": "no"}), "'freeu' must be true"),
     (dict(space={"knots": [0.0, 0.9]}), r"strictly inside \(0, 1\)"),
     (dict(budget=1, space={"family": ["knots"]}),
      r"knots family needs a budget of 2 or more .* searches space: \{family: \[paper\], end: "
