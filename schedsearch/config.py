@@ -107,7 +107,8 @@ class StudyConfig:
     width: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.budget, int) or self.budget < 1:
+        self._check_types()
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ValueError(f"budget must be an integer >= 1 (model calls per image), got {self.budget!r}")
         if self.trials is None:
             self.trials = default_trials(self.budget)
@@ -148,6 +149,40 @@ class StudyConfig:
             cps = sorted(int(c) for c in self.checkpoints)
             if not cps or cps[0] < 2 or cps[-1] > self.n_search:
                 raise ValueError(f"checkpoints must lie in [2, n_search={self.n_search}], got {cps}")
+
+    def _check_types(self) -> None:
+        """The keys whose wrong YAML type (a number for a path, a string for a list) would
+        otherwise surface as a traceback, or be read character by character."""
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a testbed name, hub id or path, got {self.model!r}")
+        for key in ("prompts", "ref_stats", "extractor", "inception", "clip", "device", "dtype",
+                    "caption_column"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{key} must be a string, got {v!r}")
+        # a YAML section left empty (every line under it commented out) reads as null
+        if self.space is None:
+            self.space = {}
+        if self.objectives is None:
+            self.objectives = ["fid"]
+        if not isinstance(self.space, dict):
+            raise ValueError(f"space must be a mapping of keys to ranges or choices, e.g. "
+                             f"{{family: [knots], solver: [unipc]}}, got {self.space!r}")
+        for key, example in (("objectives", "[fid, nfe]"), ("checkpoints", "[50, 100]")):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, (list, tuple)):
+                raise ValueError(f"{key} must be a list, e.g. {example}, got {v!r}")
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in self.checkpoints or ()):
+            raise ValueError(f"checkpoints must be integers, got {self.checkpoints!r}")
+        for key in ("height", "width"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 8:
+                raise ValueError(f"{key} must be an integer number of pixels, got {v!r}")
+            if self.model in BUILTIN:
+                raise ValueError(f"{key}: for Stable Diffusion models only, not the {self.model} "
+                                 f"testbed")
 
     def _check_counts(self) -> None:
         """Image and trial counts, and the seeds they take."""

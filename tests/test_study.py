@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from schedsearch import presets, report, slots, solvers
-from schedsearch.config import StudyConfig, config_json
+from schedsearch.config import StudyConfig, config_json, identity
 from schedsearch.noise import SD
 from schedsearch.space import SEARCHED_SOLVERS, Space, Target
 from schedsearch.study import RunOptions, run_study
@@ -168,12 +168,31 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(n_search=100_000, validation_sets=5), "validation and held-out seeds never meet"),
     (dict(checkpoints=[1000]), "checkpoints must lie in"),
     (dict(colour="red"), "unknown study config keys: colour; known keys"),
+    (dict(budget=True), "budget must be an integer >= 1"),
+    (dict(model=None), "model must be a testbed name, hub id or path, got None"),
+    (dict(prompts=5), "prompts must be a string, got 5"),
+    (dict(space=[1]), "space must be a mapping of keys to ranges or choices"),
+    (dict(objectives="fid"), r"objectives must be a list, e.g. \[fid, nfe\], got 'fid'"),
+    (dict(checkpoints="50,100"), "checkpoints must be a list"),
+    (dict(checkpoints=[50.5]), "checkpoints must be integers"),
+    (dict(height=512), "height: for Stable Diffusion models only, not the digits testbed"),
+    (dict(model="a/b", width=True), "width must be an integer number of pixels"),
     (dict(trails=5), r"unknown study config keys: trails \(did you mean trials for trails\?\)"),
     (dict(space={"solvr": ["unipc"]}), r"search-space keys: solvr \(did you mean solver for solvr"),
 ])
 def test_bad_configs_are_refused(data, message):
     with pytest.raises(ValueError, match=message):
         StudyConfig.from_dict(data)
+
+
+def test_an_empty_yaml_section_reads_as_its_default(tmp_path):
+    """`space:` with every line under it commented out is null in YAML: the default space (it was
+    a TypeError traceback), and an empty `objectives:` is FID alone."""
+    path = tmp_path / "study.yaml"
+    path.write_text("budget: 4\nspace:\n#  family: [knots]\nobjectives:\n")
+    config = StudyConfig.from_file(path)
+    assert config.space == {} and config.objectives == ["fid"]
+    assert identity(config) == identity(StudyConfig(budget=4))
 
 
 def test_unipc_bh1_is_searchable_on_request_and_off_by_default():
