@@ -1,4 +1,5 @@
-"""The Python snippets in README and docs/ run as written and print what their comments say.
+"""The Python snippets in README and docs/ run as written and print what their comments say, and
+every ``schedsearch`` command in their shell blocks is one the CLI accepts.
 
 A snippet that needs a real model (a hub id on CUDA) runs on the tiny offline pipeline of the same
 class instead, with only its ``pipe = ...`` line left out; every other line is the document's.
@@ -9,6 +10,7 @@ sketch (its features are the prose's), and docs/solvers.md's one-line call signa
 import contextlib
 import io
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,50 @@ def test_the_scorer_snippet():
         scope = run(snippet("docs/scoring.md", "scorer = Scorer("))
     res = scope["res"]
     assert res.fid > 0 and sorted(res.fid_at) == [64, 128, 256] and printed.getvalue()
+
+
+def shell_commands(doc: Path) -> list[str]:
+    """The ``schedsearch`` command lines of a document's shell blocks (```bash, ```sh or a bare
+    ```), continuations joined, comments, pipes and redirections cut, optional ``[...]`` kept."""
+    commands, block = [], None
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if block is None:
+                block, lang = [], line[3:].strip()
+            else:
+                if lang in ("", "bash", "sh"):
+                    text = re.sub(r"\\\n\s*", " ", "\n".join(block))
+                    for line in text.splitlines():
+                        if re.match(r"\s*\S+ \S+: ", line):   # an error line shown, not run
+                            continue
+                        for part in re.split(r"\s*(?:&&|;)\s*", re.split(r"\s+#", line)[0]):
+                            m = re.match(r"\s*(?:\.venv/bin/)?(schedsearch(?:\s.*)?)$", part)
+                            if m:
+                                cut = re.split(r"\s*(?:\||>)\s*", m.group(1))[0]
+                                commands.append(cut.replace("[", "").replace("]", "").strip())
+                block = None
+        elif block is not None:
+            block.append(line)
+    return commands
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
+def test_every_documented_command_parses(doc):
+    """A renamed or removed flag leaves no command in the docs that the CLI would refuse."""
+    from schedsearch.cli import build_parser
+
+    path = ROOT / doc if doc == "README.md" else ROOT / "docs" / doc
+    for cmd in shell_commands(path):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                args, extra = build_parser().parse_known_args(shlex.split(cmd)[1:])
+            except SystemExit:
+                pytest.fail(f"{doc}: `{cmd}`: {err.getvalue().strip().splitlines()[-1]}")
+        assert not extra and getattr(args, "handler", None), f"{doc}: `{cmd}`: {extra}"
+
+
+def test_the_command_scan_reads_every_shell_block():
+    """The scan finds the README's commands (a parse of nothing would pass the test above)."""
+    found = shell_commands(ROOT / "README.md")
+    assert "schedsearch run --budget 5" in " ".join(found) and len(found) >= 15
+    assert any(c.startswith("schedsearch export --name mine") for c in found)
