@@ -152,3 +152,24 @@ def test_the_command_scan_reads_every_shell_block():
     found = shell_commands(ROOT / "README.md")
     assert "schedsearch run --budget 5" in " ".join(found) and len(found) >= 15
     assert any(c.startswith("schedsearch export --name mine") for c in found)
+
+
+def test_every_help_example_parses():
+    """The examples under each command's --help are commands the CLI accepts too."""
+    import argparse
+
+    from schedsearch.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    examples = [re.split(r"\s+#|\s*(?:\||>)\s*", line.strip())[0]
+                for command in sub.choices.values()
+                for line in re.sub(r"\\\n\s*", " ", command.epilog or "").splitlines()
+                if line.strip().startswith("schedsearch ")]
+    assert len(examples) >= 20
+    for cmd in examples:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                args, extra = build_parser().parse_known_args(shlex.split(cmd)[1:])
+            except SystemExit:
+                pytest.fail(f"--help example `{cmd}`: {err.getvalue().strip().splitlines()[-1]}")
+        assert not extra and getattr(args, "handler", None), f"`{cmd}`: {extra}"
