@@ -12,6 +12,7 @@ components are used, its scheduler only read for the noise table.
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from typing import Optional, Sequence
@@ -49,14 +50,14 @@ def generate(model_or_pipe, preset: Preset | str | os.PathLike | dict, prompts: 
     refused unless ``allow_outside_table`` lifts the former (see ``presets.fit``). ``height``,
     ``width``: the image size when ``model_or_pipe`` is a pipeline (default its native one).
     ``preset``: a Preset, a preset name or path, or its JSON object. ``prompts`` may be one
-    string, as a diffusers pipeline takes it."""
+    string (or a testbed's class label), as a diffusers pipeline takes it, and ``seeds`` one int
+    (default: 0, 1, … one per prompt)."""
     if output not in ("pil", "samples"):   # before the sampling, not after it
         raise ValueError(f"output must be 'pil' or 'samples', got {output!r}")
     preset = as_preset(preset)
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     model = as_model(model_or_pipe, **size)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    prompts, seeds = _as_lists(prompts, seeds)
     preset, notes = fit(preset, model, guidance, allow_outside_table=allow_outside_table)
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -64,6 +65,20 @@ def generate(model_or_pipe, preset: Preset | str | os.PathLike | dict, prompts: 
                  guidance=preset.guidance, freeu=preset.freeu, batch_size=batch_size,
                  progress=progress)
     return out if output == "samples" else to_pil(out)
+
+
+def _as_lists(prompts, seeds) -> tuple[list, list]:
+    """One prompt (a string, or a testbed's class label) and one seed as pipelines take them, or
+    lists of them; a string of seeds would be read digit by digit, so it is refused."""
+    if prompts is None:
+        raise ValueError("prompts must be a prompt or a list of prompts, got None (a testbed's "
+                         "unconditional image is the prompt None in a list: [None])")
+    prompts = [prompts] if isinstance(prompts, (str, numbers.Integral)) else list(prompts)
+    if seeds is None:
+        return prompts, list(range(len(prompts)))
+    if isinstance(seeds, (str, bytes, float)):
+        raise ValueError(f"seeds must be an integer or a list of integers, got {seeds!r}")
+    return prompts, [seeds] if isinstance(seeds, numbers.Integral) else list(seeds)
 
 
 def to_pil(samples: Samples) -> list:

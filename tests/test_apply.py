@@ -68,6 +68,21 @@ def test_generate_takes_one_prompt_as_a_string_and_checks_output_before_sampling
         sample(model, presets.load("sd15-5").sigmas, "a red cube", [0] * 10)
 
 
+def test_generate_takes_one_seed_as_an_int_and_refuses_a_string_of_them(saved):
+    """seeds=4 was a TypeError, seeds="12" two seeds 1 and 2, prompts=None a TypeError."""
+    pipe, _ = saved
+    one = schedsearch.generate(pipe, "sd15-5", "a red cube", seeds=4, output="samples")
+    listed = schedsearch.generate(pipe, "sd15-5", ["a red cube"], seeds=[4], output="samples")
+    assert one.seeds == [4] and torch.equal(one.latents, listed.latents)
+    with pytest.raises(ValueError, match="seeds must be an integer or a list of integers, got '4'"):
+        schedsearch.generate(pipe, "sd15-5", "a red cube", seeds="4")
+    with pytest.raises(ValueError, match=r"prompts must be a prompt or a list of prompts, got None"):
+        schedsearch.generate(pipe, "sd15-5", None, seeds=[4])
+    # a testbed's class label is one prompt too
+    digits = schedsearch.generate("digits", "sd15-5", 7, seeds=4, output="samples")
+    assert digits.prompts == [7] and digits.seeds == [4]
+
+
 def test_a_preset_is_a_preset_a_name_a_path_or_its_json(saved, tmp_path):
     """A pathlib.Path was taken for a Preset and failed deep inside ('has no attribute family')."""
     from pathlib import Path
