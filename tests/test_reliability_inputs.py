@@ -427,6 +427,9 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("argv, message", [
     # an unset shell variable: '' used to mean the default seeds 0-3
     (["sample", "--model", "gmm", "--seeds", ""], "--seeds is empty"),
+    # an empty --objectives or --baselines ran the default study, every baseline included
+    (["run", "--objectives", ""], "--objectives is empty: name at least one, or leave the flag"),
+    (["run", "--baselines", " , "], "--baselines is empty: name at least one, or leave the flag"),
     # FreeU from a step the schedule never reaches: used to sample with FreeU off
     (["sample", "--model", "digits", "--steps", "5", "--freeu", "sd15", "--t-aug", "5"],
      r"--t-aug 5 is past the last step: the schedule has 5 steps \(0-based 0\.\.4\)"),

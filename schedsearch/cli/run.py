@@ -109,16 +109,23 @@ OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_s
 SINGLE_OBJECTIVE = ("refine", "refine_starts", "refine_margin", "validation_sets")
 
 
-def _names(text):
-    """'fid, NFE' → ['fid', 'nfe']: a comma list as people type it (None when not given)."""
-    return [n.strip().lower() for n in text.split(",") if n.strip()] if text else None
+def _names(text, flag: str):
+    """'fid, NFE' → ['fid', 'nfe']: a comma list as people type it (None when not given). An
+    empty one is a mistake (an unset shell variable), not a request for the default."""
+    if text is None:
+        return None
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"{flag} is empty: name at least one, or leave the flag out for the "
+                         f"default")
+    return names
 
 
 def config_from_args(args):
 
     overrides = {k: getattr(args, k) for k in OVERRIDES}
-    overrides["objectives"] = _names(args.objectives)
-    overrides["baselines"] = _names(args.baselines)
+    overrides["objectives"] = _names(args.objectives, "--objectives")
+    overrides["baselines"] = _names(args.baselines, "--baselines")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = (StudyConfig.from_file(args.config, **overrides) if args.config
               else StudyConfig.from_dict(overrides))
