@@ -54,6 +54,21 @@ def test_gmm_writes_vectors_scatter_and_provenance(tmp_path):
     assert Image.open(os.path.join(out, "scatter.png")).size[0] >= 600
 
 
+def test_gmm_unconditional_samples_are_sampled_and_plotted(tmp_path):
+    """--prompt '' is the testbeds' unconditional prompt; the scatter plot read every prompt as
+    a class label, so the command failed after sampling, with its images written."""
+    out = str(tmp_path / "gmm")
+    assert main(["sample", "--model", "gmm", "--prompt", "", "--prompt", "1", "--seeds", "0,1",
+                 "--no-progress", "--out", out]) == 0
+    rec = read(out)
+    assert [im["prompt"] for im in rec["images"]] == ["", "", "1", "1"]
+    model = load("gmm", device="cpu")
+    sigmas = schedules.karras(20, model.table.sigma_min, model.table.sigma_max)
+    ref = sample(model, sigmas, ["", "", 1, 1], [0, 1, 0, 1], guidance=3.0)
+    assert np.array_equal(np.load(os.path.join(out, "samples.npy")), ref.images.numpy())
+    assert Image.open(os.path.join(out, "scatter.png")).size[0] >= 600
+
+
 def test_tiny_sd_through_python_m(sd_dir, tmp_path):
     """The real entry point in a fresh process: a paper preset, DPM++1S and FreeU from step 0."""
     out = str(tmp_path / "sd")

@@ -111,18 +111,25 @@ def _scatter(model, vectors, prompts, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 6))
-    labels = np.asarray([int(p) for p in prompts])
     k = model.num_classes
+    # '' or None is unconditional: the whole mixture, which sample_data draws as class id k
+    labels = np.asarray([k if p in ("", None) else int(p) for p in prompts])
     from matplotlib.colors import ListedColormap
 
     cmap = ListedColormap(plt.get_cmap("tab10").colors[:k]) if k <= 10 else "viridis"
     style = dict(cmap=cmap, vmin=-0.5, vmax=k - 0.5)
     ref_ids = np.repeat(labels, max(1, 400 // len(labels)))
     ref = model.sample_data(list(ref_ids), seed=12345).numpy()
-    ax.scatter(ref[:, 0], ref[:, 1], s=8, c=ref_ids, alpha=0.25, linewidths=0, **style)
     v = vectors.numpy()
-    sc = ax.scatter(v[:, 0], v[:, 1], s=22, c=labels, edgecolors="k", linewidths=0.5, **style)
-    ax.text(0.01, 0.01, "faint: exact draws from the data, same classes; outlined: samples",
+    for points, ids, size, alpha, edge in ((ref, ref_ids, 8, 0.25, None), (v, labels, 22, 1, "k")):
+        cond = ids < k
+        sc = ax.scatter(points[cond, 0], points[cond, 1], s=size, c=ids[cond], alpha=alpha,
+                        edgecolors=edge, linewidths=0.5 if edge else 0, **style)
+        if not cond.all():   # unconditional ones in grey
+            ax.scatter(points[~cond, 0], points[~cond, 1], s=size, color="0.45", alpha=alpha,
+                       edgecolors=edge, linewidths=0.5 if edge else 0)
+    ax.text(0.01, 0.01, "faint: exact draws from the data, same classes; outlined: samples"
+            + ("\ngrey: unconditional (the whole mixture)" if (labels == k).any() else ""),
             transform=ax.transAxes, fontsize=8, va="bottom")
     ax.set_xlabel("x[0]")
     ax.set_ylabel("x[1]")
