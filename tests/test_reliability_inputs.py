@@ -3,6 +3,7 @@ a busy port for the MLflow UI, prompt sources that are not prompt files, configs
 are not UTF-8 (or not valid YAML), and an output folder the file system cannot hold. Everything
 runs for real: safetensors files on disk, bound sockets, and the CLI in a subprocess."""
 
+import json
 import os
 import re
 import signal
@@ -428,8 +429,13 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     # an unset shell variable: '' used to mean the default seeds 0-3
     (["sample", "--model", "gmm", "--seeds", ""], "--seeds is empty"),
     # an empty --objectives or --baselines ran the default study, every baseline included
-    (["run", "--objectives", ""], "--objectives is empty: name at least one, or leave the flag"),
+    (["run", "--objectives", ""], "--objectives is empty: give it a value, or leave it out"),
     (["run", "--baselines", " , "], "--baselines is empty: name at least one, or leave the flag"),
+    # any option given as '' (an unset shell variable) ran on the option's default
+    (["run", "--prompts", ""], "--prompts is empty: give it a value, or leave it out for its"),
+    (["run", "--storage", " "], "--storage is empty: give it a value, or leave it out"),
+    (["sample", "--sigmas", ""], "--sigmas is empty: give it a value, or leave it out"),
+    (["score", "--ref-stats", ""], "--ref-stats is empty: give it a value, or leave it out"),
     # FreeU from a step the schedule never reaches: used to sample with FreeU off
     (["sample", "--model", "digits", "--steps", "5", "--freeu", "sd15", "--t-aug", "5"],
      r"--t-aug 5 is past the last step: the schedule has 5 steps \(0-based 0\.\.4\)"),
@@ -772,3 +778,15 @@ def test_an_unknown_flag_is_named_by_its_command_with_the_likely_one(capsys, arg
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == line and err[0].startswith(f"usage: schedsearch {argv[0]}")
+
+
+def test_an_empty_required_option_or_a_meaningful_empty_one(tmp_path, capsys):
+    """A required option given as '' is told to take a value (it has no default to fall back
+    on); score's --checkpoints '' keeps its meaning, no intermediate FID."""
+    from schedsearch.cli import main
+
+    assert main(["export", "--out", str(tmp_path), "--name", ""]) == 2
+    assert _one_error_line(capsys.readouterr().err, "export").endswith(
+        "error: --name is empty: give it a value")
+    assert main(["score", "--model", "gmm", "--n", "100", "--checkpoints", "", "--no-progress"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["fid_at"]) == ["100"]   # no 64: --n alone

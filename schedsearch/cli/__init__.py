@@ -141,9 +141,40 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    empty = _empty_option(_subparser(parser, sys.argv[1:] if argv is None else argv), args)
+    if empty:
+        print(f"schedsearch {args.command}: error: {empty.option_strings[-1]} is empty: give it "
+              f"a value{'' if empty.required else ', or leave it out for its default'}",
+              file=sys.stderr)
+        return 2
     with warnings.catch_warnings():   # restored on return: main() is also called in-process
         warnings.showwarning = _one_line_warnings(args.command)
         return _handle(args)
+
+
+def _subparser(parser: argparse.ArgumentParser, argv: list) -> argparse.ArgumentParser:
+    """The (sub)command's parser the arguments were given to; argparse has no public way to reach
+    a subcommand's parser or its flags, so this reads _actions (stable since Python 3.2)."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parser = subs[0].choices[token]
+    return parser
+
+
+# Options where '' means something: score's --checkpoints '' is "no intermediate FID"
+EMPTY_MEANS = {"checkpoints"}
+
+
+def _empty_option(parser: argparse.ArgumentParser, args) -> argparse.Action | None:
+    """The first option given as '' or blanks, if any: an unset shell variable (--prompts
+    "$PROMPTS") read as "not given" and ran the command on its default without a word."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.option_strings and action.dest not in EMPTY_MEANS and isinstance(value, str) \
+                and not value.strip():
+            return action
+    return None
 
 
 def _unrecognized(parser: argparse.ArgumentParser, argv: list, extra: list) -> None:
@@ -152,12 +183,7 @@ def _unrecognized(parser: argparse.ArgumentParser, argv: list, extra: list) -> N
     as; exits with status 2 like any argparse error."""
     import difflib
 
-    # down to the (sub)command the arguments were given to; argparse has no public way to reach
-    # a subcommand's parser or its flags, so this reads _actions (stable since Python 3.2)
-    for token in argv:
-        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if subs and token in subs[0].choices:
-            parser = subs[0].choices[token]
+    parser = _subparser(parser, argv)
     flags = [s for a in parser._actions for s in a.option_strings]
     near = [f"{m[0]} for {e}" for e in extra if e.startswith("--")
             if (m := difflib.get_close_matches(e.split("=")[0], flags, 1, 0.7))]
