@@ -7,7 +7,6 @@ import os
 import sys
 
 from PIL import Image
-
 from tqdm.auto import tqdm
 
 from .. import prompts
