@@ -160,6 +160,9 @@ class StudyConfig:
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"{key} must be a string, got {v!r}")
+            if v is not None and not v.strip():   # '' read as "not given": the default, silently
+                raise ValueError(f"{key} is empty: give it a value, or leave it out for its "
+                                 f"default")
         # a YAML section left empty (every line under it commented out) reads as null
         if self.space is None:
             self.space = {}

@@ -171,6 +171,7 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(budget=True), "budget must be an integer >= 1"),
     (dict(model=None), "model must be a testbed name, hub id or path, got None"),
     (dict(prompts=5), "prompts must be a string, got 5"),
+    (dict(ref_stats=""), "ref_stats is empty: give it a value, or leave it out"),
     (dict(space=[1]), "space must be a mapping of keys to ranges or choices"),
     (dict(objectives="fid"), r"objectives must be a list, e.g. \[fid, nfe\], got 'fid'"),
     (dict(checkpoints="50,100"), "checkpoints must be a list"),
