@@ -77,7 +77,9 @@ def did_you_mean(unknown, known) -> str:
 
 def _range(space: dict, key: str) -> tuple[float, float]:
     v = space[key]
-    if not (isinstance(v, (list, tuple)) and len(v) == 2 and v[0] <= v[1]):
+    numbers = isinstance(v, (list, tuple)) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    if not (numbers and v[0] <= v[1]):   # a NaN fails the comparison too
         raise ValueError(f"search space {key!r} must be [low, high], got {v!r}")
     return float(v[0]), float(v[1])
 
@@ -141,6 +143,9 @@ class Space:
         for k in FREEU_KEYS:
             if _range(r, k)[0] <= 0:
                 raise ValueError(f"search space: FreeU {k} must stay > 0 (diffusers treats 0 as off)")
+        if not isinstance(r["solver"], (list, tuple)):   # a string would be read letter by letter
+            raise ValueError(f"search space 'solver' must be a list, e.g. [unipc, dpmpp_2m], got "
+                             f"{r['solver']!r}")
         names = [solvers.canonical(s) for s in r["solver"]] if r["solver"] else []
         bad = [s for s in names if s not in SEARCHABLE_SOLVERS]
         if not names or bad:
