@@ -190,7 +190,7 @@ class StudyConfig:
     def _check_counts(self) -> None:
         """Image and trial counts, and the seeds they take."""
         for key in ("n_search", "n_heldout", "batch_size", "trials", "heldout_sets", "bootstrap",
-                    "validation_sets", "refine_starts"):
+                    "validation_sets", "refine_starts", "teacher_steps", "distill_samples"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")

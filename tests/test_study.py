@@ -163,6 +163,8 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(space={"guidance": [2, 150]}), r"guidance must lie inside \(0, 100\)"),
     (dict(space={"guidance": [5, 2]}), r"'guidance' must be \[low, high\]"),
     (dict(refine=1.0), r"refine .* must lie in \[0, 1\)"),
+    (dict(distill_samples=0), "distill_samples must be an integer >= 1"),
+    (dict(teacher_steps="100"), "teacher_steps must be an integer >= 1, got '100'"),
     (dict(heldout_sets=0), "heldout_sets must be an integer >= 1"),
     (dict(validation_sets=0), "validation_sets must be an integer >= 1"),
     (dict(refine_starts=0), "refine_starts must be an integer >= 1"),
