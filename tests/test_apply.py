@@ -79,7 +79,9 @@ def test_generate_takes_one_seed_as_an_int_and_refuses_a_string_of_them(saved):
     with pytest.raises(ValueError, match=r"prompts must be a prompt or a list of prompts, got None"):
         schedsearch.generate(pipe, "sd15-5", None, seeds=[4])
     # a testbed's class label is one prompt too
-    digits = schedsearch.generate("digits", "sd15-5", 7, seeds=4, output="samples")
+    with pytest.warns(UserWarning, match="preset sd15-5 was made for sd15 models; applying it "
+                                         "to a digits model"):
+        digits = schedsearch.generate("digits", "sd15-5", 7, seeds=4, output="samples")
     assert digits.prompts == [7] and digits.seeds == [4]
 
 
