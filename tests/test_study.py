@@ -3,6 +3,7 @@ and presets, kill/resume, several workers on sqlite and PostgreSQL, the dashboar
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -867,8 +868,12 @@ def test_run_prints_the_presets_sigma_list_solver_and_freeu(tmp_path, capsys, mo
     monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
     assert main(["run", "--model", "gmm", "--trials", "4", "--n-search", "64", "--n-heldout", "64",
                  "--baselines", "karras,ays", "--no-progress", "--no-user-preset",
-                 "--out", str(tmp_path / "run")]) == 0
+                 "--out", str(tmp_path / "my run")]) == 0
     lines = capsys.readouterr().out.splitlines()
+    # the dashboard command, copied into a shell, opens this folder (it has a space)
+    dashboard = next(line for line in lines if line.startswith("dashboard: "))
+    words = shlex.split(dashboard.split("   (")[0])
+    assert words[1:5] == ["schedsearch", "ui", "--out", str(tmp_path / "my run")]
     at = next(i for i, line in enumerate(lines) if line.startswith("preset: "))
     preset = presets.read(lines[at][len("preset: "):])
     assert lines[at + 1].split() == (

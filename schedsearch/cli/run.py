@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -181,7 +182,8 @@ def run(args) -> int:
         print(f"        also saved as '{name}' (schedsearch presets show {name})")
     if summary.get("warning"):
         print(f"warning: {summary['warning']}")
-    print(f"dashboard: schedsearch ui --out {out}   (it prints the runs table's URL)")
+    print(f"dashboard: schedsearch ui --out {shlex.quote(str(out))}   (it prints the runs table's "
+          f"URL)")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -150,7 +151,8 @@ def _rebuild_hint(path: str, meta: dict) -> str:
     testbed = next((t for t in ("digits-flow", "gmm-flow", "digits", "gmm")
                     if model == t or model.startswith(t + "-")), None)
     if testbed and "model_fingerprint" in meta:
-        return f"rebuild it with `schedsearch refstats --testbed {testbed} --rebuild --out {path}`"
+        return (f"rebuild it with `schedsearch refstats --testbed {testbed} --rebuild --out "
+                f"{shlex.quote(str(path))}`")
     return "rebuild it with `schedsearch refstats --images DIR --out FILE`"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -172,7 +173,7 @@ class _Testbed:
 
     def hint(self, what: str, weights_dir: Path) -> str:
         part = f" --what {what}" if self.per_part else ""
-        out = "" if weights_dir == WEIGHTS_DIR else f" --out {weights_dir}"
+        out = "" if weights_dir == WEIGHTS_DIR else f" --out {shlex.quote(str(weights_dir))}"
         return f"regenerate them with `{self.train_command}{part}{out}`"
 
 
