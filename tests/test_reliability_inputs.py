@@ -782,7 +782,8 @@ def test_an_unknown_flag_is_named_by_its_command_with_the_likely_one(capsys, arg
 
 def test_an_empty_required_option_or_a_meaningful_empty_one(tmp_path, capsys):
     """A required option given as '' is told to take a value (it has no default to fall back
-    on); score's --checkpoints '' keeps its meaning, no intermediate FID."""
+    on); score's --checkpoints '' keeps its meaning, no intermediate FID, and so does a
+    workflow's --prompt '', an empty positive prompt."""
     from schedsearch.cli import main
 
     assert main(["export", "--out", str(tmp_path), "--name", ""]) == 2
@@ -790,3 +791,7 @@ def test_an_empty_required_option_or_a_meaningful_empty_one(tmp_path, capsys):
         "error: --name is empty: give it a value")
     assert main(["score", "--model", "gmm", "--n", "100", "--checkpoints", "", "--no-progress"]) == 0
     assert list(json.loads(capsys.readouterr().out)["fid_at"]) == ["100"]   # no 64: --n alone
+    assert main(["presets", "show", "sd15-5", "--format", "comfy-workflow", "--prompt", ""]) == 0
+    texts = [n["inputs"]["text"] for n in json.loads(capsys.readouterr().out).values()
+             if n["class_type"] == "CLIPTextEncode"]
+    assert texts == ["", ""]   # the positive prompt as given, the negative one empty

@@ -162,8 +162,9 @@ def _subparser(parser: argparse.ArgumentParser, argv: list) -> argparse.Argument
     return parser
 
 
-# Options where '' means something: score's --checkpoints '' is "no intermediate FID"
-EMPTY_MEANS = {"checkpoints"}
+# Options where '' means something: score's --checkpoints '' is "no intermediate FID", and a
+# workflow's --prompt '' an empty positive prompt (sample's --prompt '', unconditional, is a list)
+EMPTY_MEANS = {"checkpoints", "prompt"}
 
 
 def _empty_option(parser: argparse.ArgumentParser, args) -> argparse.Action | None:
