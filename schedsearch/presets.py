@@ -151,7 +151,7 @@ def user_dir() -> Path:
 def read(path: str | os.PathLike) -> Preset:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise FileNotFoundError(f"preset file {str(path)!r} does not exist") from None
     except IsADirectoryError:

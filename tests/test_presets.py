@@ -48,6 +48,22 @@ def test_round_trip_is_exact(tmp_path):
     assert q.provenance["trial"] == 3 and q.provenance["schedsearch_version"]
 
 
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Windows editors save UTF-8 with a BOM: such a preset was "not valid JSON ... corrupt", and
+    so was a --noise-config scheduler config."""
+    from schedsearch.cli import main
+
+    plain = presets.load("sd15-5").save(tmp_path / "plain.json")
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert presets.read(bom).to_json() == presets.read(plain).to_json()
+    config = tmp_path / "scheduler_config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps({"beta_schedule": "scaled_linear",
+                                                     "beta_start": 0.00085, "beta_end": 0.012,
+                                                     "num_train_timesteps": 1000}).encode())
+    assert main(["schedule", "karras", "--steps", "4", "--noise-config", str(config)]) == 0
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(sigmas=[1.0, 2.0, 0.0]), "strictly decreasing"),
     (lambda d: d.update(solver="lms"), "solver must be one of"),

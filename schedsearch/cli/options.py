@@ -322,7 +322,7 @@ def noise_table(args):
                              "it with --noise-config FILE, or drop it")
         return None
     try:
-        with open(args.noise_config, encoding="utf-8") as f:
+        with open(args.noise_config, encoding="utf-8-sig") as f:
             cfg = json.load(f)
         if is_flow_config(cfg):   # SD3/FLUX: σ lists from ∞ (docs/flow.md)
             # a dynamic shift is FLUX's, whose pipeline also brings its own t-grid
