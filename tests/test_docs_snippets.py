@@ -132,19 +132,24 @@ def shell_commands(doc: Path) -> list[str]:
     return commands
 
 
+def assert_parses(cmd: str, where: str) -> None:
+    """``cmd`` is a command the CLI accepts: known flags, a command that runs something."""
+    from schedsearch.cli import build_parser
+
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            args, extra = build_parser().parse_known_args(shlex.split(cmd)[1:])
+        except SystemExit:
+            pytest.fail(f"{where}: `{cmd}`: {err.getvalue().strip().splitlines()[-1]}")
+    assert not extra and getattr(args, "handler", None), f"{where}: `{cmd}`: {extra}"
+
+
 @pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
 def test_every_documented_command_parses(doc):
     """A renamed or removed flag leaves no command in the docs that the CLI would refuse."""
-    from schedsearch.cli import build_parser
-
     path = ROOT / doc if doc == "README.md" else ROOT / "docs" / doc
     for cmd in shell_commands(path):
-        with contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                args, extra = build_parser().parse_known_args(shlex.split(cmd)[1:])
-            except SystemExit:
-                pytest.fail(f"{doc}: `{cmd}`: {err.getvalue().strip().splitlines()[-1]}")
-        assert not extra and getattr(args, "handler", None), f"{doc}: `{cmd}`: {extra}"
+        assert_parses(cmd, doc)
 
 
 def test_the_command_scan_reads_every_shell_block():
@@ -167,9 +172,4 @@ def test_every_help_example_parses():
                 if line.strip().startswith("schedsearch ")]
     assert len(examples) >= 20
     for cmd in examples:
-        with contextlib.redirect_stderr(io.StringIO()) as err:
-            try:
-                args, extra = build_parser().parse_known_args(shlex.split(cmd)[1:])
-            except SystemExit:
-                pytest.fail(f"--help example `{cmd}`: {err.getvalue().strip().splitlines()[-1]}")
-        assert not extra and getattr(args, "handler", None), f"`{cmd}`: {extra}"
+        assert_parses(cmd, "--help example")
