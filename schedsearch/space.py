@@ -95,7 +95,8 @@ def _choices(space: dict, key: str, allowed) -> list:
 
 def _once(key: str, choices) -> None:
     """A choice listed twice would be drawn twice as often and warm-started twice."""
-    again = next((c for i, c in enumerate(choices) if c in choices[:i]), None)
+    seen: set = set()
+    again = next((c for c in choices if c in seen or seen.add(c)), None)
     if again is not None:
         raise ValueError(f"search space {key!r} lists {again} twice; give each choice once")
 

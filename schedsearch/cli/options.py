@@ -193,8 +193,9 @@ def sampling(p, *, default_schedule: str, default_steps: int) -> None:
 MAX_LIST = 1_000_000
 
 
-def int_list(text: str, what: str) -> list[int]:
-    """'0-7', '0,3,5', '0-3,10' → integers in the order given (seeds, class labels)."""
+def int_list(text: str, what: str, *, unique: str = "") -> list[int]:
+    """'0-7', '0,3,5', '0-3,10' → integers in the order given (seeds, class labels). ``unique``:
+    what one value is ("seed"), when each may be given only once."""
     out: list[int] = []
     for part in str(text).replace(" ", "").split(","):
         if not part:
@@ -213,6 +214,10 @@ def int_list(text: str, what: str) -> list[int]:
         out.extend(range(lo, hi + 1))
     if not out:
         raise ValueError(f"{what} is empty: give at least one, e.g. 0-7")
+    if unique and len(set(out)) < len(out):
+        seen: set = set()
+        again = next(v for v in out if v in seen or seen.add(v))
+        raise ValueError(f"{what} lists {unique} {again} twice: give each {unique} once")
     return out
 
 

@@ -76,12 +76,10 @@ def _jobs(args, model):
                          "each its own seed); without --prompts every class or prompt is drawn "
                          f"once per seed of --seeds (default {DEFAULT_SEEDS})")
     # '' is a mistake (an unset shell variable), not a request for the default seeds
-    seeds = options.int_list(args.seeds, "--seeds") if args.seeds is not None else None
+    # a seed given twice would draw the same images twice, under two names
+    seeds = (options.int_list(args.seeds, "--seeds", unique="seed") if args.seeds is not None
+             else None)
     check_seeds(seeds or ())
-    if seeds is not None and len(set(seeds)) < len(seeds):   # the same image twice, two names
-        again = next(s for i, s in enumerate(seeds) if s in seeds[:i])
-        raise ValueError(f"--seeds lists seed {again} twice: each (prompt, seed) gives one image, "
-                         "so give each seed once")
     if args.prompt is not None:
         texts, source = list(args.prompt), {"source": "--prompt"}
     else:
