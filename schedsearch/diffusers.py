@@ -54,6 +54,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
@@ -131,6 +132,19 @@ def _check_kind(preset: Preset, flow: bool) -> None:
                          f"{'a flow-matching one' if flow else 'a DDPM one'}")
 
 
+def _check_flow_start(preset: Preset) -> None:
+    """SD3/FLUX pipelines hand the model their unit noise draw at the first call, whatever its t
+    (they never scale it by an init_noise_sigma), which is x_t = t·ε only at t = 1 (σ = ∞).
+    ``generate`` (and ComfyUI) start at x_t = t₀·ε: a list from a finite σ₀ would run on another
+    input in a pipeline, so it is refused rather than run differently."""
+    s0 = float(preset.sigmas[0])
+    if not math.isinf(s0):
+        raise ValueError(f"preset {preset.name} starts at σ = {s0:g} (t = {s0 / (1 + s0):.4g}); "
+                         f"SD3/FLUX pipelines start from pure noise at t = 1 (σ = ∞), so they "
+                         f"cannot run it as made: run it with schedsearch.generate or in "
+                         f"ComfyUI, or use a preset whose σ list starts at ∞")
+
+
 def _flow_timesteps(calls: list[float], n: int) -> torch.Tensor:
     """1000·t of every call, float32, as the flow backend computes it (t in float64, then
     float32, times N in float32): SD3's transformer gets these, FLUX's these / 1000."""
@@ -150,6 +164,7 @@ def flow_euler_sigmas(preset) -> list[float]:
                          f"σ = {float(preset.sigmas[-1]):g}: use PresetScheduler")
     if _presets.kind(preset) == "ddpm":
         raise ValueError(f"preset {preset.name} was made for a DDPM-trained model")
+    _check_flow_start(preset)
     return [float(flow_t(float(s))) for s in preset.sigmas[:-1]]
 
 
@@ -159,10 +174,22 @@ def flow_euler_scheduler(config):
     diffusers shifts whatever sigmas it is handed."""
     from diffusers import FlowMatchEulerDiscreteScheduler  # diffusers' class, on demand
 
+    # use_flow_sigmas (a PresetScheduler config saved by an older version) would make
+    # FluxPipeline drop the sigmas= this scheduler is for
+    config = {k: v for k, v in dict(config).items() if k != "use_flow_sigmas"}
     return FlowMatchEulerDiscreteScheduler.from_config(
         config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None,
         use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
         invert_sigmas=False, stochastic_sampling=False)
+
+
+def _pipeline_default(sigmas) -> bool:
+    """The σ list FLUX pipelines (FluxPipeline, Kontext, img2img, ControlNet, Fill) pass to the
+    scheduler when the user gives none: np.linspace(1, 1/n, n). Recognised so a user's own
+    ``sigmas=`` is refused instead of silently dropped (what ``use_flow_sigmas`` would do)."""
+    s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    n = len(s)
+    return n > 0 and bool(np.array_equal(s, np.linspace(1.0, 1 / n, n)))
 
 
 class PresetScheduler(SchedulerMixin, ConfigMixin):
@@ -186,7 +213,10 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         # the config must hold JSON, whatever form the preset was handed in
         self.register_to_config(preset=self.preset.to_json())
         # prediction_type "flow": an SD3/FLUX pipeline (velocity out, x_t in, timestep 1000·t).
-        # use_flow_sigmas: FluxPipeline then passes no sigmas= of its own (its default linspace)
+        # use_flow_sigmas is read by FluxPipeline (it then passes no sigmas=); kept so configs
+        # saved with it load, never set: it would leak into a FlowMatchEulerDiscreteScheduler
+        # built from this config (flow_euler_scheduler, a swap back) and make FluxPipeline drop
+        # the sigmas= given to it
         self.flow = prediction_type == "flow"
         self.table = FlowTable(num_train_timesteps=num_train_timesteps) if self.flow else \
             NoiseTable.from_config(dict(
@@ -194,6 +224,8 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
                 beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas,
                 prediction_type=prediction_type))
         _check_kind(self.preset, self.flow)
+        if self.flow:
+            _check_flow_start(self.preset)
         self._solve = solvers.get(self.preset.solver)
         self._sigma_list = [float(s) for s in self.preset.sigmas]
         self._calls, self.freeu_steps = _trace(self._solve, self._sigma_list)
@@ -217,17 +249,28 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         preset = _as_preset(preset)
         cfg = dict(config or {})
         if is_flow_config(cfg):   # the preset's explicit σ list replaces the shifted default
-            return cls(preset=preset.to_json(), prediction_type="flow", use_flow_sigmas=True,
-                       num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-                       **overrides)
-        if cfg.get("rescale_betas_zero_snr", False):
-            raise ValueError("the pipeline's scheduler rescales betas to zero terminal SNR, which "
-                             "puts σ_max at infinity; a σ-list preset cannot start there")
-        kwargs = {k: cfg[k] for k in _NOISE_KEYS if k in cfg}
-        if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = [float(b) for b in kwargs["trained_betas"]]
-        kwargs.update(overrides)
-        return cls(preset=preset.to_json(), **kwargs)
+            scheduler = cls(preset=preset.to_json(), prediction_type="flow",
+                            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                            **overrides)
+        else:
+            if cfg.get("rescale_betas_zero_snr", False):
+                raise ValueError("the pipeline's scheduler rescales betas to zero terminal SNR, "
+                                 "which puts σ_max at infinity; a σ-list preset cannot start there")
+            kwargs = {k: cfg[k] for k in _NOISE_KEYS if k in cfg}
+            if kwargs.get("trained_betas") is not None:
+                kwargs["trained_betas"] = [float(b) for b in kwargs["trained_betas"]]
+            kwargs.update(overrides)
+            scheduler = cls(preset=preset.to_json(), **kwargs)
+        # The pipeline's other settings (SDXL's "leading" spacing and steps offset, FLUX's shift)
+        # ride along unused, as diffusers' from_config keeps a config's foreign keys, so that
+        # `EulerDiscreteScheduler.from_config(pipe.scheduler.config)` swaps the stock scheduler
+        # back as it was, and save_pretrained writes them. Keys the config left at its class's
+        # defaults stay out, as in diffusers.
+        defaults = set(cfg.get("_use_default_values", ()))
+        scheduler.register_to_config(**{
+            k: v for k, v in cfg.items()
+            if not k.startswith("_") and k not in defaults and k not in scheduler.config})
+        return scheduler
 
     # -- what pipelines read --------------------------------------------------------------------
     @property
@@ -265,14 +308,17 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
         """The preset's model calls. ``timesteps=``/``sigmas=`` are refused; anything else a
         pipeline passes for other schedulers (``mu=``, ...) is ignored."""
         name = self.preset.name
-        if timesteps is not None or sigmas is not None:
-            raise ValueError(f"PresetScheduler runs preset {name}'s own σ list; do not pass "
-                             f"timesteps= or sigmas= to the pipeline (make a preset of another σ "
-                             f"list to run it)")
+        if sigmas is not None and _pipeline_default(sigmas):
+            # FLUX pipelines pass this linspace, of num_inference_steps, when the user gives none
+            num_inference_steps, sigmas = num_inference_steps or len(sigmas), None
         if num_inference_steps is not None and int(num_inference_steps) != self.nfe:
             raise ValueError(f"preset {name} makes {self.nfe} model calls (NFE {self.nfe}): call "
                              f"the pipeline with num_inference_steps={self.nfe}, not "
                              f"{num_inference_steps}")
+        if timesteps is not None or sigmas is not None:
+            raise ValueError(f"PresetScheduler runs preset {name}'s own σ list; do not pass "
+                             f"timesteps= or sigmas= to the pipeline (make a preset of another σ "
+                             f"list to run it)")
         self.timesteps = self._timesteps.to(device or "cpu", copy=True)
         self._reset()
 
@@ -460,14 +506,21 @@ class PresetScheduler(SchedulerMixin, ConfigMixin):
 
 # -- FreeU plans in pipelines ---------------------------------------------------------------------
 
-def _call_index(scheduler, forwards: list[int]) -> int:
+def _call_index(scheduler, count: dict) -> int:
     """The model call about to run: the scheduler's step index (absolute, so img2img's later
-    start is right), else a count of UNet calls (schedulers without one)."""
+    start is right), else a count of UNet calls in this run, from its begin index (a multistep
+    scheduler sets its step index in its first step; DDIM has none). A run starts with
+    ``set_timesteps``, which makes a new ``timesteps`` tensor: that resets the count, so a second
+    pipeline call in the same block counts from its own start."""
     k = getattr(scheduler, "step_index", None)
     if isinstance(k, int):
         return k
-    forwards[0] += 1
-    return forwards[0] - 1
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is not count.get("timesteps"):
+        begin = getattr(scheduler, "begin_index", None)
+        count.update(timesteps=timesteps, next=begin if isinstance(begin, int) else 0)
+    count["next"] += 1
+    return count["next"] - 1
 
 
 @contextlib.contextmanager
@@ -495,10 +548,10 @@ def freeu_plan(pipe, preset):
         yield
         return
     steps = _trace(solvers.get(preset.solver), [float(s) for s in preset.sigmas])[1]
-    forwards = [0]
+    count: dict = {}
 
     def before_call(module, args):
-        k = _call_index(pipe.scheduler, forwards)
+        k = _call_index(pipe.scheduler, count)
         set_freeu(unet, plan.at(steps[min(k, len(steps) - 1)]), plan.variant)
 
     found = snapshot(unet)

@@ -7,6 +7,7 @@ on the same initial noise to 1e-5 (relative, latents). The pipeline's sample is 
 state is y = x_t/(1−t); the model output is a velocity.
 """
 
+import contextlib
 import json
 import math
 
@@ -58,6 +59,16 @@ def run_pipeline(pipe, preset, **kwargs):
     return unpack(out, 8, 8) if flux else out
 
 
+@contextlib.contextmanager
+def transformer_calls(pipe):
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def ours(pipe, preset):
     return schedsearch.generate(pipe, preset, PROMPTS, SEEDS, output="samples", **SIZE).latents
 
@@ -71,7 +82,7 @@ def test_preset_scheduler_equals_generate(pipes, kind, solver):
     want = ours(pipe, preset)
     try:
         pipe.scheduler = PresetScheduler.from_preset(preset, original.config)
-        assert pipe.scheduler.flow and pipe.scheduler.config.use_flow_sigmas
+        assert pipe.scheduler.flow and not pipe.scheduler.config.use_flow_sigmas
         with freeu_plan(pipe, preset):   # no plan, no UNet: a no-op
             got = run_pipeline(pipe, preset, num_inference_steps=pipe.scheduler.nfe)
     finally:
@@ -102,6 +113,75 @@ def test_flow_match_euler_with_the_t_list_is_enough_for_euler_presets(pipes, kin
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_flow_euler_scheduler_from_a_preset_schedulers_config(pipes, kind):
+    """README's Euler path after a PresetScheduler was installed: the t list still runs (a
+    use_flow_sigmas key in the config made FluxPipeline drop it and run its 28 default steps)."""
+    pipe = pipes[kind]
+    original = pipe.scheduler
+    preset = flow_preset(pipe, "euler")
+    try:
+        pipe.scheduler = PresetScheduler.from_preset(preset, original.config)
+        pipe.scheduler = flow_euler_scheduler(pipe.scheduler.config)
+        with transformer_calls(pipe) as calls:
+            got = run_pipeline(pipe, preset, sigmas=flow_euler_sigmas(preset))
+    finally:
+        pipe.scheduler = original
+    assert len(calls) == preset.nfe
+    assert rel(got, ours(pipe, preset)) < 1e-5
+
+
+def test_swapping_back_restores_the_pipelines_scheduler(pipes):
+    """FLUX's shift and dynamic shifting survive PresetScheduler and back, as they survive a swap
+    between stock schedulers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = pipes["flux"]
+    before = dict(pipe.scheduler.config)
+    assert before["shift"] != 1.0 and before["use_dynamic_shifting"]
+    sched = PresetScheduler.from_preset(flow_preset(pipe, "euler"), before)
+    back = FlowMatchEulerDiscreteScheduler.from_config(sched.config)
+    for key in ("shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                "base_image_seq_len", "max_image_seq_len"):
+        assert back.config[key] == before[key], key
+    assert not back.config.get("use_flow_sigmas")
+
+
+def test_flux_sigmas_default_is_ignored_a_users_is_refused(pipes):
+    """FluxPipeline passes np.linspace(1, 1/n, n) when given no sigmas=: that runs the preset; a
+    user's own sigmas= is refused, not dropped."""
+    pipe = pipes["flux"]
+    original = pipe.scheduler
+    preset = flow_preset(pipe, "dpmpp_2m")
+    try:
+        pipe.scheduler = PresetScheduler.from_preset(preset, original.config)
+        with transformer_calls(pipe) as calls:
+            run_pipeline(pipe, preset, num_inference_steps=preset.nfe)
+        assert len(calls) == preset.nfe
+        with pytest.raises(ValueError, match="do not pass timesteps= or sigmas="):
+            run_pipeline(pipe, preset, num_inference_steps=preset.nfe,
+                         sigmas=[1.0, 0.8, 0.5, 0.2])
+        with pytest.raises(ValueError, match="num_inference_steps=5, not 28"):
+            run_pipeline(pipe, preset)
+    finally:
+        pipe.scheduler = original
+
+
+@pytest.mark.parametrize("family", ["any", "sd3"])
+def test_a_finite_start_is_refused_in_flow_pipelines(pipes, family):
+    """A flow pipeline hands the model its unit noise at the first call; generate starts at
+    x_t = t0·ε. From a finite σ0 the two would differ (by 5% here), so the pipeline refuses."""
+    pipe = pipes["sd3"]
+    preset = flow_preset(pipe, "euler", family=family)
+    finite = preset.replace(name="from-20", sigmas=[20.0] + preset.sigmas[1:].tolist())
+    assert presets.kind(finite) == ("flow" if family == "sd3" else None)
+    with pytest.raises(ValueError, match=r"starts at σ = 20 \(t = 0.9524\); SD3/FLUX pipelines "
+                                         r"start from pure noise at t = 1"):
+        PresetScheduler.from_preset(finite, pipe.scheduler.config)
+    with pytest.raises(ValueError, match="starts at σ = 20"):
+        flow_euler_sigmas(finite)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_a_list_ending_above_zero_hands_back_y(pipes, kind):
     """Stopping at σ_N > 0 leaves y = x0 + σ_N·ε to the decoder, as generate does."""
     pipe = pipes[kind]
@@ -125,7 +205,8 @@ def test_timesteps_are_the_backends_and_the_config_round_trips(pipes, tmp_path):
     assert sched.timesteps.tolist() == pytest.approx([1000 * v for v in t], rel=1e-6)
     sched.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "scheduler_config.json").read_text())
-    assert config["prediction_type"] == "flow" and config["use_flow_sigmas"] is True
+    assert config["prediction_type"] == "flow" and config["use_flow_sigmas"] is False
+    assert config["shift"] == 3.0   # the pipeline's own settings ride along (a swap back)
     again = PresetScheduler.from_pretrained(tmp_path)
     assert again.flow and torch.equal(again.timesteps, sched.timesteps)
     assert math.isinf(float(again.preset.sigmas[0]))

@@ -482,3 +482,52 @@ def test_wrong_step_counts_and_overrides_are_refused(pipes):
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         PresetScheduler.from_preset(preset, {"prediction_type": "sample"})
     assert PresetScheduler.from_preset("sd15-5").preset.name == "sd15-5"   # by name
+
+
+def test_swapping_back_restores_the_pipelines_scheduler(tmp_path):
+    """SDXL's "leading" spacing and steps offset survive PresetScheduler and back (and its
+    save_pretrained), as they survive a swap between stock schedulers: [751, 501, 251, 1] at 4
+    steps, not the [999, 666, 333, 0] of the defaults."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    original = EulerDiscreteScheduler.from_config(tiny_sd_pipeline().scheduler.config,
+                                                  timestep_spacing="leading")
+    original.set_timesteps(4)
+    assert original.timesteps.tolist() == [751, 501, 251, 1]
+    sched = PresetScheduler.from_preset(make_preset(), original.config)
+    sched.save_pretrained(str(tmp_path))
+    for cls in (EulerDiscreteScheduler, DPMSolverMultistepScheduler):
+        direct = cls.from_config(original.config)   # the stock swap, for the stock answer
+        direct.set_timesteps(4)
+        for config in (sched.config, PresetScheduler.from_pretrained(str(tmp_path)).config):
+            back = cls.from_config(config)
+            back.set_timesteps(4)
+            assert back.timesteps.tolist() == direct.timesteps.tolist(), cls.__name__
+    assert direct.timesteps.tolist() == [801, 601, 401, 201]   # DPM-Solver's own "leading"
+    # a preset swapped for another keeps them too, and the new preset's own keys win
+    again = PresetScheduler.from_preset(make_preset("unipc"), sched.config)
+    assert again.config.timestep_spacing == "leading" and again.preset.solver == "unipc"
+
+
+@pytest.mark.parametrize("stock", ["DPMSolverMultistepScheduler", "DDIMScheduler"])
+def test_freeu_plan_counts_each_pipeline_call_from_its_start(pipes, stock):
+    """With a stock scheduler (no step index before its first step, or none at all) the plan
+    counts UNet calls: a second pipeline call in the same block starts again at step 0."""
+    import diffusers
+
+    pipe = pipes["sd"]
+    original = pipe.scheduler
+    plan = FreeUPlan.per_step([A, None, B, None, None], "original")
+    preset = make_preset(freeu=plan)
+    seen = []
+    handle = pipe.unet.register_forward_hook(lambda m, *_: seen.append(m._schedsearch_freeu))
+    try:
+        pipe.scheduler = getattr(diffusers, stock).from_config(original.config)
+        with freeu_plan(pipe, preset):
+            for _ in range(2):
+                pipe(prompt=PROMPTS[0], num_inference_steps=5, guidance_scale=5.0,
+                     output_type="latent")
+    finally:
+        handle.remove()
+        pipe.scheduler = original
+    assert seen == [A, None, B, None, None] * 2
