@@ -34,11 +34,28 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
                 f.write(content)
         if callable(content):
             content(tmp)
+        os.chmod(tmp, _mode_for(path))   # mkstemp makes 0600: others' workers could not read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would leave: the replaced file's own, else
+    0666 less the umask (read from /proc on Linux; elsewhere by setting it and putting it back)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

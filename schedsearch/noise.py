@@ -18,7 +18,20 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 _SD_KEY = ("scaled_linear", 0.00085, 0.012, 1000)
 
 
+def _number(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    """A scheduler config's number, refused by its key when it is none."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+MAX_TRAIN_TIMESTEPS = 100_000   # trained models use 1000
+
+
 def _betas(schedule: str, beta_start: float, beta_end: float, steps: int) -> np.ndarray:
+    if not 2 <= steps <= MAX_TRAIN_TIMESTEPS:   # a table of 10¹² steps would only run out of memory
+        raise ValueError(f"num_train_timesteps must be in [2, {MAX_TRAIN_TIMESTEPS}], got {steps}")
     if schedule == "scaled_linear":
         return np.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=np.float64) ** 2
     if schedule == "linear":
@@ -89,8 +102,8 @@ class NoiseTable:
             return cls(np.cumprod(1 - betas), cfg.get("prediction_type", "epsilon"), "trained_betas")
         return cls.from_betas(
             cfg.get("beta_schedule", "scaled_linear"),
-            float(cfg.get("beta_start", 0.00085)),
-            float(cfg.get("beta_end", 0.012)),
+            _number(cfg, "beta_start", 0.00085),
+            _number(cfg, "beta_end", 0.012),
             int(cfg.get("num_train_timesteps", 1000)),
             cfg.get("prediction_type", "epsilon"),
         )
@@ -248,14 +261,14 @@ class FlowTable:
         n = int(cfg.get("num_train_timesteps", 1000))
         terminal = cfg.get("shift_terminal") or None
         if not cfg.get("use_dynamic_shifting", False):
-            return cls(n, float(cfg.get("shift", 1.0)), None, False, grid, terminal)
+            return cls(n, _number(cfg, "shift", 1.0), None, False, grid, terminal)
         if mu is None:
             if image_seq_len is None:
                 raise ValueError("a dynamically shifted flow model needs mu or image_seq_len")
             mu = calculate_shift(image_seq_len, int(cfg.get("base_image_seq_len", 256)),
                                  int(cfg.get("max_image_seq_len", 4096)),
-                                 float(cfg.get("base_shift", 0.5)),
-                                 float(cfg.get("max_shift", 1.15)))
+                                 _number(cfg, "base_shift", 0.5),
+                                 _number(cfg, "max_shift", 1.15))
         shift = math.exp(mu) if kind == "exponential" else float(mu)
         return cls(n, shift, float(mu), True, grid, terminal)
 

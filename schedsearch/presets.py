@@ -23,7 +23,8 @@ import torch
 from . import files, schedules, solvers
 from .comfy import is_flow, sigma_string
 from .freeu import FreeU, FreeUPlan
-from .models import FAMILIES as MODEL_FAMILIES, Model, default_guidance, schedule_family
+from .models import (FAMILIES as MODEL_FAMILIES, FLOW_FAMILIES, Model, default_guidance,
+                     schedule_family)
 from .version import __version__
 
 SCHEMA = "schedsearch.preset/1"
@@ -64,13 +65,20 @@ class Preset:
         if self.family not in FAMILIES:
             raise ValueError(f"preset family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         self.sigmas = schedules.flow_explicit(self.sigmas)   # a flow model's list starts at ∞
+        if (self.family not in FLOW_FAMILIES and self.family != "any"
+                and float(self.sigmas[0]) == float("inf")):
+            raise ValueError(f"family {self.family} is a DDPM-trained model's, whose σ list "
+                             f"starts at a finite σ_max; this one starts at ∞ (a flow model's)")
         self.solver = solvers.canonical(self.solver)
         if self.freeu is not None and len(self.freeu.steps) != self.steps:
             raise ValueError(f"the FreeU plan has {len(self.freeu.steps)} steps but the σ list has "
                              f"{self.steps}")
         if self.guidance is not None and not (isinstance(self.guidance, (int, float))
+                                              and not isinstance(self.guidance, bool)
                                               and 0 < self.guidance < 100):
             raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
+        if not isinstance(self.provenance, dict):
+            raise ValueError(f"provenance must be a JSON object, got {self.provenance!r}")
 
     @property
     def steps(self) -> int:
@@ -116,11 +124,11 @@ class Preset:
                 solver=data["solver"],
                 freeu=FreeUPlan.from_json(data["freeu"]) if data.get("freeu") else None,
                 guidance=data.get("guidance"), schedule=data.get("schedule"),
-                provenance=data.get("provenance") or {})
+                provenance={} if data.get("provenance") is None else data["provenance"])
         except ValueError as exc:
             raise ValueError(f"{origin}: {exc}") from None
-        if "nfe" in data and data["nfe"] != preset.nfe:
-            raise ValueError(f"{origin}: says nfe = {data['nfe']} but its σ list and solver "
+        if "nfe" in data and (type(data["nfe"]) is not int or data["nfe"] != preset.nfe):
+            raise ValueError(f"{origin}: says nfe = {data['nfe']!r} but its σ list and solver "
                              f"spend {preset.nfe}")
         return preset
 
@@ -227,14 +235,16 @@ def user_path(preset: Preset) -> Path:
 def load(name_or_path: str | os.PathLike) -> Preset:
     """A preset by name (shipped or user) or by path to a JSON file."""
     s = str(name_or_path)
-    if s.endswith(".json") or os.sep in s or os.path.exists(s):
+    if s.endswith(".json") or os.sep in s or (os.altsep and os.altsep in s):
         return read(s)
     names = available()
-    if s not in names:
-        raise ValueError(f"no preset named {s!r}; known presets: {', '.join(sorted(names))} "
-                         f"(or give a path to a .json file; `schedsearch run` saves its winner under "
-                         f"the study's name, e.g. digits-5nfe)")
-    return read(names[s])
+    if s in names:   # a name wins over a file or folder of that name in the working directory
+        return read(names[s])
+    if os.path.exists(s):
+        return read(s)
+    raise ValueError(f"no preset named {s!r}; known presets: {', '.join(sorted(names))} "
+                     f"(or give a path to a .json file; `schedsearch run` saves its winner under "
+                     f"the study's name, e.g. digits-5nfe)")
 
 
 def as_preset(preset, origin: str = "preset") -> Preset:

@@ -292,11 +292,9 @@ def _best_same_nfe(rows: list[dict]) -> list[dict]:
     return [min(same, key=lambda r: r["fid"])] if same else []
 
 
-def export_preset(pick: dict, preset: Preset, best, ctx, opts, name: str) -> dict:
-    """Write the recommended preset next to the study and, by name, to the user preset folder;
-    returns the paths written. The study's own file is written first; a copy the user folder
-    refuses (a shipped name, another study's preset, a folder that cannot be written) becomes a
-    "warning" line for the caller to print, and the study goes on."""
+def recommended_preset(pick: dict, preset: Preset, best, ctx, opts, name: str) -> Preset:
+    """The ★ row's preset under the study's name, with its provenance: the run's model and
+    prompts, the study, the trial or baseline it is, its scores."""
     scores = {"fid_search": pick["fid"], "fid_heldout": pick["fid_heldout"],
               "kid_heldout": pick["kid_heldout"]}
     origin = ({"trial": best.number, "params": best.params} if pick["key"] == "best" else
@@ -307,7 +305,15 @@ def export_preset(pick: dict, preset: Preset, best, ctx, opts, name: str) -> dic
     storage = opts.storage or f"sqlite:///{(Path(opts.out) / 'study.db').resolve()}"
     prov = {**ctx.provenance(), "study": name, "storage": slots.redact(storage), **origin,
             "scores": scores}
-    preset = preset.replace(name=name, provenance=prov)
+    return preset.replace(name=name, provenance=prov)
+
+
+def export_preset(preset: Preset, opts) -> dict:
+    """Write the recommended preset next to the study and, by name, to the user preset folder;
+    returns the paths written. The study's own file is written first; a copy the user folder
+    refuses (a shipped name, another study's preset, a folder that cannot be written) becomes a
+    "warning" line for the caller to print, and the study goes on."""
+    name = preset.name
     written = {"preset": str(preset.save(Path(opts.out) / f"{name}.preset.json"))}
     if opts.export_user_preset:
         try:
@@ -360,7 +366,12 @@ def finalize(studies: slots.Studies, ctx, tracker: Tracker, parent: str, opts, n
     pick = recommend(rows)
     pick["recommended"] = True
     summary["recommended"] = pick["key"]
-    summary.update(export_preset(pick, chosen[pick["key"]], best, ctx, opts, name))
+    preset = recommended_preset(pick, chosen[pick["key"]], best, ctx, opts, name)
+    # what `schedsearch export` gives without --trial, from the storage alone: this very preset
+    # (the ★ row, a baseline included), and the run's provenance for any trial it exports
+    study.set_user_attr("recommended", {"key": pick["key"], "preset": preset.to_json()})
+    study.set_user_attr("provenance", ctx.provenance())
+    summary.update(export_preset(preset, opts))
     log_study_run(tracker, parent, summary, rows, best, chosen, complete, studies, ctx, opts)
     files.atomic_write(Path(opts.out) / "summary.json",
                        json.dumps(summary, indent=2, default=str) + "\n")
@@ -556,6 +567,16 @@ def preset_from_study(storage_url: str, study_name: str, name: str,
         names = sorted(n for n in optuna.get_all_study_names(storage) if ":" not in n)
         raise ValueError(f"no study named {study_name!r} in {slots.redact(storage_url)}; it holds "
                          + (", ".join(names) if names else "none")) from None
+    recommended = study.user_attrs.get("recommended")
+    run = {k: v for k, v in study.user_attrs.get("provenance", {}).items()
+           if k not in ("date", "schedsearch_version")}   # the run's model, prompts, extractor
+    if trial_number is None and isinstance(recommended, dict):
+        # the ★ row, as the run wrote it (a baseline when no searched schedule beat it)
+        preset = Preset.from_json(recommended["preset"], origin=f"study {study_name!r}")
+        return preset.replace(name=name, provenance=presets.provenance(
+            **{k: v for k, v in preset.provenance.items()
+               if k not in ("date", "schedsearch_version")},
+))
     pick = _pick_trial(storage, study, trial_number)
     cfg = study.user_attrs.get("config", {})
     held = study.user_attrs.get(f"heldout:trial{pick.number}")
@@ -567,6 +588,7 @@ def preset_from_study(storage_url: str, study_name: str, name: str,
                                                  ("digits", "gmm") else "any")
     return stored_preset(pick.trial.user_attrs["candidate"], family).replace(
         name=name, family=family,
-        provenance=presets.provenance(study=study_name, storage=slots.redact(storage_url),
+        provenance=presets.provenance(**{"model": cfg.get("model"), **run},
+                                      study=study_name, storage=slots.redact(storage_url),
                                       trial=pick.number, scores=scores, params=pick.params,
-                                      model=cfg.get("model"), config=cfg))
+                                      config=cfg))

@@ -45,9 +45,13 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+MAX_STEPS = 10_000   # ten times a DDPM's training steps; more is a typo, not a schedule
+
+
 def _steps(steps: int) -> int:
-    _require(isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 1,
-             f"steps must be an integer >= 1, got {steps!r}")
+    _require(isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
+             and 1 <= steps <= MAX_STEPS,
+             f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
     return int(steps)
 
 
@@ -261,10 +265,26 @@ def build(spec: dict, table: NoiseTable = SD) -> torch.Tensor:
     if name in ("paper", "uniform"):
         p["table"] = table
     fn = {"karras": karras, "paper": paper, "ays": ays, "uniform": uniform, "logsnr": logsnr}[name]
+    return _made(name, fn, steps, p, explicit)
+
+
+def _made(name: str, fn, steps, p: dict, check) -> torch.Tensor:
+    """``fn(steps, **p)``, its list checked as a user's would be (``check``): extreme exponents
+    (ρ, p1, p2 near 0) or σ near the float range overflow, or round neighbouring σ to the same
+    value or to 0, which no solver can step through."""
+    shown = ", ".join(f"{k}={v}" for k, v in p.items() if k != "table")
     try:
-        return fn(steps, **p)
+        sigmas = fn(steps, **p)
     except TypeError as exc:
         raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None
+    except (OverflowError, ZeroDivisionError):
+        raise ValueError(f"schedule {name!r} ({shown}) overflows float64: choose less extreme "
+                         f"parameters") from None
+    try:
+        return check(sigmas)
+    except ValueError as exc:
+        raise ValueError(f"schedule {name!r} ({shown}) gives an unusable σ list ({exc}): choose "
+                         f"less extreme parameters") from None
 
 
 def equivalent_stop(steps: int, M: int, k: int) -> float:
@@ -422,7 +442,4 @@ def build_flow(spec: dict, table) -> torch.Tensor:
           "uniform": uniform, "logsnr": logsnr}[name]
     if name in ("flow", "karras", "uniform"):
         p["table"] = table
-    try:
-        return fn(steps, **p)
-    except TypeError as exc:
-        raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None
+    return _made(name, fn, steps, p, flow_explicit)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import threading
 import time
 import uuid
@@ -112,7 +113,10 @@ def db_error_reason(exc: Exception, url: str) -> str:
 
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
     password = sqlalchemy.engine.make_url(url).password
-    return reason.replace(str(password), "***") if password else reason
+    if not password:
+        return reason
+    # as a whole token only: a short password ("p") must not eat letters of other words ("port")
+    return re.sub(rf"(?<![\w]){re.escape(str(password))}(?![\w])", "***", reason)
 
 
 def redact(url: str) -> str:

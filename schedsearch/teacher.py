@@ -82,8 +82,9 @@ class TeacherGrid:
             raise ValueError(f"teacher grid must be one of {', '.join(GRID_KINDS)}, "
                              f"got {self.kind!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
-                or self.steps < 2:
-            raise ValueError(f"teacher steps must be an integer >= 2, got {self.steps!r}")
+                or not 2 <= self.steps <= schedules.MAX_STEPS:
+            raise ValueError(f"teacher steps must be an integer in [2, {schedules.MAX_STEPS}], "
+                             f"got {self.steps!r}")
         object.__setattr__(self, "steps", int(self.steps))
         if isinstance(self.end, str):
             if self.end not in ("zero", "sigma_min"):

@@ -336,7 +336,7 @@ def test_the_studys_export_refuses_a_clash_with_a_warning_and_keeps_its_own_file
                                                                                 tmp_path):
     from types import SimpleNamespace
 
-    from schedsearch.report import export_preset
+    from schedsearch.report import export_preset, recommended_preset
     from schedsearch.study import RunOptions
 
     pick = {"key": "best", "fid": 1.0, "fid_heldout": 2.0, "kid_heldout": 0.1}
@@ -345,7 +345,8 @@ def test_the_studys_export_refuses_a_clash_with_a_warning_and_keeps_its_own_file
 
     def export(out, study):
         opts = RunOptions(out=tmp_path / out, progress=False)
-        written = export_preset(pick, presets.load("ays-sd15-5"), best, ctx, opts, study)
+        written = export_preset(recommended_preset(pick, presets.load("ays-sd15-5"), best, ctx,
+                                                   opts, study), opts)
         assert presets.read(written["preset"]).provenance["study"] == study   # always written
         return written
 
@@ -362,3 +363,76 @@ def test_the_studys_export_refuses_a_clash_with_a_warning_and_keeps_its_own_file
                                        "named 'mine' from study 'mine' of sqlite:///")
     assert other["warning"].endswith(f"the study's preset is in {other['preset']}")
     assert "user_preset" not in other
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"provenance": [1, 2]}, "provenance must be a JSON object, got [1, 2]"),
+    ({"guidance": True}, "guidance must be a number in (0, 100), got True"),
+    ({"nfe": "8"}, "says nfe = '8' but its σ list and solver spend 8"),
+    ({"sigmas": [float("inf"), 3.0, 0.5, 0.0], "nfe": 3},
+     "family sd15 is a DDPM-trained model's, whose σ list starts at a finite σ_max; this one "
+     "starts at ∞ (a flow model's)"),
+])
+def test_inconsistent_preset_files_are_refused(two_studies, tmp_path, capsys, change, message):
+    """Each was read: a list provenance crashed `run` at its very end (and export), true ran as
+    guidance 1, "8" was refused as if 8 ≠ 8, an SD preset from ∞ was called a flow one."""
+    d = presets.load("sd15-8").to_json()
+    d.update(name="odd", **change)
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError) as exc:
+        presets.read(path)
+    assert str(exc.value) == f"{path}: {message}"
+    # in the user preset folder, an export of that name is refused in one line, the file kept
+    user = tmp_path / "presets" / "odd.json"
+    user.parent.mkdir()
+    shutil.copy(path, user)
+    rc, err = _export(capsys, two_studies[0], "legacy-gmm", "odd")
+    assert rc == 2 and len(err) == 1 and "a user preset named 'odd' from an unreadable file" in err[0]
+    assert user.read_bytes() == path.read_bytes()
+
+
+def test_a_preset_name_wins_over_a_file_or_folder_of_that_name_here(tmp_path, monkeypatch):
+    """A folder sd15-5 (or a run folder named like its study's preset) in the working directory
+    made `presets show sd15-5` fail; a shipped name always means the shipped preset."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(tmp_path / "presets"))
+    (tmp_path / "sd15-5").mkdir()
+    assert presets.load("sd15-5").sigmas.tolist() == schedules.paper_preset("sd15-5").tolist()
+    # a name that is no preset still loads as a path, with or without .json
+    d = presets.load("sd15-8").to_json()
+    d["name"] = "here"
+    (tmp_path / "here").write_text(json.dumps(d))
+    assert presets.load("here").name == "here"
+
+
+def test_export_without_trial_is_the_star_row_even_a_baseline(tmp_path, capsys, monkeypatch):
+    """`export` without --trial took the best trial although the study recommended a baseline (the
+    ★ row, which `run` wrote), and replaced run's user preset with it; a trial's export lacked
+    the run's model fingerprint and prompt sets."""
+    from schedsearch.cli import main
+
+    monkeypatch.setenv("SCHEDSEARCH_PRESETS", str(tmp_path / "presets"))
+    monkeypatch.delenv("SCHEDSEARCH_DEBUG", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "--model", "gmm", "--budget", "4", "--trials", "3", "--n-search", "32",
+                 "--n-heldout", "32", "--out", str(out), "--no-progress",
+                 "--no-user-preset"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    ran = presets.read(out / "gmm-4nfe.preset.json")
+    # this seed's study keeps AYS: no searched schedule beat it on the validation seeds
+    assert summary["recommended"] == "ays"
+    rc, _ = _export(capsys, out, "gmm-4nfe", "mine", "--to", str(tmp_path / "mine.json"))
+    assert rc == 0
+    got = presets.read(tmp_path / "mine.json")
+    assert (got.sigmas.tolist(), got.solver, got.freeu) == (ran.sigmas.tolist(), ran.solver,
+                                                            ran.freeu)
+    assert got.provenance["baseline"] == "ays" and got.name == "mine"
+    for key in ("model_fingerprint", "prompts", "heldout", "scores", "study", "storage"):
+        assert got.provenance[key] == ran.provenance[key], key
+    rc, _ = _export(capsys, out, "gmm-4nfe", "t", "--trial", str(summary["best_trial"]),
+                    "--to", str(tmp_path / "t.json"))
+    trial = presets.read(tmp_path / "t.json")
+    assert rc == 0 and trial.provenance["trial"] == summary["best_trial"]
+    assert trial.sigmas.tolist() != got.sigmas.tolist()
+    assert trial.provenance["model_fingerprint"] == ran.provenance["model_fingerprint"]

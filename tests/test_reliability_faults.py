@@ -302,7 +302,7 @@ def test_the_studys_export_keeps_its_results_and_returns_a_warning(tmp_path, mon
     written is a warning line for the caller, not an exception that would lose the study's end."""
     from types import SimpleNamespace
 
-    from schedsearch.report import export_preset
+    from schedsearch.report import export_preset, recommended_preset
     from schedsearch.study import RunOptions
 
     blocker = tmp_path / "afile"
@@ -312,7 +312,8 @@ def test_the_studys_export_keeps_its_results_and_returns_a_warning(tmp_path, mon
     best = SimpleNamespace(number=3, params={"p1": 7.0})
     ctx = SimpleNamespace(provenance=lambda: presets.provenance(model="gmm"))
     opts = RunOptions(out=tmp_path / "run", progress=False)
-    written = export_preset(pick, presets.load("sd15-5"), best, ctx, opts, "mystudy")
+    written = export_preset(recommended_preset(pick, presets.load("sd15-5"), best, ctx, opts,
+                                               "mystudy"), opts)
     assert presets.read(written["preset"]).provenance["trial"] == 3
     assert "user_preset" not in written
     assert written["warning"].startswith(f"preset not copied to the user preset folder {blocker}")
@@ -342,3 +343,30 @@ def test_running_out_of_memory_is_one_line_naming_the_batch_size(capsys):
         "out of GPU memory allocating 2.00 GiB: lower --batch-size, or use --dtype fp16; a study "
         "resumes where it stopped")
     assert memory_error(RuntimeError("shape mismatch"), args) is None
+
+
+def test_a_short_password_is_hidden_without_eating_other_words():
+    """With password 'p' the driver's 'port 5432' read '***ort 5432'."""
+    url = f"postgresql://alice:p@127.0.0.1:{_closed_port()}/db"
+    with pytest.raises(ValueError) as info:
+        slots.make_storage(url)
+    msg = str(info.value)
+    assert "port" in msg and "***ort" not in msg and "alice:***@127.0.0.1" in msg
+
+
+def test_written_files_keep_the_umask_or_the_replaced_files_mode(tmp_path):
+    """atomic_write's temporary file is 0600: presets, statistics and caches came out unreadable
+    to the other users and workers of a shared folder."""
+    from schedsearch import files
+
+    old = os.umask(0o022)
+    try:
+        assert files.atomic_write(tmp_path / "new.json", "{}").stat().st_mode & 0o777 == 0o644
+        shared = tmp_path / "shared.json"
+        shared.write_text("{}")
+        shared.chmod(0o664)
+        assert files.atomic_write(shared, "{}").stat().st_mode & 0o777 == 0o664
+        os.umask(0o077)
+        assert files.atomic_write(tmp_path / "private.json", b"").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -288,11 +288,11 @@ def test_a_sigma_list_or_fractions_name_their_schedule_and_clash_with_any_other(
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly():
-    """``schedsearch schedule karras --steps 2000 | head -1``: no BrokenPipeError traceback, the
+    """``schedsearch schedule karras --steps 10000 | head -1``: no BrokenPipeError traceback, the
     exit status a tool killed by SIGPIPE has (141)."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "schedsearch", "schedule", "karras", "--steps",
-                             "20000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "10000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().split() == ["step", "sigma", "timestep"]
     proc.stdout.close()
@@ -795,3 +795,85 @@ def test_an_empty_required_option_or_a_meaningful_empty_one(tmp_path, capsys):
     texts = [n["inputs"]["text"] for n in json.loads(capsys.readouterr().out).values()
              if n["class_type"] == "CLIPTextEncode"]
     assert texts == ["", ""]   # the positive prompt as given, the negative one empty
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["schedule", "karras", "--steps", "5", "--rho", "0.001"],
+     "schedule 'karras' (rho=0.001, sigma_min=0.029167158151720367, sigma_max=14.614641229333639)"
+     " overflows float64: choose less extreme parameters"),
+    (["schedule", "paper", "--steps", "5", "--p2", "1e-9"], "overflows float64"),
+    (["schedule", "karras", "--steps", "5", "--sigma-max", "1e308"],
+     "gives an unusable σ list (sigmas[4] = 0.0: sigmas must be > 0, except an optional final 0)"),
+    (["schedule", "karras", "--steps", "100000000"],
+     "steps must be an integer in [1, 10000], got 100000000"),
+    (["teacher", "--model", "gmm", "--teacher-steps", "100000000", "--n", "1"],
+     "teacher steps must be an integer in [2, 10000], got 100000000"),
+    (["refstats", "--testbed", "gmm", "--n", "100000000000"],
+     "--n must be in [2, 1000000], got 100000000000"),
+    (["refstats", "--testbed", "gmm", "--data-seed", "-1"],
+     "--data-seed must be in [0, 2**64), got -1"),
+    (["teacher", "--model", "gmm", "--no-cache", "--cache-dir", "{d}"],
+     "--no-cache neither reads nor writes the cache: drop --cache-dir"),
+    (["ui", "--out", "{d}", "--tracking-uri", "sqlite:///{d}/mlflow.db"],
+     "give --out (a run folder) or --tracking-uri (any MLflow store), not both"),
+    (["export", "--out", "{d}", "--storage", "sqlite:///{d}/study.db", "--name", "a"],
+     "give the study's --out folder or its --storage URL, not both"),
+])
+def test_extreme_values_and_conflicting_flags_are_one_line(tmp_path, capsys, monkeypatch, argv,
+                                                           message):
+    """Each was a traceback (OverflowError), a list with two zeros, minutes of printing or
+    computing, an out-of-memory kill, or a flag silently ignored."""
+    from schedsearch.cli import main
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    argv = [a.format(d=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err, argv[0])
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", ["teacher", "oss", "gits"])
+@pytest.mark.parametrize("value", ["nan", "-5", "1e6"])
+def test_distill_guidance_is_checked(capsys, command, value):
+    """teacher/oss/gits had no preset to check it: nan died in the sampler, -5 ran."""
+    from schedsearch.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--model", "gmm", "--guidance", value,
+              *(["--budget", "3"] if command != "teacher" else [])])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"schedsearch {command}: error: argument --guidance: must be a number in (0, 100), "
+        f"got {value}")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "not a scheduler config: its JSON is not an object"),
+    ("null", "not a scheduler config: its JSON is not an object"),
+    ('{"num_train_timesteps": 1e12}', "num_train_timesteps must be in [2, 100000], got 1000000000000"),
+    ('{"beta_start": "x"}', "beta_start must be a number, got 'x'"),
+    ('{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}',
+     "shift must be a number, got 'x'"),
+])
+def test_a_noise_config_that_is_not_one_is_one_line_naming_the_file(tmp_path, capsys, content,
+                                                                      message):
+    """A list or null was an AttributeError; 10¹² steps said to lower --batch-size."""
+    from schedsearch.cli import main
+
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(content)
+    for command in (["schedule", "karras", "--steps", "3"],
+                    ["sample", "--model", "gmm", "--seeds", "0", "--out", str(tmp_path / "s")]):
+        assert main([*command, "--noise-config", str(path)]) == 2
+        assert _one_error_line(capsys.readouterr().err, command[0]).endswith(
+            f"--noise-config {path}: {message}")
+    assert not (tmp_path / "s").exists()
+
+
+def test_distill_json_names_the_seeds_given(capsys):
+    """With --seeds the JSON said 'classes:4@seed0', the prompt seed's seeds, which did not run."""
+    from schedsearch.cli import main
+
+    assert main(["oss", "--model", "gmm", "--budget", "3", "--teacher-steps", "8", "--seeds",
+                 "7,9,11", "--no-cache", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"] == "classes:4 with --seeds 7,9,11"

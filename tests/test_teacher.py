@@ -58,7 +58,7 @@ def test_grid_variants():
                                np.log(SD.sigma_max / SD.sigma_min) / 10)
     stop = TeacherGrid(steps=20, end=0.132).sigmas(SD)
     assert stop.shape == (21,) and float(stop[0]) == 0.132
-    with pytest.raises(ValueError, match="teacher steps must be an integer >= 2"):
+    with pytest.raises(ValueError, match=r"teacher steps must be an integer in \[2, 10000\]"):
         TeacherGrid(steps=1)
     with pytest.raises(ValueError, match="grid end"):
         TeacherGrid(end="middle")

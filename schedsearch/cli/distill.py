@@ -103,6 +103,9 @@ def _setup(args):
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.no_cache and args.cache_dir:
+        raise ValueError("--no-cache neither reads nor writes the cache: drop --cache-dir, or "
+                         "--no-cache to use that folder")
     heldout = args.heldout
     if heldout < 0:
         raise ValueError(f"--heldout must be >= 0, got {heldout}")
@@ -138,7 +141,10 @@ def _setup(args):
     model = options.load_model(args)
     models.check_prompts(model, pairs[0] + (held[0] if held else []), source)
     guidance = args.guidance if args.guidance is not None else models.default_guidance(model.family)
-    return model, main.source, pairs, held, guidance, grid
+    # the set's name says which seeds ran: with --seeds, not the prompt seed's
+    name = main.source if seeds is None else (f"{main.source.rsplit('@seed', 1)[0]} with "
+                                              f"--seeds {args.seeds}")
+    return model, name, pairs, held, guidance, grid
 
 
 def _bar(args, total: int, desc: str):

@@ -89,10 +89,22 @@ def prompts(p, *, default_seed: int | None = 0, captions: bool = True) -> None:
                        help="CSV caption column (default caption)")
 
 
+def _guidance_value(text: str) -> float:
+    """A CFG scale as presets and study configs take it, checked where it is typed (teacher,
+    oss and gits have no preset to check it later)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 100:   # nan fails this too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 100), got {text}")
+    return value
+
+
 def guidance(p, *, first: str = "") -> None:
     """``first``: where the command's guidance comes from before the family default, if anywhere
     (a preset, a config file)."""
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--guidance", type=_guidance_value,
                    help=f"CFG scale (default: {first + ', else ' if first else ''}per model "
                         "family: digits and digits-flow 4, gmm and gmm-flow 3, SD1.x/2.x 5.5, "
                         "SDXL 7.5, SD3 7; FLUX's distilled guidance 3.5)")
@@ -329,6 +341,8 @@ def noise_table(args):
     try:
         with open(args.noise_config, encoding="utf-8-sig") as f:
             cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a scheduler config: its JSON is not an object")
         if is_flow_config(cfg):   # SD3/FLUX: σ lists from ∞ (docs/flow.md)
             # a dynamic shift is FLUX's, whose pipeline also brings its own t-grid
             flux = bool(cfg.get("use_dynamic_shifting"))
@@ -340,6 +354,8 @@ def noise_table(args):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--noise-config {args.noise_config}: not a readable scheduler config "
                          f"JSON ({exc})") from None
+    except (ValueError, TypeError) as exc:   # a value of the config: name the file it is in
+        raise ValueError(f"--noise-config {args.noise_config}: {exc}") from None
 
 
 def freeu_plan(args, steps: int):

@@ -54,7 +54,7 @@ def register(sub) -> None:
     e.add_argument("--out", help="the study's output folder (its study.db)")
     e.add_argument("--storage", help="the study's storage URL (instead of --out)")
     e.add_argument("--trial", type=int,
-                   help="trial number (default: the winner the study picked, its ★ row)")
+                   help="trial number (default: the study's ★ recommendation: its winner, or the baseline no searched schedule beat)")
     e.add_argument("--to", help="write here (default: the user preset folder)")
     e.add_argument("--format", choices=["json", "comfy"], default="json",
                    help="also print the preset as JSON (default) or a ComfyUI σ list")
@@ -137,6 +137,8 @@ def export(args) -> int:
 
     if not args.storage and not args.out:
         raise ValueError("give the study's --out folder or its --storage URL")
+    if args.storage and args.out:
+        raise ValueError("give the study's --out folder or its --storage URL, not both")
     storage = args.storage or f"sqlite:///{(Path(args.out) / 'study.db').resolve()}"
     if not args.storage and not (Path(args.out) / "study.db").is_file():
         raise FileNotFoundError(f"no study.db in {args.out}; is it a schedsearch run folder?")

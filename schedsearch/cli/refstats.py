@@ -13,6 +13,7 @@ from ..files import check_writable
 from ..metrics import features
 from ..metrics.fid import folder_features, list_images
 from ..metrics.refstats import RefStats, default_refstats
+from ..prompts import MAX_SEED
 from . import options
 
 
@@ -56,6 +57,8 @@ def _check_flags(args) -> None:
     if args.images and args.rebuild:
         raise ValueError("--rebuild applies to --testbed (its cached copy); --images always "
                          "reads the folder")
+    if args.data_seed is not None and not 0 <= args.data_seed < MAX_SEED:
+        raise ValueError(f"--data-seed must be in [0, 2**64), got {args.data_seed}")
     if args.data_seed is not None and args.testbed != "gmm":
         raise ValueError("--data-seed applies to --testbed gmm (its exact samples); "
                          + ("a folder's images are what they are" if args.images else
@@ -70,10 +73,14 @@ def _check_flags(args) -> None:
                          f"{'the ' + args.extractor if args.extractor else 'its own'} extractor")
 
 
+# clean-fid's own statistics use 50 000 images; a million is already far past what FID needs
+MAX_IMAGES = 1_000_000
+
+
 def run(args) -> int:
     _check_flags(args)
-    if args.n is not None and args.n < 2:
-        raise ValueError(f"--n must be >= 2, got {args.n}")
+    if args.n is not None and not 2 <= args.n <= MAX_IMAGES:
+        raise ValueError(f"--n must be in [2, {MAX_IMAGES}], got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:   # 0 used to mean the default
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out:   # before the features whose statistics would go there

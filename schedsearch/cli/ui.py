@@ -61,6 +61,8 @@ def server_command(uri: str, artifacts: Path, host: str, port: int) -> list[str]
 
 
 def run(args) -> int:
+    if args.tracking_uri and args.out:
+        raise ValueError("give --out (a run folder) or --tracking-uri (any MLflow store), not both")
     if args.tracking_uri:
         uri, artifacts = args.tracking_uri, Path("mlartifacts")
         check_store(uri)
