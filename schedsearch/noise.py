@@ -100,11 +100,17 @@ class NoiseTable:
         if cfg.get("trained_betas") is not None:
             betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
             return cls(np.cumprod(1 - betas), cfg.get("prediction_type", "epsilon"), "trained_betas")
+        betas = {key: _number(cfg, key, default)
+                 for key, default in (("beta_start", 0.00085), ("beta_end", 0.012))}
+        for key, value in betas.items():   # a β is a variance increment: in (0, 1)
+            if not 0 < value < 1:
+                raise ValueError(f"{key} must be in (0, 1), got {value!r}")
+        steps = _number(cfg, "num_train_timesteps", 1000)
+        if steps != int(steps):
+            raise ValueError(f"num_train_timesteps must be an integer, got {steps!r}")
         return cls.from_betas(
-            cfg.get("beta_schedule", "scaled_linear"),
-            _number(cfg, "beta_start", 0.00085),
-            _number(cfg, "beta_end", 0.012),
-            int(cfg.get("num_train_timesteps", 1000)),
+            cfg.get("beta_schedule", "scaled_linear"), betas["beta_start"], betas["beta_end"],
+            int(steps),
             cfg.get("prediction_type", "epsilon"),
         )
 

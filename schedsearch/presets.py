@@ -23,6 +23,7 @@ import torch
 from . import files, schedules, solvers
 from .comfy import is_flow, sigma_string
 from .freeu import FreeU, FreeUPlan
+from .noise import flow_t
 from .models import (FAMILIES as MODEL_FAMILIES, FLOW_FAMILIES, Model, default_guidance,
                      schedule_family)
 from .version import __version__
@@ -88,6 +89,14 @@ class Preset:
     def nfe(self) -> int:
         return solvers.model_calls(self.solver, self.sigmas)
 
+    def timesteps(self) -> list[float]:
+        """The model timestep of every call's σ, for reading: on the SD table for a DDPM preset,
+        1000·t (t = σ/(1+σ), ∞ → 1000) for a flow one, the 1000-step convention SD3 and FLUX
+        pipelines use."""
+        if is_flow(self):
+            return [1000 * float(flow_t(float(s))) for s in self.sigmas[:-1]]
+        return schedules.timesteps(self.sigmas).tolist()
+
     # -- JSON -------------------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
@@ -96,7 +105,7 @@ class Preset:
             "family": self.family,
             "nfe": self.nfe,
             "sigmas": self.sigmas.tolist(),
-            "timesteps": schedules.timesteps(self.sigmas).tolist(),
+            "timesteps": self.timesteps(),
             "solver": self.solver,
             "freeu": self.freeu.to_json() if self.freeu is not None and self.freeu.active else None,
             "guidance": self.guidance,

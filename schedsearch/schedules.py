@@ -68,23 +68,33 @@ def _with_zero(sigmas: np.ndarray, append_zero: bool) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(sigmas, dtype=np.float64))
 
 
-def explicit(sigmas: Sequence[float] | torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Validate a user σ list: finite, strictly decreasing, positive except an optional final 0."""
+def _numbers(sigmas) -> np.ndarray:
+    """A σ list as float64, refusing what only looks numeric (JSON true/false: float(True) = 1)."""
     if isinstance(sigmas, torch.Tensor):
-        sigmas = sigmas.detach().cpu().double().numpy()
+        return sigmas.detach().cpu().double().numpy().reshape(-1)
+    if isinstance(sigmas, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in sigmas):
+        raise ValueError(f"sigmas must be a list of numbers, got {list(sigmas)!r}")
     try:
-        s = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+        return np.asarray(sigmas, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"sigmas must be a list of numbers, got {sigmas!r}") from exc
+
+
+def explicit(sigmas: Sequence[float] | torch.Tensor | np.ndarray, *, first: int = 0
+             ) -> torch.Tensor:
+    """Validate a user σ list: finite, strictly decreasing, positive except an optional final 0.
+    ``first``: the index its first value has in the user's list (a flow list's tail from 1)."""
+    s = _numbers(sigmas)
     _require(len(s) >= 2, f"sigmas must hold at least 2 values (one step), got {len(s)}")
     last = len(s) - 1
     for i, v in enumerate(s):
-        _require(math.isfinite(v), f"sigmas[{i}] = {v} is not a finite number")
+        at = i + first
+        _require(math.isfinite(v), f"sigmas[{at}] = {v} is not a finite number")
         _require(v > 0 or (i == last and v == 0),
-                 f"sigmas[{i}] = {v}: sigmas must be > 0, except an optional final 0")
+                 f"sigmas[{at}] = {v}: sigmas must be > 0, except an optional final 0")
         _require(i == 0 or v < s[i - 1],
-                 f"sigmas must be strictly decreasing: sigmas[{i}] = {v} is not below "
-                 f"sigmas[{i - 1}] = {s[i - 1]}")
+                 f"sigmas must be strictly decreasing: sigmas[{at}] = {v} is not below "
+                 f"sigmas[{at - 1}] = {s[i - 1]}")
     return torch.from_numpy(s.copy())
 
 
@@ -368,18 +378,14 @@ _finite_explicit = explicit   # flow_explicit's own reference, whatever callers 
 
 def flow_explicit(sigmas) -> torch.Tensor:
     """An explicit σ list for a flow model: as ``explicit``, and the first value may be ∞."""
-    if isinstance(sigmas, torch.Tensor):
-        sigmas = sigmas.detach().cpu().double().tolist()
-    try:
-        s = [float(v) for v in sigmas]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"sigmas must be a list of numbers, got {sigmas!r}") from exc
+    s = _numbers(sigmas).tolist()
     if len(s) < 2 or s[0] != math.inf:
         return _finite_explicit(s)
     if len(s) == 2:
         _require(math.isfinite(s[1]) and s[1] >= 0, f"sigmas[1] = {s[1]} must be a finite σ >= 0")
         return torch.tensor(s, dtype=torch.float64)
-    return torch.cat([torch.tensor([math.inf], dtype=torch.float64), _finite_explicit(s[1:])])
+    return torch.cat([torch.tensor([math.inf], dtype=torch.float64),
+                      _finite_explicit(s[1:], first=1)])
 
 
 def flow_knots(fractions: Sequence[float], *, sigma_floor: float, end: str = "zero"

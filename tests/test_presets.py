@@ -436,3 +436,20 @@ def test_export_without_trial_is_the_star_row_even_a_baseline(tmp_path, capsys, 
     assert rc == 0 and trial.provenance["trial"] == summary["best_trial"]
     assert trial.sigmas.tolist() != got.sigmas.tolist()
     assert trial.provenance["model_fingerprint"] == ran.provenance["model_fingerprint"]
+
+
+def test_a_flow_presets_timesteps_are_the_models_and_show_needs_no_guidance(tmp_path, capsys):
+    """A flow preset's JSON carried SD-table timesteps ([999, 575.8, ...] for 1000·t = [1000,
+    677.1, ...]); `presets show` died on a preset without guidance (an optional field)."""
+    from schedsearch.cli import main
+
+    flow = presets.Preset("f", "gmm-flow", [float("inf"), 2.097, 0.770, 0.152, 0.0], "euler")
+    assert flow.to_json()["timesteps"] == pytest.approx(
+        [1000.0, 1000 * 2.097 / 3.097, 1000 * 0.770 / 1.770, 1000 * 0.152 / 1.152], rel=1e-12)
+    sd = presets.load("sd15-8")
+    assert sd.to_json()["timesteps"] == schedules.timesteps(sd.sigmas).tolist()
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(flow.to_json()))
+    assert main(["presets", "show", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(
+        "f: gmm-flow, 4 NFE, euler, guidance the model's default")

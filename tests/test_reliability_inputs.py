@@ -852,6 +852,8 @@ def test_distill_guidance_is_checked(capsys, command, value):
     ("null", "not a scheduler config: its JSON is not an object"),
     ('{"num_train_timesteps": 1e12}', "num_train_timesteps must be in [2, 100000], got 1000000000000"),
     ('{"beta_start": "x"}', "beta_start must be a number, got 'x'"),
+    ('{"beta_start": -1}', "beta_start must be in (0, 1), got -1.0"),   # was a numpy warning too
+    ('{"num_train_timesteps": 10.5}', "num_train_timesteps must be an integer, got 10.5"),
     ('{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}',
      "shift must be a number, got 'x'"),
 ])
@@ -877,3 +879,22 @@ def test_distill_json_names_the_seeds_given(capsys):
     assert main(["oss", "--model", "gmm", "--budget", "3", "--teacher-steps", "8", "--seeds",
                  "7,9,11", "--no-cache", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["prompts"] == "classes:4 with --seeds 7,9,11"
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    ("{}", [], "not a scheduler config: it sets none of num_train_timesteps, beta_schedule, "
+                "beta_start, beta_end, trained_betas"),
+    ('{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}', ["--mu", "0.1"],
+     "--mu applies to a dynamically shifted config (use_dynamic_shifting: true); this one has a "
+     "fixed shift 3.0: drop --mu"),
+])
+def test_a_noise_config_that_would_be_read_as_something_else(tmp_path, capsys, content, extra,
+                                                             message):
+    """{} (or a preset file) ran as the SD table; --mu on a fixed shift was dropped."""
+    from schedsearch.cli import main
+
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    name = "flow" if "FlowMatch" in content else "karras"
+    assert main(["schedule", name, "--steps", "3", "--noise-config", str(path), *extra]) == 2
+    assert _one_error_line(capsys.readouterr().err, "schedule").endswith(message)

@@ -126,6 +126,37 @@ def test_prompt_file_uses_the_prompt_sets_own_seeds(sd_dir, tmp_path):
         ("a red cat", 7), ("a red cat", 9), ("a dog", 7), ("a dog", 9), ("the sea", 7),
         ("the sea", 9)]
     assert Image.open(os.path.join(out2, "grid.png")).size == ((2 * 65 + 1) * 2, (3 * 65 + 1) * 2)
+    # the set's own seeds (0, 1, 2) did not run: the record says where the seeds came from
+    assert rec2["prompts"]["seeds_from"] == "--seeds" and "seeds" not in rec2["prompts"]
+    assert rec2["seeds"] == [7, 9] * 3
+
+
+def test_a_csv_prompt_file_takes_caption_column(tmp_path, capsys):
+    """sample's own error told to pass --caption-column, which sample did not have."""
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("id,label\n0,3\n1,1\n", encoding="utf-8")
+    out = str(tmp_path / "c")
+    assert main(["sample", "--model", "gmm", "--prompts", str(prompts), "--no-progress",
+                 "--out", out]) == 2
+    assert "--caption-column" in capsys.readouterr().err
+    assert main(["sample", "--model", "gmm", "--prompts", str(prompts), "--caption-column",
+                 "label", "--no-progress", "--out", out]) == 0
+    assert [im["prompt"] for im in read(out)["images"]] == ["3", "1"]   # labels, as in a text file
+
+
+def test_a_folder_where_an_output_file_goes_is_refused_before_sampling(tmp_path, capsys):
+    """It sampled, then failed to write samples.json (sample) or the grid (score: the FID was
+    lost)."""
+    out = tmp_path / "o"
+    (out / "scatter.png").mkdir(parents=True)
+    assert main(["sample", "--model", "gmm", "--seeds", "0", "--no-progress", "--out",
+                 str(out)]) == 2
+    assert f"{out / 'scatter.png'} is a folder where sample writes its scatter.png" in \
+        capsys.readouterr().err
+    assert main(["score", "--model", "digits", "--n", "8", "--grid", str(out / "scatter.png"),
+                 "--no-progress"]) == 2
+    assert "is a folder; give the image file to write" in capsys.readouterr().err
+    assert os.listdir(out) == ["scatter.png"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -141,6 +172,9 @@ def test_prompt_file_uses_the_prompt_sets_own_seeds(sd_dir, tmp_path):
     (["--model", "gmm", "--schedule", "nope"], "unknown schedule 'nope'"),
     (["--model", "gmm", "--n", "3"], "--n applies to --prompts"),
     (["--model", "gmm", "--batch-size", "0"], "--batch-size must be >= 1"),
+    # it did nothing without --prompts (the images were --prompt-seed 0's) yet was recorded
+    (["--model", "gmm", "--prompt-seed", "5"], "--prompt-seed applies to --prompts"),
+    (["--model", "gmm", "--prompt", "1", "--prompt-seed", "5"], "--prompt-seed applies to"),
 ])
 def test_errors_are_one_clear_line(argv, message, tmp_path, capsys):
     assert main(["sample", *argv, "--no-progress", "--out", str(tmp_path / "x")]) == 2

@@ -282,3 +282,19 @@ def test_a_sigma_list_or_fractions_alone_name_their_schedule(capsys):
     assert main(["schedule"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "NAME" in err and "--sigmas" in err
+
+
+@pytest.mark.parametrize("sigmas, message", [
+    ([math.inf, math.nan, 0.0], "sigmas[1] = nan is not a finite number"),
+    ([math.inf, 2.0, 5.0, 0.0], "sigmas[2] = 5.0 is not below sigmas[1] = 2.0"),
+    ([math.inf, 5.0, -1.0], "sigmas[2] = -1.0: sigmas must be > 0"),
+    ([math.inf, math.inf, 0.0], "sigmas[1] = inf is not a finite number"),
+    ([math.inf, True, False], "sigmas must be a list of numbers, got [inf, True, False]"),
+    ([14.0, True, 0], "sigmas must be a list of numbers, got [14.0, True, 0]"),
+])
+def test_a_bad_flow_list_names_the_users_index(sigmas, message):
+    """The tail after ∞ was checked from index 0 (sigmas[0] = nan for the user's second value),
+    and JSON true/false ran as 1 and 0."""
+    with pytest.raises(ValueError) as exc:
+        S.flow_explicit(sigmas)
+    assert message in str(exc.value)

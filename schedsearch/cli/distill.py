@@ -19,7 +19,7 @@ from . import options
 
 def _common(p) -> None:
     options.model(p)
-    options.prompts(p, captions=False)
+    options.prompts(p)
     p.add_argument("--n", type=int, default=None,
                    help="number of (prompt, seed) pairs (default 64, or the number of --seeds)")
     p.add_argument("--seeds", default=None,
@@ -133,9 +133,11 @@ def _setup(args):
         raise ValueError("--heldout takes its pairs from the prompt set's own seeds; "
                          "drop --seeds to use it")
     if heldout:
-        main, rest = prompt_sets.split(source, n, heldout, args.prompt_seed)
+        main, rest = prompt_sets.split(source, n, heldout, args.prompt_seed,
+                                       caption_column=args.caption_column or "caption")
     else:
-        main, rest = prompt_sets.load(source, n, args.prompt_seed), None
+        main, rest = prompt_sets.load(source, n, args.prompt_seed,
+                                      caption_column=args.caption_column or "caption"), None
     pairs = (list(main.prompts), seeds if seeds is not None else list(main.seeds))
     held = (list(rest.prompts), list(rest.seeds)) if rest is not None else None
     model = options.load_model(args)

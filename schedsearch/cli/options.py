@@ -75,8 +75,8 @@ def load_model(args):
     return models.load(args.model, device=args.device, dtype=args.dtype, **kwargs)
 
 
-def prompts(p, *, default_seed: int | None = 0, captions: bool = True) -> None:
-    """--prompts, --prompt-seed (and --caption-column)."""
+def prompts(p, *, default_seed: int | None = 0) -> None:
+    """--prompts, --prompt-seed and --caption-column."""
     p.add_argument("--prompts", metavar="SOURCE",
                    help="a prompt file (one per line, a COCO captions .json, a .csv) or classes:K "
                         "for a testbed's class labels 0..K-1 in turn (default: the testbed's "
@@ -84,9 +84,7 @@ def prompts(p, *, default_seed: int | None = 0, captions: bool = True) -> None:
     p.add_argument("--prompt-seed", type=int, default=default_seed,
                    help="the prompt set's seed: image i gets seed PROMPT_SEED·10⁶ + i "
                         f"(default {default_seed if default_seed is not None else 0})")
-    if captions:
-        p.add_argument("--caption-column", default=None,
-                       help="CSV caption column (default caption)")
+    p.add_argument("--caption-column", default=None, help="CSV caption column (default caption)")
 
 
 def _guidance_value(text: str) -> float:
@@ -331,6 +329,10 @@ def schedule_spec(args, name: str, model_family: str | None = None) -> dict:
 FLUX_1024_TOKENS = 4096
 
 
+DDPM_CONFIG_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                    "trained_betas")
+
+
 def noise_table(args):
     """The noise table named by --noise-config, or None (use the model's own)."""
     if not args.noise_config:
@@ -346,8 +348,15 @@ def noise_table(args):
         if is_flow_config(cfg):   # SD3/FLUX: σ lists from ∞ (docs/flow.md)
             # a dynamic shift is FLUX's, whose pipeline also brings its own t-grid
             flux = bool(cfg.get("use_dynamic_shifting"))
+            if getattr(args, "mu", None) is not None and not flux:
+                raise ValueError(f"--mu applies to a dynamically shifted config "
+                                 f"(use_dynamic_shifting: true); this one has a fixed shift "
+                                 f"{cfg.get('shift', 1.0)}: drop --mu")
             return FlowTable.from_config(cfg, mu=args.mu, image_seq_len=FLUX_1024_TOKENS,
                                          grid="flux" if flux else "scheduler")
+        if not set(cfg) & set(DDPM_CONFIG_KEYS):   # {} or some other JSON: not the SD default
+            raise ValueError(f"not a scheduler config: it sets none of "
+                             f"{', '.join(DDPM_CONFIG_KEYS)}")
         return NoiseTable.from_config(cfg)
     except FileNotFoundError:
         raise FileNotFoundError(f"--noise-config {args.noise_config!r} does not exist") from None

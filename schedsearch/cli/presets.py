@@ -97,8 +97,9 @@ def print_preset(preset, fmt: str, **extra) -> None:
     else:
         d = preset.to_json()
         # a searched guidance has every digit in the JSON; four say what it is
+        guidance = "the model's default" if preset.guidance is None else f"{preset.guidance:.4g}"
         print(f"{preset.name}: {preset.family}, {preset.nfe} NFE, {preset.solver}, guidance "
-              f"{preset.guidance:.4g}")
+              f"{guidance}")
         print(f"  σ: {', '.join(f'{s:.4f}' for s in d['sigmas'])}")
         if comfy.is_flow(preset):   # the model's own time t = σ/(1+σ) and its timestep 1000·t
             print(f"  t: {comfy.flow_t_string(preset.sigmas)} (timestep 1000·t)")

@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append",
                    help="a prompt (text, or a class label of a testbed), sampled once per seed; "
                         "repeat it for more prompts (a row each in the grid)")
-    options.prompts(p, default_seed=0, captions=False)
+    options.prompts(p, default_seed=None)
     p.add_argument("--n", type=int, default=None, help="with --prompts: use the first N prompts")
     p.add_argument("--seeds", default=None,
                    help=f"seeds per prompt: 0-7, 0,3,5 or 0-3,10 (default {DEFAULT_SEEDS}; with "
@@ -77,6 +77,10 @@ def _jobs(args, model):
                          f"once per seed of --seeds (default {DEFAULT_SEEDS})")
     # '' is a mistake (an unset shell variable), not a request for the default seeds
     # a seed given twice would draw the same images twice, under two names
+    if args.prompt_seed is not None and not args.prompts:
+        raise ValueError("--prompt-seed applies to --prompts (it picks the prompt set's seeds, "
+                         "and a COCO file's captions); without it every prompt is drawn once "
+                         f"per seed of --seeds (default {DEFAULT_SEEDS})")
     seeds = (options.int_list(args.seeds, "--seeds", unique="seed") if args.seeds is not None
              else None)
     check_seeds(seeds or ())
@@ -84,10 +88,14 @@ def _jobs(args, model):
         texts, source = list(args.prompt), {"source": "--prompt"}
     else:
         pset = prompt_sets.load(args.prompts or models.default_prompts(model), args.n,
-                                args.prompt_seed)
+                                args.prompt_seed or 0, caption_column=args.caption_column
+                                or "caption")
         if seeds is None and args.prompts:
             return list(pset.prompts), list(pset.seeds), None, pset.as_json()
-        texts, source = list(pset.prompts), pset.as_json()
+        # the set's prompts with the seeds of --seeds: its own seeds did not run
+        texts = list(pset.prompts)
+        source = {**{k: v for k, v in pset.as_json().items() if k != "seeds"},
+                  "seeds_from": "--seeds"}
     seeds = seeds or options.int_list(DEFAULT_SEEDS, "--seeds")
     prompts = [t for t in texts for _ in seeds]
     return prompts, [s for _ in texts for s in seeds], len(seeds), source
@@ -171,6 +179,10 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     files.check_writable(args.out)   # before the sampling whose images would go there
+    for name in ("samples.json", "grid.png", "scatter.png", "samples.npy"):
+        if os.path.isdir(os.path.join(args.out, name)):   # found only after the sampling
+            raise ValueError(f"{os.path.join(args.out, name)} is a folder where sample writes "
+                             f"its {name}: move it, or choose another --out")
     if args.prompt is None and not args.prompts and args.model not in models.DEFAULT_PROMPTS:
         # said before a pipeline takes minutes to load (a testbed's spec is its family)
         raise ValueError(f"{args.model} is a text-to-image model: give --prompt TEXT or "

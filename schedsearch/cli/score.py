@@ -33,7 +33,7 @@ def register(sub) -> None:
                     "Karras schedule, against the testbed's held-out digits.",
         examples=["schedsearch score",
                   "schedsearch score --schedule paper --steps 5 --p1 5 --stop 2 --solver dpm++1s",
-                  "schedsearch score --preset sd15-5 --freeu-variant original",
+                  "schedsearch score --preset sd15-5 --guidance 4",
                   "schedsearch score --model gmm --schedule ays --steps 10 --n 512",
                   "schedsearch score --model sd-legacy/stable-diffusion-v1-5 --preset sd15-8 \\\n"
                   "      --prompts captions_val2014.json --n 1000 --ref-stats coco-val.safetensors"])
@@ -78,6 +78,9 @@ def _check_outputs(args) -> None:
     if args.grid and os.path.splitext(args.grid)[1].lower() not in Image.registered_extensions():
         raise ValueError(f"--grid {args.grid!r}: give an image file name, e.g. grid.png (PIL "
                          f"writes the format its extension names)")
+    if args.grid and os.path.isdir(args.grid):
+        raise ValueError(f"--grid {args.grid!r} is a folder; give the image file to write, e.g. "
+                         f"{os.path.join(args.grid, 'grid.png')!r}")
     for flag, path, folder in (
             ("--save-images", args.save_images, args.save_images),
             ("--grid", args.grid, args.grid and os.path.dirname(os.path.abspath(args.grid)))):
