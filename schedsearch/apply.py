@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from .models import Model, load
+from .models import BUILTIN, Model, load
 from .models.diffusers_flow import FLOW_SUPPORTED, from_flow_pipeline
 from .models.diffusers_sd import SUPPORTED, from_pipeline
 from .presets import Preset, as_preset, fit
@@ -56,6 +56,12 @@ def generate(model_or_pipe, preset: Preset | str | os.PathLike | dict, prompts: 
         raise ValueError(f"output must be 'pil' or 'samples', got {output!r}")
     preset = as_preset(preset)
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    if size and (isinstance(model_or_pipe, Model) or (isinstance(model_or_pipe, str)
+                                                   and model_or_pipe in BUILTIN)):
+        # a loaded model has its size; a testbed has only one (it was silently ignored, or a
+        # TypeError from the testbed's loader)
+        raise ValueError(f"{' and '.join(size)} set the image size of a pipeline or a model spec "
+                         f"to load; {getattr(model_or_pipe, 'name', model_or_pipe)} has its own")
     model = as_model(model_or_pipe, **size)
     prompts, seeds = _as_lists(prompts, seeds)
     preset, notes = fit(preset, model, guidance, allow_outside_table=allow_outside_table)
@@ -73,15 +79,23 @@ def _as_lists(prompts, seeds) -> tuple[list, list]:
     if prompts is None:
         raise ValueError("prompts must be a prompt or a list of prompts, got None (a testbed's "
                          "unconditional image is the prompt None in a list: [None])")
+    if getattr(prompts, "ndim", None) == 0:   # a 0-d tensor or array: one class label
+        prompts = prompts.item()
     prompts = [prompts] if isinstance(prompts, (str, numbers.Integral)) else list(prompts)
     if seeds is None:
         return prompts, list(range(len(prompts)))
+    if getattr(seeds, "ndim", None) == 0:     # one seed, as a 0-d tensor or array
+        seeds = seeds.item()
     if isinstance(seeds, (str, bytes, float)):
         raise ValueError(f"seeds must be an integer or a list of integers, got {seeds!r}")
     return prompts, [seeds] if isinstance(seeds, numbers.Integral) else list(seeds)
 
 
 def to_pil(samples: Samples) -> list:
+    if not isinstance(samples, Samples):
+        raise TypeError(f"to_pil takes the Samples of generate(..., output='samples'), got "
+                        f"{type(samples).__name__} (generate's default output is PIL images "
+                        f"already)")
     if samples.images is None or samples.images.ndim != 4:
         raise ValueError("these samples are not images (the gmm testbed samples vectors)")
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in to_uint8(samples.images)]

@@ -34,6 +34,7 @@ comfy_extras/nodes_custom_sampler.py (ManualSigmas, SamplerCustom) and nodes_fre
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -266,9 +267,9 @@ def _resolution(preset, width: Optional[int], height: Optional[int]) -> tuple[in
     out = []
     for name, v in (("width", width), ("height", height)):
         v = native if v is None else v
-        if isinstance(v, bool) or not isinstance(v, int) or not 16 <= v <= MAX_RESOLUTION or v % 8:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 16 <= v <= MAX_RESOLUTION or v % 8:
             raise ValueError(f"{name} must be a multiple of 8 in [16, {MAX_RESOLUTION}], got {v!r}")
-        out.append(v)
+        out.append(int(v))   # a numpy integer is not JSON
     return out[0], out[1]
 
 
@@ -322,13 +323,21 @@ def workflow(preset, *, checkpoint: str = DEFAULT_CHECKPOINT, prompt: str = DEFA
     """
     _check_family(preset)
     w, h = _resolution(preset, width, height)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2^64 − 1], got {seed!r}")
+    seed = int(seed)
     if not isinstance(checkpoint, str) or not checkpoint.strip():
         raise ValueError("checkpoint must name a file in ComfyUI's models/checkpoints")
+    for name, text in (("prompt", prompt), ("negative", negative)):
+        if not isinstance(text, str):   # None would reach ComfyUI as the prompt "None"
+            raise ValueError(f"{name} must be a string, got {text!r}")
     sampler = comfy_sampler(preset)
     freeu, _ = freeu_mapping(preset.freeu)
     end = float(preset.sigmas[-1])
+    # SDXL's unconditional branch is the zero embedding (and zero pooled output) when the
+    # negative prompt is empty, as its diffusers pipeline (force_zeros_for_empty_prompt) and
+    # schedsearch run it; CLIPTextEncode("") would encode the empty prompt instead
+    zero_negative = preset.family == "sdxl" and negative == ""
     nodes = {
         "1": _node("CheckpointLoaderSimple", "Load checkpoint", ckpt_name=checkpoint),
         "2": _node("CLIPTextEncode", "Positive prompt", text=prompt, clip=["1", 1]),
@@ -339,7 +348,8 @@ def workflow(preset, *, checkpoint: str = DEFAULT_CHECKPOINT, prompt: str = DEFA
         "6": _node(sampler.node, f"Sampler for {preset.solver}", **sampler.inputs),
         "7": _node("SamplerCustom", f"SamplerCustom ({preset.nfe} NFE, ends at σ = {end:g})",
                    model=["10", 0] if freeu is not None else ["1", 0], add_noise=True,
-                   noise_seed=seed, cfg=guidance(preset), positive=["2", 0], negative=["3", 0],
+                   noise_seed=seed, cfg=guidance(preset), positive=["2", 0],
+                   negative=["11", 0] if zero_negative else ["3", 0],
                    sampler=["6", 0], sigmas=["5", 0], latent_image=["4", 0]),
         # output (0), the state at σ_end, is what schedsearch decodes; not denoised_output (1).
         "8": _node("VAEDecode", "Decode the final state", samples=["7", 0], vae=["1", 2]),
@@ -349,6 +359,9 @@ def workflow(preset, *, checkpoint: str = DEFAULT_CHECKPOINT, prompt: str = DEFA
     if freeu is not None:
         nodes["10"] = _node("FreeU", f"FreeU ({preset.freeu.variant} plan)", model=["1", 0],
                             **freeu)
+    if zero_negative:
+        nodes["11"] = _node("ConditioningZeroOut", "SDXL's unconditional branch: zeros",
+                            conditioning=["3", 0])
     return nodes
 
 

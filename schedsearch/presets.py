@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import files, schedules, solvers
-from .comfy import is_flow, sigma_string
+from .comfy import is_flow, manual_sigmas
 from .freeu import FreeU, FreeUPlan
 from .noise import flow_t
 from .models import (FAMILIES as MODEL_FAMILIES, FLOW_FAMILIES, Model, default_guidance,
@@ -74,10 +75,11 @@ class Preset:
         if self.freeu is not None and len(self.freeu.steps) != self.steps:
             raise ValueError(f"the FreeU plan has {len(self.freeu.steps)} steps but the σ list has "
                              f"{self.steps}")
-        if self.guidance is not None and not (isinstance(self.guidance, (int, float))
-                                              and not isinstance(self.guidance, bool)
-                                              and 0 < self.guidance < 100):
-            raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
+        if self.guidance is not None:
+            if not (isinstance(self.guidance, numbers.Real) and not isinstance(self.guidance, bool)
+                    and 0 < self.guidance < 100):
+                raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
+            self.guidance = float(self.guidance)   # numpy's float32 is no JSON number
         if not isinstance(self.provenance, dict):
             raise ValueError(f"provenance must be a JSON object, got {self.provenance!r}")
 
@@ -156,8 +158,8 @@ class Preset:
         return self.freeu.describe() if self.freeu is not None else "off"
 
     def comfy(self) -> str:
-        """The σ list for ComfyUI's ManualSigmas (or KJNodes CustomSigmas)."""
-        return sigma_string(self.sigmas)
+        """What ComfyUI's ManualSigmas takes: the σ list, or a flow preset's t list."""
+        return manual_sigmas(self)
 
 
 def user_dir() -> Path:

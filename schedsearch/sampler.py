@@ -10,6 +10,7 @@ convert between its x_t and the VE state y, as the SD backend scales its UNet in
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -153,13 +154,35 @@ def _first_call_key(sigma0: float, guidance: float, plan: Optional[FreeUPlan], p
     return key
 
 
+def _items(values, what: str) -> list:
+    """A list from a list, tuple, array or tensor; a 0-d array or tensor is one value too few
+    dimensions, and says so rather than 'iteration over a 0-d tensor'."""
+    if getattr(values, "ndim", None) == 0:
+        raise ValueError(f"{what} must be a list, one per image; got the single value "
+                         f"{values.item()!r} (write [{values.item()!r}])")
+    return list(values)
+
+
+def _seed(s) -> int:
+    """A seed as an int: Python and numpy integers and integer tensors; a float (0.5 ran as seed
+    0) or a bool is refused."""
+    if isinstance(s, torch.Tensor) and s.ndim == 0 and not s.is_floating_point() and \
+            s.dtype != torch.bool:
+        return int(s)
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+        raise ValueError(f"seeds must be integers, got {s!r}")
+    return int(s)
+
+
 def _checked(model, prompts, seeds, sigmas, freeu: Optional[FreeUPlan], batch_size: int):
     """``sample``'s inputs as lists and a float64 σ tensor, and the FreeU plan if it acts; a
     clear error for each way they cannot be sampled."""
     if isinstance(prompts, str):   # list("a cat") would be five one-letter prompts
         raise TypeError(f"prompts must be a list, one per image; got the string {prompts!r} "
                         f"(write [{prompts!r}])")
-    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    prompts, seeds = list(prompts), [_seed(s) for s in _items(seeds, "seeds")]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
     if not prompts:

@@ -1,5 +1,7 @@
 """Presets applied from Python to a diffusers pipeline object, through our sampler."""
 
+import re
+
 import pytest
 import torch
 
@@ -105,3 +107,49 @@ def test_a_preset_is_a_preset_a_name_a_path_or_its_json(saved, tmp_path):
     with pytest.raises(TypeError, match="expected a preset: a Preset, a preset name, a path to "
                                         "its .json file or its JSON object, got int"):
         schedsearch.generate(pipe, 5, ["x"])
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ([0.5, 1.9], "seeds must be integers, got 0.5"),            # ran as seeds 0 and 1
+    ([True, 2], "seeds must be integers, got True"),
+])
+def test_seeds_that_are_not_integers_are_refused(seeds, message):
+    with pytest.raises(ValueError, match=message):
+        schedsearch.generate("digits", "sd15-5", [1, 2], seeds)
+
+
+def test_numpy_and_tensor_seeds_labels_and_guidance_are_taken():
+    """0-d tensors and arrays were 'iteration over a 0-d tensor'; np.float32 guidance was 'not a
+    number'; a float array of seeds was truncated."""
+    import numpy as np
+
+    want = schedsearch.generate("digits", "sd15-5", [3], [4], output="samples").images
+    for prompts, seeds in ((torch.tensor(3), np.array(4)), (np.array([3]), torch.tensor([4])),
+                           ([np.int64(3)], [np.int32(4)])):
+        got = schedsearch.generate("digits", "sd15-5", prompts, seeds, output="samples")
+        assert torch.equal(got.images, want)
+    g = schedsearch.generate("digits", "sd15-5", [3], [4], guidance=np.float32(5.5),
+                             output="samples")
+    assert torch.equal(g.images, want)   # sd15-5's own guidance is 5.5
+    with pytest.raises(ValueError, match=r"seeds must be integers, got np.float64\(0.0\)"):
+        schedsearch.generate("digits", "sd15-5", [1, 2], np.array([0.0, 1.7]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=1.5), "batch_size must be an integer >= 1, got 1.5"),
+    (dict(batch_size=True), "batch_size must be an integer >= 1, got True"),
+    (dict(height=64), "height set the image size of a pipeline or a model spec to load; digits "
+                      "has its own"),
+])
+def test_bad_keyword_values_are_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        schedsearch.generate("digits", "sd15-5", [1], [3], **kwargs)
+
+
+def test_to_pil_says_what_it_takes_and_a_flow_presets_comfy_text_is_its_t_list():
+    import math
+
+    with pytest.raises(TypeError, match="to_pil takes the Samples of generate"):
+        schedsearch.to_pil(schedsearch.generate("digits", "sd15-5", [1], [3]))
+    flow = presets.Preset("f", "gmm-flow", [math.inf, 2.0, 0.5, 0.0], "euler")
+    assert flow.comfy() == "1.00000000, 0.66666667, 0.33333333, 0.00000000"

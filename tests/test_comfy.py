@@ -380,3 +380,25 @@ def test_presets_show_refuses_workflow_flags_without_a_workflow(capsys):
     workflow = json.loads(capsys.readouterr().out)
     loaders = [n for n in workflow.values() if n["class_type"] == "CheckpointLoaderSimple"]
     assert loaders[0]["inputs"]["ckpt_name"] == "model.safetensors"
+
+
+def test_sdxls_empty_negative_is_the_zero_embedding_as_in_schedsearch(defs):
+    """schedsearch (and SDXL's pipeline, force_zeros_for_empty_prompt) runs the unconditional
+    branch on zeros; CLIPTextEncode("") encodes the empty prompt, another branch, unannounced."""
+    wf = comfy.workflow(read(SHIPPED_DIR / "ays-sdxl-5.json"))
+    assert validate(wf, defs) == []
+    assert wf["11"] == {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]},
+                        "_meta": {"title": "SDXL's unconditional branch: zeros"}}
+    assert wf["7"]["inputs"]["negative"] == ["11", 0]
+    # a negative prompt of the user's is encoded as given; SD1.x's empty prompt too
+    wf = comfy.workflow(read(SHIPPED_DIR / "ays-sdxl-5.json"), negative="blurry")
+    assert "11" not in wf and wf["7"]["inputs"]["negative"] == ["3", 0]
+    wf = comfy.workflow(read(SHIPPED_DIR / "sd15-5.json"))
+    assert "11" not in wf and wf["7"]["inputs"]["negative"] == ["3", 0]
+
+
+def test_numpy_integers_are_taken_and_written_as_json_integers():
+    wf = comfy.workflow(make(), seed=np.int64(5), width=np.int64(512), height=np.int32(512))
+    assert json.loads(json.dumps(wf))["7"]["inputs"]["noise_seed"] == 5
+    with pytest.raises(ValueError, match="prompt must be a string, got None"):
+        comfy.workflow(make(), prompt=None)
