@@ -439,15 +439,17 @@ def mark_runs(tracker: Tracker, parent: str, rows: list, best: Done) -> dict:
         if runs.get(r["key"]):
             star = "★ " if r is pick else ""
             tracker.rename(runs[r["key"]], star + r["name"])
-            if star:
-                tracker.tag(runs[r["key"]], {"schedsearch.recommended": "true"})
+            # both ways: a resumed study's former ★ (a row still) loses it
+            tracker.tag(runs[r["key"]], {"schedsearch.recommended": "true" if star else "false"})
     return runs
 
 
 def describe_study(summary: dict, table: str, ctx) -> str:
     """The study run's description in the MLflow UI: what it is, the recommendation, the table."""
     pick = next(r for r in summary["rows"] if r.get("recommended"))
-    trials = sum(summary["trials"]["global"].values()) + sum(summary["trials"]["local"].values())
+    # trials that ran to the end: the state counts also hold queued slots and, for an
+    # interrupted trial, both its failed run and its re-queued copy
+    trials = summary["finished"]
     return (f"**{summary['study']}** — the best {summary['budget']}-call schedule for "
             f"`{ctx.config.model}`, searched over {trials} trials (the winner: "
             f"{summary['rows'][0]['name']}).\n\n★ recommended: **{pick['name']}** (FID {pick['fid']:.3f} on the search "

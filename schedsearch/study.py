@@ -78,7 +78,8 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     storage = slots.make_storage(storage_url, opts.heartbeat, opts.grace)
     ctx = Context(config, echo, inputs)
     ctx.artifacts = opts.artifacts
-    dropped = Space(dict(config.space)).notes(ctx.target)   # refused here, before any work
+    space = Space(dict(config.space))
+    dropped = space.notes(ctx.target)   # refused here, before any work
     model_baselines(ctx)
     studies = open_studies(storage, name, ctx, opts.grace)
 
@@ -99,6 +100,11 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     echo(f"  storage {slots.redact(storage_url)}; MLflow {tracker.uri}")
     for line in dropped:   # what the model leaves out of the configured space, said once
         echo(f"  {line}")
+    if config.sampler in ("cmaes", "gp") and len(space.families(ctx.target)) > 1:
+        echo(f"  --sampler {config.sampler}: it models only the parameters every trial shares; "
+             f"with both families in the space those are the categorical ones (family, end, "
+             f"solver), so its other choices are random draws (docs/search.md); tpe models the "
+             f"whole space. The local stage is CMA-ES either way")
     deadline = None if not opts.timeout else time.time() + opts.timeout
     Worker(studies, ctx, tracker, parent, opts, echo).work(deadline)
     recover(studies, tracker, parent, opts.grace)   # runs of workers that died while this one waited
@@ -416,6 +422,10 @@ def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Cont
                 continue
             res = ctx.score(preset, keep_images=16)
             results[key] = {"preset": preset.to_json(), **report.result_json(res)}
+            # a slot of two baselines (GITS, OSS) stopped after the first had logged its run
+            # (Ctrl-C, a kill) runs again whole: that earlier run is superseded, not a second one
+            while (stale := tracker.find_child(parent, "baseline", preset.name)) is not None:
+                tracker.end(stale, "INTERRUPTED", SUPERSEDED)
             runs.append(tracker.child(parent, preset.name, "baseline", run_params(preset)))
             tracker.finish(runs[-1], preset, res, "COMPLETE")
             echo(f"  baseline {preset.name:<34} NFE {preset.nfe:>3}  FID {res.fid:8.3f}")
@@ -443,6 +453,8 @@ def evaluate_baselines(slot: slots.Slot, study: optuna.Study, storage, ctx: Cont
             tracker.end(run, "INTERRUPTED", TAKEN_OVER)
 
 
+SUPERSEDED = ("its slot was interrupted before the slot's other baselines were scored and ran "
+              "again; the run of that re-run is the result")
 TAKEN_OVER = ("the slot was taken over by another worker (no heartbeat within the grace "
               "period); this result was dropped, and the re-queued slot's run is the result")
 

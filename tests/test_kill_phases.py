@@ -79,3 +79,33 @@ def test_a_study_killed_in_any_phase_resumes_intact(tmp_path, phase):
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     study_run = [r for r in runs if r.data.tags["schedsearch.role"] == "study"]
     assert len(study_run) == 1 and study_run[0].info.status == "FINISHED"
+
+
+def test_a_kill_inside_a_two_baseline_slot_logs_each_baseline_once(tmp_path):
+    """GITS and OSS share a slot. Killed after GITS had logged its run, the slot runs again whole:
+    GITS's first run was a second FINISHED 'gits @4' beside the re-run's."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "run"
+    args = [*ARGS[:ARGS.index("--baselines")], "--baselines", "gits,oss", "--trials", "2",
+            "--no-progress", "--no-user-preset", "--heartbeat", "1", "--grace", "2", "--out",
+            str(out)]
+    killed = subprocess.run([sys.executable, str(HERE / "killer.py"),
+                             "schedsearch.tracking:Tracker.finish", "2", *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-m", "schedsearch", *args], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gmm-4nfe").experiment_id],
+                              "tags.`schedsearch.role` = 'baseline'", max_results=500)
+    status = sorted((r.data.tags["schedsearch.name"], r.info.status) for r in runs)
+    assert status == [("gits @4", "FINISHED"), ("gits @4", "KILLED"), ("oss @4", "FINISHED"),
+                      ("oss @4", "KILLED")], status
+    superseded = next(r for r in runs if r.info.status == "KILLED"
+                      and r.data.tags["schedsearch.name"] == "gits @4")
+    assert "ran again" in superseded.data.tags["schedsearch.reason"]

@@ -160,3 +160,34 @@ def test_a_rerun_with_more_heldout_sets_recomputes_the_intervals_too(tmp_path):
     assert ays["resamples"] == 300 and vs[0]["ays"]["resamples"] == 1000
     assert ays["delta"] == vs[0]["ays"]["delta"] and (ays["lo"], ays["hi"]) != (
         vs[0]["ays"]["lo"], vs[0]["ays"]["hi"])
+
+
+def test_a_resumed_study_moves_the_star_and_its_description_counts_what_ran(tmp_path,
+                                                                           monkeypatch):
+    """With one trial the ★ is AYS; thirty trials later it is the best trial. The AYS run kept
+    schedsearch.recommended=true beside the new ★ (two runs tagged), and the study run's
+    description counted queued and re-queued slots as trials."""
+    from mlflow.tracking import MlflowClient
+
+    from schedsearch.cli import main
+
+    monkeypatch.delenv("SCHEDSEARCH_DEBUG", raising=False)
+    out = tmp_path / "run"
+    flags = ["run", "--model", "gmm", "--budget", "4", "--n-search", "64", "--n-heldout", "32",
+             "--no-user-preset", "--no-progress", "--out", str(out)]
+    stars = []
+    for trials in ("1", "30"):
+        assert main([*flags, "--trials", trials]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        stars.append(summary["recommended"])
+        client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("gmm-4nfe")
+        tagged = client.search_runs([exp.experiment_id],
+                                    "tags.`schedsearch.recommended` = 'true'")
+        assert [r.info.run_name for r in tagged] == [
+            next("★ " + r["name"] for r in summary["rows"] if r.get("recommended"))]
+        study = client.search_runs([exp.experiment_id], "tags.`schedsearch.role` = 'study'")[0]
+        assert f"searched over {summary['finished']} trials" in \
+            study.data.tags["mlflow.note.content"]
+        assert summary["finished"] == int(trials)
+    assert stars == ["ays", "best"]   # this seed's study: the ★ moves, the case that went wrong

@@ -947,7 +947,7 @@ def test_a_searched_guidance_is_said_and_the_warm_starts_keep_the_studys(tmp_pat
 
 
 @pytest.mark.parametrize("sampler", ["cmaes", "gp"])
-def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
+def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, capsys, sampler):
     """``--sampler cmaes`` (the ``cmaes`` package, a dependency since it died with
     ModuleNotFoundError on a fresh install) and ``--sampler gp`` (Optuna's GPSampler, which needs
     scipy and torch) drive the global stage over the mixed space: families with different
@@ -967,6 +967,10 @@ def test_the_global_stage_runs_with_cmaes_and_gp(tmp_path, sampler):
     assert len(trials) == 10 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     own = [t for t in trials if "seeded_from" not in t.user_attrs]
     assert len(own) == 8 and len({json.dumps(t.params, sort_keys=True) for t in own}) == 8
+    # over both families they model only the shared (categorical) parameters, and say so
+    said = capsys.readouterr()
+    assert f"--sampler {sampler}: it models only the parameters every trial shares" in \
+        said.out + said.err
 
 
 def test_a_study_resumes_with_its_defaults_named_and_refuses_another_setup(tmp_path, capsys):

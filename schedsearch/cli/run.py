@@ -42,7 +42,9 @@ def register(sub) -> None:
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
     _search_options(p)
     p.add_argument("--timeout", type=float, help="stop taking new trials after this many seconds")
-    p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"], help="Optuna sampler (default tpe)")
+    p.add_argument("--sampler", choices=["tpe", "cmaes", "gp", "random"],
+                   help="Optuna sampler of the global stage (default tpe; cmaes and gp model only "
+                        "the parameters every trial shares)")
     p.add_argument("--seed", type=int, help="the search's seed (default 0)")
     options.guidance(p, first="the --config file's")
     p.add_argument("--objectives", help="fid (default), fid,nfe or fid,clip (multi-objective, Pareto front)")
