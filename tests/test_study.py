@@ -383,8 +383,9 @@ def test_exported_preset_reproduces_the_trials_images_exactly(finished, tmp_path
     import schedsearch
 
     out, summary = finished
+    # the best trial, by number (without --trial export gives the ★ row, here maybe a baseline)
     r = cli("export", "--study", "gmm-5nfe", "--name", "mine", "--out", str(out),
-            "--to", str(tmp_path / "mine.json"))
+            "--trial", str(summary["best_trial"]), "--to", str(tmp_path / "mine.json"))
     assert r.returncode == 0, r.stderr
     preset = presets.load(str(tmp_path / "mine.json"))
     assert preset.provenance["trial"] == summary["best_trial"]
