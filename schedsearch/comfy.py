@@ -302,6 +302,13 @@ def notes(preset, *, width: Optional[int] = None, height: Optional[int] = None) 
     return [line for line in lines if line]
 
 
+def literal_prompt(text: str) -> str:
+    """The prompt as ComfyUI's CLIPTextEncode reads it literally: it takes "(word)" and
+    "(word:1.5)" as emphasis (a weighted embedding) unless the brackets are escaped as "\\(",
+    "\\)"; schedsearch and diffusers encode brackets as plain text."""
+    return text.replace("(", "\\(").replace(")", "\\)")
+
+
 def _node(class_type: str, title: str, **inputs) -> dict:
     return {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
 
@@ -340,8 +347,10 @@ def workflow(preset, *, checkpoint: str = DEFAULT_CHECKPOINT, prompt: str = DEFA
     zero_negative = preset.family == "sdxl" and negative == ""
     nodes = {
         "1": _node("CheckpointLoaderSimple", "Load checkpoint", ckpt_name=checkpoint),
-        "2": _node("CLIPTextEncode", "Positive prompt", text=prompt, clip=["1", 1]),
-        "3": _node("CLIPTextEncode", "Negative prompt", text=negative, clip=["1", 1]),
+        "2": _node("CLIPTextEncode", "Positive prompt", text=literal_prompt(prompt),
+                   clip=["1", 1]),
+        "3": _node("CLIPTextEncode", "Negative prompt", text=literal_prompt(negative),
+                   clip=["1", 1]),
         "4": _node("EmptyLatentImage", "Empty latent", width=w, height=h, batch_size=1),
         "5": _node("ManualSigmas", f"σ schedule {preset.name} ({preset.steps} steps)",
                    sigmas=sigma_string(preset.sigmas)),

@@ -402,3 +402,12 @@ def test_numpy_integers_are_taken_and_written_as_json_integers():
     assert json.loads(json.dumps(wf))["7"]["inputs"]["noise_seed"] == 5
     with pytest.raises(ValueError, match="prompt must be a string, got None"):
         comfy.workflow(make(), prompt=None)
+
+
+def test_brackets_in_prompts_are_text_not_comfyuis_emphasis():
+    """ComfyUI weights '(word)' by 1.1 and '(word:1.5)' by 1.5 unless escaped; schedsearch and
+    diffusers encode the brackets as text, so the workflow escapes them."""
+    wf = comfy.workflow(make(), prompt="a (red) cat (on a mat:1.5)", negative="(blurry)")
+    assert wf["2"]["inputs"]["text"] == r"a \(red\) cat \(on a mat:1.5\)"
+    assert wf["3"]["inputs"]["text"] == r"\(blurry\)"
+    assert comfy.workflow(make(), prompt="a red cat")["2"]["inputs"]["text"] == "a red cat"
