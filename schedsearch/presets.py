@@ -24,9 +24,9 @@ import torch
 from . import files, schedules, solvers
 from .comfy import is_flow, manual_sigmas
 from .freeu import FreeU, FreeUPlan
-from .noise import flow_t
 from .models import (FAMILIES as MODEL_FAMILIES, FLOW_FAMILIES, Model, default_guidance,
                      schedule_family)
+from .noise import flow_t
 from .version import __version__
 
 SCHEMA = "schedsearch.preset/1"

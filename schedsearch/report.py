@@ -558,6 +558,11 @@ def _pick_trial(storage, study: optuna.Study, number: Optional[int]) -> Done:
     return Done(*matches[0])
 
 
+def _undated(provenance: dict) -> dict:
+    """A stored provenance without its date and version, which an export stamps anew."""
+    return {k: v for k, v in provenance.items() if k not in ("date", "schedsearch_version")}
+
+
 def preset_from_study(storage_url: str, study_name: str, name: str,
                       trial_number: Optional[int] = None) -> Preset:
     """A trial's preset (default: the best of both stages) from the study storage alone (no
@@ -570,15 +575,12 @@ def preset_from_study(storage_url: str, study_name: str, name: str,
         raise ValueError(f"no study named {study_name!r} in {slots.redact(storage_url)}; it holds "
                          + (", ".join(names) if names else "none")) from None
     recommended = study.user_attrs.get("recommended")
-    run = {k: v for k, v in study.user_attrs.get("provenance", {}).items()
-           if k not in ("date", "schedsearch_version")}   # the run's model, prompts, extractor
+    run = _undated(study.user_attrs.get("provenance", {}))   # the run's model, prompts, extractor
     if trial_number is None and isinstance(recommended, dict):
         # the ★ row, as the run wrote it (a baseline when no searched schedule beat it)
         preset = Preset.from_json(recommended["preset"], origin=f"study {study_name!r}")
-        return preset.replace(name=name, provenance=presets.provenance(
-            **{k: v for k, v in preset.provenance.items()
-               if k not in ("date", "schedsearch_version")},
-))
+        return preset.replace(name=name,
+                              provenance=presets.provenance(**_undated(preset.provenance)))
     pick = _pick_trial(storage, study, trial_number)
     cfg = study.user_attrs.get("config", {})
     held = study.user_attrs.get(f"heldout:trial{pick.number}")

@@ -282,19 +282,21 @@ def _made(name: str, fn, steps, p: dict, check) -> torch.Tensor:
     """``fn(steps, **p)``, its list checked as a user's would be (``check``): extreme exponents
     (ρ, p1, p2 near 0) or σ near the float range overflow, or round neighbouring σ to the same
     value or to 0, which no solver can step through."""
-    shown = ", ".join(f"{k}={v}" for k, v in p.items() if k != "table")
+    def shown() -> str:   # only for a message: build() runs once per trial
+        return ", ".join(f"{k}={v}" for k, v in p.items() if k != "table")
+
     try:
         sigmas = fn(steps, **p)
     except TypeError as exc:
         raise ValueError(f"bad parameters for schedule {name!r}: {exc}") from None
     except (OverflowError, ZeroDivisionError):
-        raise ValueError(f"schedule {name!r} ({shown}) overflows float64: choose less extreme "
+        raise ValueError(f"schedule {name!r} ({shown()}) overflows float64: choose less extreme "
                          f"parameters") from None
     try:
         return check(sigmas)
     except ValueError as exc:
-        raise ValueError(f"schedule {name!r} ({shown}) gives an unusable σ list ({exc}): choose "
-                         f"less extreme parameters") from None
+        raise ValueError(f"schedule {name!r} ({shown()}) gives an unusable σ list ({exc}): "
+                         f"choose less extreme parameters") from None
 
 
 def equivalent_stop(steps: int, M: int, k: int) -> float:

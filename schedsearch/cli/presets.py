@@ -54,7 +54,8 @@ def register(sub) -> None:
     e.add_argument("--out", help="the study's output folder (its study.db)")
     e.add_argument("--storage", help="the study's storage URL (instead of --out)")
     e.add_argument("--trial", type=int,
-                   help="trial number (default: the study's ★ recommendation: its winner, or the baseline no searched schedule beat)")
+                   help="trial number (default: the study's ★ recommendation: its winner, or "
+                        "the baseline no searched schedule beat)")
     e.add_argument("--to", help="write here (default: the user preset folder)")
     e.add_argument("--format", choices=["json", "comfy"], default="json",
                    help="also print the preset as JSON (default) or a ComfyUI σ list")
