@@ -14,6 +14,7 @@ import yaml
 
 from .files import first_bad_byte
 from .models import BUILTIN, is_flow
+from .presets import checked_guidance
 from .prompts import SEED_STRIDE, check_prompt_seed
 from .space import FLOW_AT_ONE_CALL, Space, did_you_mean
 
@@ -113,10 +114,8 @@ class StudyConfig:
         if self.trials is None:
             self.trials = default_trials(self.budget)
         self._check_counts()
-        if self.guidance is not None and not (isinstance(self.guidance, (int, float))
-                                              and not isinstance(self.guidance, bool)
-                                              and 0 < self.guidance < 100):
-            raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
+        if self.guidance is not None:
+            self.guidance = checked_guidance(self.guidance)
         if not (isinstance(self.refine, (int, float)) and 0 <= self.refine < 1):
             raise ValueError(f"refine (the share of trials in the local stage) must lie in [0, 1), "
                              f"got {self.refine!r}")

@@ -41,6 +41,14 @@ _PAPER_SOLVERS = {"sd15-5": "dpmpp_1s", "sd15-6": "dpmpp_1s", "sd15-8": "dpmpp_2
 _PAPER_GUIDANCE = {"sd15-5": 5.5, "sd15-6": 5.5, "sd15-8": 5.5, "sdxl-6": 7.5, "sdxl-8": 7.5}
 
 
+def checked_guidance(value) -> float:
+    """A CFG scale as every entry point takes it (preset, study config, search space, CLI flag),
+    as a plain float: numpy's float32 is no JSON number. Above 100 is a typo, not a scale."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < 100):
+        raise ValueError(f"guidance must be a number in (0, 100), got {value!r}")   # nan too
+    return float(value)
+
+
 def _paper_plan(name: str, steps: int) -> Optional[FreeUPlan]:
     if name in ("sd15-5", "sd15-6"):
         return FreeUPlan.from_start(steps, 0, _PAPER_FREEU, "original")
@@ -76,10 +84,7 @@ class Preset:
             raise ValueError(f"the FreeU plan has {len(self.freeu.steps)} steps but the σ list has "
                              f"{self.steps}")
         if self.guidance is not None:
-            if not (isinstance(self.guidance, numbers.Real) and not isinstance(self.guidance, bool)
-                    and 0 < self.guidance < 100):
-                raise ValueError(f"guidance must be a number in (0, 100), got {self.guidance!r}")
-            self.guidance = float(self.guidance)   # numpy's float32 is no JSON number
+            self.guidance = checked_guidance(self.guidance)
         if not isinstance(self.provenance, dict):
             raise ValueError(f"provenance must be a JSON object, got {self.provenance!r}")
 

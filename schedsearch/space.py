@@ -156,10 +156,12 @@ class Space:
         _once("solver", names)
         r["solver"] = names
         if r["guidance"] is not None:
-            lo, hi = _range(r, "guidance")
-            if not 0 < lo <= hi < 100:   # the bounds of a study's and a preset's guidance
+            ends = _range(r, "guidance")
+            try:   # both ends must be guidance a preset accepts
+                [presets.checked_guidance(x) for x in ends]
+            except ValueError:
                 raise ValueError(f"search space: guidance must lie inside (0, 100), got "
-                                 f"{r['guidance']!r}")
+                                 f"{r['guidance']!r}") from None
 
     def families(self, target: Target) -> list[str]:
         """The families this model's space holds: the config's, less ``paper`` on a flow-matching

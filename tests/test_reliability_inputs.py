@@ -898,3 +898,36 @@ def test_a_noise_config_that_would_be_read_as_something_else(tmp_path, capsys, c
     name = "flow" if "FlowMatch" in content else "karras"
     assert main(["schedule", name, "--steps", "3", "--noise-config", str(path), *extra]) == 2
     assert _one_error_line(capsys.readouterr().err, "schedule").endswith(message)
+
+
+@pytest.mark.parametrize("value, ok", [(np.float32(4.5), True), (np.int64(7), True), (7, True),
+                                       (True, False), (0, False), (100, False),
+                                       (float("nan"), False), ("4", False)])
+def test_one_guidance_rule_for_configs_and_presets(value, ok):
+    """Configs and presets take the same CFG scales and store them as plain floats: a config
+    once refused numpy's float32 that a preset took, and a JSON dump of a float32 fails."""
+    from schedsearch.config import StudyConfig
+    from schedsearch.presets import Preset
+
+    makers = [lambda g: StudyConfig(guidance=g).guidance,
+              lambda g: Preset(name="p", family="digits", sigmas=[2.0, 1.0, 0.0], solver="euler",
+                               guidance=g).guidance]
+    for make in makers:
+        if ok:
+            got = make(value)
+            assert type(got) is float and got == float(value) and json.dumps(got)
+        else:
+            with pytest.raises(ValueError, match=r"guidance must be a number in \(0, 100\), got"):
+                make(value)
+
+
+@pytest.mark.parametrize("ends, ok", [([1, 99.5], True), ([0.5, 0.5], True), ([0, 5], False),
+                                      ([5, 100], False), ([-1, 5], False)])
+def test_a_searched_guidance_range_holds_only_guidance_a_preset_takes(ends, ok):
+    from schedsearch.space import Space
+
+    if ok:
+        assert Space(ranges={"guidance": ends}).ranges["guidance"] == ends
+    else:
+        with pytest.raises(ValueError, match=r"search space: guidance must lie inside \(0, 100\)"):
+            Space(ranges={"guidance": ends})

@@ -20,7 +20,7 @@ from .. import models, schedules, solvers
 from ..freeu import DEFAULTS, FreeU, FreeUPlan
 from ..models import schedule_family
 from ..noise import FlowTable, NoiseTable, is_flow_config
-from ..presets import Preset, fit, load
+from ..presets import Preset, checked_guidance, fit, load
 from ..schedules import NAMES, PAPER_SETTINGS
 from ..solvers import SOLVERS
 
@@ -94,9 +94,10 @@ def _guidance_value(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 100:   # nan fails this too
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 100), got {text}")
-    return value
+    try:
+        return checked_guidance(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 100), got {text}") from None
 
 
 def guidance(p, *, first: str = "") -> None:
