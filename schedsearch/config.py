@@ -67,6 +67,10 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+# the keys a diffusers pipeline takes and a testbed refuses (the CLI's Stable Diffusion flags)
+SD_ONLY = ("height", "width", "vae", "model_config", "eval_batch")
+
+
 @dataclass
 class StudyConfig:
     """Everything a study needs; ``studies/*.yaml`` files hold these keys (CLI flags override)."""
@@ -104,8 +108,11 @@ class StudyConfig:
     clip: Optional[str] = None
     device: Optional[str] = None
     dtype: Optional[str] = None
-    height: Optional[int] = None
+    height: Optional[int] = None            # height .. eval_batch: Stable Diffusion models only
     width: Optional[int] = None
+    vae: Optional[str] = None               # a replacement VAE (folder or hub id)
+    model_config: Optional[str] = None      # a single-file checkpoint's diffusers config folder
+    eval_batch: Optional[int] = None        # images per UNet call
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -155,7 +162,7 @@ class StudyConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a testbed name, hub id or path, got {self.model!r}")
         for key in ("prompts", "ref_stats", "extractor", "inception", "clip", "device", "dtype",
-                    "caption_column"):
+                    "caption_column", "vae", "model_config"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"{key} must be a string, got {v!r}")
@@ -176,12 +183,15 @@ class StudyConfig:
                 raise ValueError(f"{key} must be a list, e.g. {example}, got {v!r}")
         if any(isinstance(c, bool) or not isinstance(c, int) for c in self.checkpoints or ()):
             raise ValueError(f"checkpoints must be integers, got {self.checkpoints!r}")
-        for key in ("height", "width"):
+        for key in SD_ONLY:
             v = getattr(self, key)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 8:
+            if key in ("height", "width") and (isinstance(v, bool) or not isinstance(v, int)
+                                               or v < 8):
                 raise ValueError(f"{key} must be an integer number of pixels, got {v!r}")
+            if key == "eval_batch" and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"eval_batch must be an integer >= 0 (0: off), got {v!r}")
             if self.model in BUILTIN:
                 raise ValueError(f"{key}: for Stable Diffusion models only, not the {self.model} "
                                  f"testbed")
@@ -281,7 +291,7 @@ class StudyConfig:
     # the keys that define what a study measures; resuming with other values is refused
     IDENTITY = ("model", "budget", "guidance", "prompts", "caption_column", "prompt_seed",
                 "n_search", "n_heldout", "objectives", "space", "ref_stats", "extractor",
-                "height", "width")
+                "height", "width", "vae")
 
 
 def default_study_name(config: StudyConfig) -> str:

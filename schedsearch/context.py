@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import models, presets, prompts
-from .config import StudyConfig
+from .config import SD_ONLY, StudyConfig
 from .metrics import ScoreResult, Scorer, check_before_loading, scoring_setup
 from .metrics.features import ClipScore
 from .metrics.refstats import RefStats
@@ -54,7 +54,8 @@ class Context:
         self.prompt_source = source = inputs.source
         full, ref = inputs.prompts, inputs.ref
         n, h, k = config.n_search, config.n_heldout, config.heldout_sets
-        kwargs = {k: getattr(config, k) for k in ("height", "width") if getattr(config, k)}
+        kwargs = {("config" if k == "model_config" else k): getattr(config, k)
+                  for k in SD_ONLY if getattr(config, k) is not None}
         echo(f"loading model {config.model} ...")
         self.model: models.Model = models.load(config.model, device=config.device,
                                                 dtype=config.dtype, **kwargs)

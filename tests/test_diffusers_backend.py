@@ -496,3 +496,50 @@ def test_bad_options(sd_dir, single_file, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="zero terminal SNR .* not supported"):
         load(str(zero_snr), device="cpu")
+
+
+def test_every_command_takes_a_single_file_with_its_config_folder(offline_sd, tmp_path, monkeypatch,
+                                                                  empty_hf_cache, capsys):
+    """score, teacher and run took --model FILE but not --model-config, which the error told
+    them to pass; so offline a single-file checkpoint worked in sample only. Same numbers as
+    the folder it came from."""
+    from diffusers import StableDiffusionPipeline
+    from tiny import save_single_file
+
+    from schedsearch.cli import main
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path / "cache"))
+    single = save_single_file(StableDiffusionPipeline.from_pretrained(offline_sd.model),
+                              tmp_path / "tiny.safetensors")
+    configs = tmp_path / "configs-only"
+    shutil.copytree(offline_sd.model, configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    common = ["--prompts", str(offline_sd.prompts), "--ref-stats", str(offline_sd.ref),
+              "--inception", str(offline_sd.inception), "--device", "cpu"]
+    fids = []
+    for model in (["--model", single, "--model-config", str(configs)],
+                  ["--model", offline_sd.model]):
+        assert main(["score", *model, *common, "--n", "4", "--steps", "3", "--checkpoints", "4",
+                     "--kid-subsets", "0", "--no-progress"]) == 0
+        fids.append(json.loads(capsys.readouterr().out)["fid"])
+    assert fids[0] == fids[1]
+    assert main(["teacher", "--model", single, "--model-config", str(configs), "--prompts",
+                 str(offline_sd.prompts), "--n", "2", "--teacher-steps", "4", "--no-cache",
+                 "--no-progress"]) == 0
+    out = tmp_path / "run"
+    assert main(["run", "--model", single, "--model-config", str(configs), *common,
+                 "--budget", "3", "--trials", "2", "--n-search", "4", "--n-heldout", "4",
+                 "--baselines", "karras", "--no-user-preset", "--no-artifacts", "--no-progress",
+                 "--out", str(out)]) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="tiny-3nfe", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["config"]["model_config"] == str(configs)
+    assert study.user_attrs["identity"]["vae"] is None   # another VAE is another study
+    # the testbeds refuse what only a pipeline takes, in a config file too
+    assert main(["run", "--model", "gmm", "--vae", str(configs), "--no-user-preset"]) == 2
+    assert "vae: for Stable Diffusion models only, not the gmm testbed" in capsys.readouterr().err
+    from schedsearch.config import StudyConfig
+
+    assert StudyConfig(model=single, eval_batch=0).eval_batch == 0   # 0: batch as given
+    with pytest.raises(ValueError, match=r"eval_batch must be an integer >= 0 \(0: off\)"):
+        StudyConfig(model=single, eval_batch=-1)

@@ -19,6 +19,7 @@ from . import options
 
 def _common(p) -> None:
     options.model(p)
+    options.sd_model(p)
     options.prompts(p)
     p.add_argument("--n", type=int, default=None,
                    help="number of (prompt, seed) pairs (default 64, or the number of --seeds)")

@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 from .. import models, schedules, solvers
+from ..config import SD_ONLY
 from ..freeu import DEFAULTS, FreeU, FreeUPlan
 from ..models import schedule_family
 from ..noise import FlowTable, NoiseTable, is_flow_config
@@ -58,9 +59,6 @@ def sd_model(p) -> None:
     sd.add_argument("--eval-batch", type=int,
                     help="images per UNet call (default 1 on CPU, 8 on CUDA, 4 above 768²); a "
                          "fixed value keeps each image independent of the batch it is sampled in")
-
-
-SD_ONLY = ("height", "width", "vae", "model_config", "eval_batch")
 
 
 def load_model(args):

@@ -7,8 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..config import (FLOW_BASELINES, MIN_TRIALS, SD_BASELINES, TRIALS_PER_NFE, StudyConfig,
-                      default_study_name, default_trials)
+from ..config import (FLOW_BASELINES, MIN_TRIALS, SD_BASELINES, SD_ONLY, TRIALS_PER_NFE,
+                      StudyConfig, default_study_name, default_trials)
 from ..presets import read
 from ..report import comparison_markdown, pareto_markdown
 from ..study import RunOptions, run_study
@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--budget", type=int, help="model calls (NFE) per image (default 5)")
     p.add_argument("--config", metavar="YAML", help="a study config (see studies/); flags override it")
     options.model(p, default=None)
+    options.sd_model(p)
     options.prompts(p, default_seed=None)
     p.add_argument("--n-search", type=int, help="images per candidate (the search subset)")
     p.add_argument("--n-heldout", type=int, help="images of the held-out check")
@@ -105,7 +106,7 @@ def _search_options(p) -> None:
 OVERRIDES = ("budget", "model", "prompts", "prompt_seed", "caption_column", "n_search",
              "n_heldout", "trials", "refine", "refine_starts", "refine_margin", "heldout_sets",
              "validation_sets", "sampler", "seed", "guidance", "ref_stats", "extractor",
-             "inception", "clip", "batch_size", "device", "dtype")
+             "inception", "clip", "batch_size", "device", "dtype", *SD_ONLY)
 
 
 # what only a single-objective study uses: the local (CMA-ES) stage and the winner's re-scoring

@@ -38,6 +38,7 @@ def register(sub) -> None:
                   "schedsearch score --model sd-legacy/stable-diffusion-v1-5 --preset sd15-8 \\\n"
                   "      --prompts captions_val2014.json --n 1000 --ref-stats coco-val.safetensors"])
     options.model(p)
+    options.sd_model(p)
     options.sampling(p, default_schedule=DEFAULT_SCHEDULE, default_steps=DEFAULT_STEPS)
     options.prompts(p)
     p.add_argument("--n", type=int, default=256, help="number of images (default 256)")
