@@ -93,6 +93,10 @@ def _read_coco(path: str, seed: int) -> list[str]:
             key, ann_id, cap = a["image_id"], a.get("id", 0), a["caption"].strip()
         except (KeyError, TypeError, AttributeError):
             raise ValueError(f"{path}: every annotation needs image_id and caption") from None
+        # COCO's ids are integers; a mix of types cannot be ordered, a list cannot be a key
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (key, ann_id)):
+            raise ValueError(f"{path}: an annotation's image_id and id must be integers, got "
+                             f"image_id {key!r}, id {ann_id!r}")
         if cap and (key not in first or ann_id < first[key][0]):
             first[key] = (ann_id, cap)
     ids = sorted(first)

@@ -229,6 +229,8 @@ def _load(path: str, key: dict, sigmas: torch.Tensor, shape: tuple) -> Optional[
         stored = json.loads(meta.get("schedsearch.teacher.key", ""))
     except json.JSONDecodeError:
         return reject("no schedsearch teacher key in the file header")
+    if not isinstance(stored, dict):   # JSON, but not the object this module writes
+        return reject(f"its teacher key is {stored!r}, not a JSON object")
     if stored.get("model") != key["model"]:
         return reject(f"written for model {stored.get('model')!r}, not {key['model']!r}")
     if stored != key:

@@ -106,6 +106,16 @@ def test_coco_file_errors(tmp_path):
     broken.write_text(json.dumps({"annotations": [{"id": 1, "caption": "no image id"}]}))
     with pytest.raises(ValueError, match="image_id and caption"):
         prompts.load(str(broken))
+    # ids of mixed types cannot be sorted, a list cannot be a key: both were tracebacks
+    for image_ids in ([1, "2"], [[1], [2]], [True, 2]):
+        broken.write_text(json.dumps({"annotations": [{"image_id": i, "id": k, "caption": "c"}
+                                                      for k, i in enumerate(image_ids)]}))
+        with pytest.raises(ValueError, match="image_id and id must be integers"):
+            prompts.load(str(broken))
+    broken.write_text(json.dumps({"annotations": [{"image_id": 1, "id": "a", "caption": "c"},
+                                                  {"image_id": 1, "id": 2, "caption": "d"}]}))
+    with pytest.raises(ValueError, match="image_id and id must be integers, got image_id 1, id 'a'"):
+        prompts.load(str(broken))
 
 
 def test_csv_uses_the_caption_column_and_names_the_columns_when_it_is_missing(tmp_path):

@@ -227,3 +227,16 @@ def test_flow_teacher_starts_from_epsilon_at_infinity(tmp_path):
                        cache=str(tmp_path))
     assert again.rows == 0 and hit.calls == 0 and torch.equal(hit.x, tea.x)
     assert math.isinf(float(hit.sigmas[-1])) and tea.provenance()["sigma_max"] == math.inf
+
+
+@pytest.mark.parametrize("stored", ["null", "[]", '"x"'])
+def test_cache_whose_key_is_json_but_no_object_is_recomputed(gmm, tmp_path, stored):
+    """An AttributeError (a traceback from the CLI) before."""
+    from safetensors.torch import load_file, save_file
+    grid = TeacherGrid(steps=12)
+    a = trajectories(gmm, PROMPTS, SEEDS, guidance=3.0, grid=grid, cache=str(tmp_path))
+    save_file(load_file(a.path), a.path, metadata={"schedsearch.teacher.key": stored})
+    with pytest.warns(TeacherCacheWarning, match="its teacher key is .*, not a JSON object"):
+        b = trajectories(gmm, PROMPTS, SEEDS, guidance=3.0, grid=grid, cache=str(tmp_path))
+    assert b.calls == 12   # recomputed, not read
+    torch.testing.assert_close(b.x, a.x)
