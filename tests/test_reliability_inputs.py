@@ -493,6 +493,15 @@ def test_a_relative_out_blocked_by_a_file_names_out(tmp_path, monkeypatch, capsy
     # has no local stage and no winner's round
     (["score", "--model", "gmm", "--caption-column", "text"],
      r"--caption-column 'text' applies to a CSV prompt file, not to 'classes:4'$"),
+    (["sample", "--model", "gmm", "--prompt", "1", "--caption-column", "text"],
+     r"--caption-column applies to a CSV --prompts file"),
+    # a text model's prompts before its pipeline loads (here: before the missing folder is found)
+    (["sample", "--model", "./no-such-model", "--prompts", "no-such-prompts.txt"],
+     r"prompt file 'no-such-prompts.txt' does not exist$"),
+    (["sample", "--model", "./no-such-model", "--prompts", "classes:8", "--n", "8"],
+     r"\./no-such-model is a text-to-image model and classes:8 are a testbed's class labels"),
+    (["run", "--model", "./no-such-model", "--prompts", "classes:8"],
+     r"\./no-such-model is a text-to-image model and classes:8 are a testbed's class labels"),
     (["run", "--model", "gmm", "--objectives", "fid,nfe", "--refine", "0.3", "--validation-sets",
       "2"], r"--refine, --validation-sets: for a single-objective study; --objectives fid,nfe "
             r"runs one stage"),

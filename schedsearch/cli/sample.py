@@ -65,7 +65,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].strip("-") or "empty"
 
 
-def _jobs(args, model):
+def _jobs(args):
     """(prompts, seeds, columns, source): one entry per image, in grid order (a row per prompt
     and a column per seed; columns None when every prompt has its own seed)."""
 
@@ -81,13 +81,16 @@ def _jobs(args, model):
         raise ValueError("--prompt-seed applies to --prompts (it picks the prompt set's seeds, "
                          "and a COCO file's captions); without it every prompt is drawn once "
                          f"per seed of --seeds (default {DEFAULT_SEEDS})")
+    if args.caption_column is not None and not args.prompts:
+        raise ValueError("--caption-column applies to a CSV --prompts file (it names the column "
+                         "holding the prompts)")
     seeds = (options.int_list(args.seeds, "--seeds", unique="seed") if args.seeds is not None
              else None)
     check_seeds(seeds or ())
     if args.prompt is not None:
         texts, source = list(args.prompt), {"source": "--prompt"}
     else:
-        pset = prompt_sets.load(args.prompts or models.default_prompts(model), args.n,
+        pset = prompt_sets.load(models.prompt_source(args.model, args.prompts), args.n,
                                 args.prompt_seed or 0, caption_column=args.caption_column
                                 or "caption")
         if seeds is None and args.prompts:
@@ -187,10 +190,10 @@ def run(args) -> int:
         # said before a pipeline takes minutes to load (a testbed's spec is its family)
         raise ValueError(f"{args.model} is a text-to-image model: give --prompt TEXT or "
                          f"--prompts FILE")
+    prompts, seeds, columns, source = _jobs(args)   # a bad file or seed list: before the load
     model = options.load_model(args)
     t_loaded = time.perf_counter()
     preset = options.preset_from_args(args, model)
-    prompts, seeds, columns, source = _jobs(args, model)
     models.check_prompts(model, prompts, args.prompts or "--prompt")
     with tqdm(total=len(prompts), desc=f"sampling {model.name}", unit="img",
               disable=args.no_progress or None, file=sys.stderr) as bar:

@@ -102,6 +102,11 @@ def prompt_source(family: str, prompts: Optional[str] = None, *, name: Optional[
                   ) -> str:
     """``prompts`` if given, else the testbed's ``classes:K``. ``family`` may be a model spec: a
     testbed's spec is its family, so a text model's missing prompts are said before it loads."""
+    if prompts and prompts.startswith("classes:") and family not in DEFAULT_PROMPTS:
+        # class labels are integers; a text model would fail every image, after loading
+        raise ValueError(f"{name or family} is a text-to-image model and {prompts} are a "
+                         f"testbed's class labels: pass --prompts FILE (a text file with one "
+                         f"prompt per line, a CSV, or a COCO captions JSON)")
     if prompts:
         return prompts
     if family not in DEFAULT_PROMPTS:
