@@ -187,7 +187,7 @@ def test_errors_on_a_text_model_and_an_empty_prompt_file(sd_dir, tmp_path, capsy
     empty.write_text("\n  \n", encoding="utf-8")
     cases = [
         ([], "is a text-to-image model: give --prompt TEXT or --prompts FILE"),
-        (["--prompts", "classes:3"], "takes text prompts"),
+        (["--prompts", "classes:3"], "is a text-to-image model and classes:3 are a testbed's class labels"),
         (["--prompts", str(empty)], "holds no prompts; put one prompt per line"),
         (["--prompts", str(tmp_path / "none.txt")], "prompt file"),
     ]
