@@ -219,7 +219,7 @@ class Done:
 
 def completed(studies: slots.Studies) -> list[Done]:
     """Every completed trial of both stages."""
-    return [Done(t.number + offset, t) for st, offset in studies.numbered()
+    return [Done(slots.slot_number(t) + offset, t) for st, offset in studies.numbered()
             for t in slots.trials_of(st, slots.COMPLETE)]
 
 
@@ -531,7 +531,7 @@ def _spans(numbers) -> str:
 
 def _stored_trials(storage, study: optuna.Study) -> list[tuple[int, optuna.trial.FrozenTrial]]:
     """(shown number, trial) of every trial of both stages (0.1.0 studies have one stage)."""
-    return [(t.number + offset, t) for st, offset in slots.stored_stages(storage, study)
+    return [(slots.slot_number(t) + offset, t) for st, offset in slots.stored_stages(storage, study)
             for t in slots.trials_of(st)]
 
 
@@ -547,7 +547,9 @@ def _pick_trial(storage, study: optuna.Study, number: Optional[int]) -> Done:
             front = {t.number for t in study.best_trials}
             done = [d for d in done if d.number in front]
         return min(done, key=lambda d: (d.value, d.number))
-    matches = [(n, t) for n, t in trials if n == number]
+    # a slot's attempts share its number (a killed one, then its retry): the completed first
+    matches = sorted(((n, t) for n, t in trials if n == number),
+                     key=lambda m: m[1].state != slots.COMPLETE)
     completed_ = _spans(d.number for d in done)
     if not matches:
         raise ValueError(f"study {study.study_name!r} has no trial {number}: its trials are "

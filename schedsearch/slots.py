@@ -223,12 +223,26 @@ def stored_stages(storage, study: optuna.Study) -> list[tuple[optuna.Study, int]
 
 @dataclass(frozen=True)
 class Slot:
-    """A claimed slot: its study, trial id and number, and what the study stored with it."""
+    """A claimed slot: its study, trial id and number, and what the study stored with it;
+    ``shown`` is the slot's own number (``slot_number``), ``number`` the trial's in Optuna."""
 
     study: str
     trial_id: int
     number: int
     user_attrs: dict
+    shown: int = -1
+
+    def __post_init__(self) -> None:
+        if self.shown < 0:
+            self.shown = self.number
+
+
+def slot_number(trial) -> int:
+    """The number of the slot a trial fills, in its study. A retry (re-queued after its worker
+    was killed, stalled or interrupted) is a new Optuna trial numbered after every slot — the
+    number the next stage's first trial is shown under — so it takes its first attempt's
+    number, which Optuna's retry callback keeps in ``failed_trial``."""
+    return int(trial.system_attrs.get("failed_trial", trial.number))
 
 
 def create_or_load(storage, name: str, **kwargs) -> tuple[optuna.Study, bool]:
@@ -270,7 +284,8 @@ def claim(study: optuna.Study, storage, accept: Optional[Callable[[dict], bool]]
         try:
             if storage.set_trial_state_values(tid, state=RUNNING):
                 storage.record_heartbeat(tid)
-                return Slot(study.study_name, tid, ft.number, dict(ft.user_attrs))
+                return Slot(study.study_name, tid, ft.number, dict(ft.user_attrs),
+                            slot_number(ft))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None

@@ -231,12 +231,13 @@ def recover(studies: slots.Studies, tracker: Tracker, parent: str, grace: float 
     logged = {r.data.tags.get("schedsearch.trial") for r in tracker.children(parent)}
     for st, offset in studies.numbered():
         for t in slots.trials_of(st, slots.FAIL):
-            if "fail_reason" not in t.user_attrs and str(t.number + offset) not in logged:
-                run = tracker.child(parent, f"trial {t.number + offset}", "trial", dict(t.params),
-                                    {"schedsearch.trial": t.number + offset})
+            number = slots.slot_number(t) + offset
+            if "fail_reason" not in t.user_attrs and str(number) not in logged:
+                run = tracker.child(parent, f"trial {number}", "trial", dict(t.params),
+                                    {"schedsearch.trial": number})
                 tracker.end(run, "INTERRUPTED", "the worker stopped (killed, crashed or "
                             "interrupted) before this trial had an MLflow run; the trial was "
-                            "marked failed", f"trial {t.number + offset}")
+                            "marked failed", f"trial {number}")
 
 
 def slot_seed(seed: int, stage: int, number: int) -> int:
@@ -329,10 +330,10 @@ class Worker:
             nfe_range = ((self.space.fewest_calls(), config.budget)
                          if "nfe" in config.objectives else None)
             make = lambda trial: (self.space.suggest(trial, self.ctx.target, nfe_range), None)  # noqa: E731
-            study, number = st.trials, slot.number
+            study, number = st.trials, slot.shown
         else:
             fixed, study = None, st.local[run]
-            number = st.offsets[run] + slot.number
+            number = st.offsets[run] + slot.shown
             starts = self.local_starts()
             # a run without a start of its own (a study resumed with another config) refines
             # the best
@@ -346,7 +347,7 @@ class Worker:
         trial = slots.open_trial(study, st.storage, slot, sampler=sampler, fixed=fixed)
         with slots.heartbeat(st.storage, slot.trial_id, self.opts.heartbeat):
             state = evaluate_trial(trial, study, self.ctx, self.tracker, self.parent, make,
-                                   number, stage)
+                                   number, stage, self._say)
         self.bar.update(1)
         self._show_best()
         if state == "FAIL":
@@ -404,7 +405,7 @@ def local_starts(study: optuna.Study, config: StudyConfig) -> list[optuna.trial.
 
 def best_trial(studies: slots.Studies, multi: bool = False) -> Optional[tuple[float, int]]:
     """(FID, shown trial number) of the best completed trial of both stages."""
-    found = [(t.values[0], t.number + off) for st, off in studies.numbered()
+    found = [(t.values[0], slots.slot_number(t) + off) for st, off in studies.numbered()
              for t in slots.trials_of(st, slots.COMPLETE)]
     return min(found) if found else None
 
@@ -482,9 +483,11 @@ def _say_taken_over(echo, what: str) -> None:
 
 
 def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, tracker: Tracker,
-                   parent: str, make: Callable, number: int, stage: int) -> str:
+                   parent: str, make: Callable, number: int, stage: int,
+                   echo: Callable[[str], None] = print) -> str:
     """Build the trial's preset (``make(trial) -> (preset, absolute params or None)``), score it
-    (pruning on nested subsets), log it; returns the trial's final state name."""
+    (pruning on nested subsets), log it; returns the trial's final state name. ``number`` is the
+    shown one; ``echo`` the worker's (stderr under --json)."""
     config, multi = ctx.config, _multi(ctx.config)
     run = None
     try:
@@ -511,27 +514,27 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
         res = ctx.score(preset, on_checkpoint=on_checkpoint)
     except optuna.TrialPruned as exc:
         tracker.log_series(run, "fid_partial", partial)
-        with _unless_taken_over(print, f"trial {number}"):   # where its time went, for the cost
+        with _unless_taken_over(echo, f"trial {number}"):   # where its time went, for the cost
             trial.set_user_attr("seconds", ctx.scorer("search", preset.guidance).last_seconds)
-        return _end(study, trial, tracker, run, "PRUNED", str(exc), f"trial {number}")
+        return _end(study, trial, tracker, run, "PRUNED", str(exc), f"trial {number}", echo)
     except optuna.exceptions.UpdateFinishedTrialError:
         # taken over mid-trial (a checkpoint's report found the slot failed and re-queued by
         # another worker): stop here, not re-queue it again, and go on with the next slot
-        _say_taken_over(print, f"trial {number}")
+        _say_taken_over(echo, f"trial {number}")
         if run:
             tracker.end(run, "INTERRUPTED", TAKEN_OVER, f"trial {number}")
         return "INTERRUPTED"
     except (ScoreError, solvers.NonFiniteError, ValueError) as exc:
-        return _end(study, trial, tracker, run, "FAIL", str(exc), f"trial {number}")
+        return _end(study, trial, tracker, run, "FAIL", str(exc), f"trial {number}", echo)
     except BaseException as exc:  # interrupted: nothing left RUNNING, the slot back in the queue
         _end(study, trial, tracker, run, "INTERRUPTED", f"{type(exc).__name__}: {exc}",
-             f"trial {number}")
-        with _unless_taken_over(print, f"trial {number}"):
+             f"trial {number}", echo)
+        with _unless_taken_over(echo, f"trial {number}"):
             slots.requeue(study, trial.number)
         raise
     values = [res.fid] + ([res.clip] if "clip" in config.objectives else
                           [float(preset.nfe)] if multi else [])
-    with _unless_taken_over(print, f"trial {number}") as told:
+    with _unless_taken_over(echo, f"trial {number}") as told:
         trial.set_user_attr("result", report.result_json(res))
         study.tell(trial, values if multi else values[0])
     if told.taken_over:
@@ -542,11 +545,11 @@ def evaluate_trial(trial: optuna.Trial, study: optuna.Study, ctx: Context, track
 
 
 def _end(study, trial, tracker: Tracker, run: Optional[str], state: str, reason: str,
-         name: Optional[str] = None) -> str:
+         name: Optional[str] = None, echo: Callable[[str], None] = print) -> str:
     """Tell Optuna and MLflow how a trial ended without a score."""
     optuna_state = (optuna.trial.TrialState.PRUNED if state == "PRUNED"
                     else optuna.trial.TrialState.FAIL)
-    with _unless_taken_over(print, f"trial {trial.number}") as told:
+    with _unless_taken_over(echo, name or f"trial {trial.number}") as told:
         if state == "FAIL":   # a reason: the slot counts as done (interrupted ones are re-run)
             trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=optuna_state)

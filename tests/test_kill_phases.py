@@ -79,6 +79,16 @@ def test_a_study_killed_in_any_phase_resumes_intact(tmp_path, phase):
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     study_run = [r for r in runs if r.data.tags["schedsearch.role"] == "study"]
     assert len(study_run) == 1 and study_run[0].info.status == "FINISHED"
+    # a killed trial's retry is shown under its slot's number: it took the number of the next
+    # stage's first trial (two FINISHED 'trial 3's, and the second could not be exported)
+    shown = [int(r.data.tags["schedsearch.trial"]) for r in runs
+             if r.data.tags["schedsearch.role"] == "trial" and r.info.status == "FINISHED"]
+    assert len(shown) == len(set(shown)) and set(shown) <= set(range(6)), sorted(shown)
+    if phase == "global stage":   # trial 1 was killed: its retry is trial 1, and exports
+        from schedsearch.cli import main
+
+        assert main(["export", "--out", str(out), "--name", "t1", "--trial", "1", "--to",
+                     str(tmp_path / "t1.json")]) == 0
 
 
 def test_a_kill_inside_a_two_baseline_slot_logs_each_baseline_once(tmp_path):
