@@ -646,7 +646,10 @@ def test_a_trial_taken_over_while_scoring_leaves_no_finished_run_beside_its_requ
 
     ctx.score = stalled
     make = lambda t: (Space(dict(cfg.space)).suggest(t, ctx.target), None)  # noqa: E731
-    assert evaluate_trial(trial, studies.trials, ctx, tracker, parent, make, 0, 1) == "INTERRUPTED"
+    said: list = []   # the worker's echo (stderr under --json, whose stdout is the summary)
+    assert evaluate_trial(trial, studies.trials, ctx, tracker, parent, make, 0, 1,
+                          said.append) == "INTERRUPTED"
+    assert [line.split(":")[0] for line in said] == ["  trial 0"], said
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id],
                               "tags.`schedsearch.trial` = '0'")
