@@ -54,6 +54,7 @@ def check_reachable(uri: str, timeout: float = 10.0, *, source: tuple[str, str] 
         raise ValueError(f"{source[0]} {uri} names no file: the runs would live in memory and be "
                          f"lost when this run ends; give a file, e.g. sqlite:///runs/mlflow.db, "
                          f"or {source[1]}")
+    _check_scheme(uri, scheme, source)
     if scheme in ("", "file"):
         _check_file_store(uri, source)
     if scheme == "sqlite":   # a damaged mlflow.db: one line before the model loads
@@ -76,6 +77,25 @@ def check_reachable(uri: str, timeout: float = 10.0, *, source: tuple[str, str] 
         why = getattr(exc, "reason", None) or exc
         raise ValueError(f"the MLflow tracking server {redact(uri)} ({source[0]}) does not "
                          f"answer ({why}); start it or check the URL, or {source[1]}") from None
+
+
+def _check_scheme(uri: str, scheme: str, source: tuple[str, str]) -> None:
+    """A scheme MLflow has no store for (``sqlit://``, ``postgresq://``) was its traceback once
+    the study had been made and the model loaded. The schemes are MLflow's registry's (plugins
+    add theirs); where that private registry moved, MLflow's own error stands."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        known = set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return
+    if not known or scheme.split("+")[0] in known:
+        return
+    from .slots import redact
+    from .space import did_you_mean
+
+    raise ValueError(f"{source[0]} {redact(uri)}: MLflow has no tracking store for {scheme}://"
+                     f"{did_you_mean({scheme}, known - {''})}; use e.g. sqlite:///runs/mlflow.db, "
+                     f"postgresql://host/db or http://host:5000, or {source[1]}")
 
 
 def _check_file_store(uri: str, source: tuple[str, str]) -> None:

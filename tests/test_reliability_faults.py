@@ -226,6 +226,25 @@ def test_an_unreachable_tracking_database_is_one_line_with_the_password_hidden(t
     check_reachable(f"sqlite:///{tmp_path / 'nothing-yet.db'}")   # a file: MLflow makes it
 
 
+@pytest.mark.parametrize("url, meant", [("sqlit:///{d}/m.db", "sqlite"),
+                                         ("postgresq://alice:s3cret@localhost/db", "postgresql")])
+def test_a_tracking_uri_with_a_mistyped_scheme_is_one_line_before_any_work(tmp_path, capsys,
+                                                                           monkeypatch, url, meant):
+    """MLflow's traceback came after the study had been made and the model loaded."""
+    url = url.format(d=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    assert main(["run", "--model", "gmm", "--out", str(tmp_path / "run")]) == 2
+    line = one_line(capsys, "run")
+    scheme = url.split("://")[0]
+    assert f"MLflow has no tracking store for {scheme}:// (did you mean {meant} for {scheme}?)" \
+        in line and "s3cret" not in line
+    assert not (tmp_path / "run").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["ui", "--tracking-uri", url]) == 2
+    assert f"--tracking-uri {url.replace('s3cret', '***')}: MLflow has no tracking store" \
+        in one_line(capsys, "ui")
+
+
 def _postgres():
     url = os.environ.get("SCHEDSEARCH_TEST_POSTGRES")
     if not url:

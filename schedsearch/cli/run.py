@@ -63,7 +63,7 @@ def register(sub) -> None:
     options.progress(p)
     p.add_argument("--no-user-preset", action="store_true",
                    help="do not copy the winner into the user preset folder")
-    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between trial heartbeats")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between trial heartbeats (default 10)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds without heartbeat before a trial counts as abandoned and is "
                         "re-queued (more than --heartbeat; default 30)")
