@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from pathlib import Path
 import sqlite3
 
 
@@ -74,6 +75,29 @@ def check_sqlite_file(path: str) -> None:
     if head and head != SQLITE_MAGIC:
         raise ValueError(f"{path} is not an SQLite database (damaged, or another program's "
                          f"file): move it aside, and a study started there makes a new one")
+    if head:
+        _check_pages(path)
+
+
+def _check_pages(path: str) -> None:
+    """A file with SQLite's header whose pages are damaged (cut short, overwritten) was a
+    traceback from deep inside Optuna or MLflow, after the model had loaded (MLflow's retries
+    first: minutes). quick_check reads every page once: a second on a large MLflow database. A
+    locked or busy database is another worker's, not damage."""
+    try:
+        con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            found = con.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:   # locked, busy, no read access: not this check's to say
+        return
+    except sqlite3.DatabaseError as exc:
+        found = (str(exc),)
+    if found and found[0] != "ok":
+        why = " ".join(str(found[0]).replace("*** in database main ***", "").split())
+        raise ValueError(f"{path} is a damaged SQLite database ({why}): move it aside, and a "
+                         f"study started there makes a new one (or restore it from a backup)")
 
 
 _WAL = False

@@ -530,6 +530,35 @@ def test_a_flag_that_cannot_work_is_one_line_before_any_work(tmp_path, capsys, a
     assert not (out / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("command, name", [("run", "study.db"), ("run", "mlflow.db"),
+                                           ("ui", "mlflow.db"), ("export", "study.db")])
+def test_a_database_with_damaged_pages_is_one_line_and_left_as_it_is(tmp_path, capsys, command,
+                                                                     name):
+    """SQLite's header intact, its pages cut short: a traceback from Optuna after the model had
+    loaded (mlflow.db: after minutes of MLflow's retries)."""
+    import sqlite3
+
+    from schedsearch.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    con = sqlite3.connect(out / name)
+    con.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t VALUES (?, ?)", ((i, "x" * 200) for i in range(2000)))
+    con.commit()
+    con.close()
+    data = (out / name).read_bytes()
+    (out / name).write_bytes(data[: len(data) // 2])
+    argv = {"run": ["run", "--model", "gmm", "--no-user-preset", "--no-progress"],
+            "ui": ["ui", "--no-browser"], "export": ["export", "--name", "x", "--to",
+                                                     str(tmp_path / "x.json")]}[command]
+    assert main([*argv, "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert re.search(rf"{re.escape(str(out / name))} is a damaged SQLite database \(.+\): "
+                     r"move it aside", line), line
+    assert (out / name).read_bytes() == data[: len(data) // 2]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["oss", "--budget", "3", "--solver", "dpmpp_9m"], "solver must be one of"),
     (["oss", "--budget", "0"], r"--budget must be >= 1 \(model calls per image\), got 0"),
