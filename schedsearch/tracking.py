@@ -146,6 +146,17 @@ def _check_database(uri: str, scheme: str, timeout: float, source: tuple[str, st
         engine.dispose()
 
 
+def _schema_race(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is another process creating the same tables."""
+    while exc is not None:
+        text = str(exc).lower()
+        if type(exc).__name__ in ("IntegrityError", "ProgrammingError") and (
+                "already exists" in text or "duplicate" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _clip(value, limit: int = 5000) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -161,8 +172,7 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = tracking_uri
         with sqlite_init_lock(tracking_uri):  # first use migrates the schema: one process at a time
-            self.client = MlflowClient(tracking_uri=tracking_uri)
-            exp = self.client.get_experiment_by_name(experiment)
+            exp = self._open(MlflowClient, experiment)
             if exp is None:
                 try:
                     self.experiment_id = self.client.create_experiment(
@@ -175,6 +185,19 @@ class Tracker:
             else:
                 self.experiment_id = exp.experiment_id
         self.experiment = experiment
+
+    def _open(self, client_class, experiment: str, tries: int = 6):
+        """The client, and the experiment if it exists. On a fresh database server, workers
+        started together each create MLflow's tables (the sqlite lock serialises only a file):
+        all but one failed on a duplicate table or type. They now wait for the winner's."""
+        for attempt in range(tries):
+            try:
+                self.client = client_class(tracking_uri=self.uri)
+                return self.client.get_experiment_by_name(experiment)
+            except Exception as exc:
+                if attempt == tries - 1 or not _schema_race(exc):
+                    raise
+                time.sleep(0.5 * 2 ** attempt)
 
     # -- runs ---------------------------------------------------------------------------------------
     def study_run(self, study_name: str, params: dict, tags: dict) -> str:

@@ -154,3 +154,20 @@ def test_killed_study_resumes_with_finished_trials_intact(tmp_path):
     assert slot == [("FINISHED", retry[0].state.name), ("KILLED", "INTERRUPTED")], slot
     parent = [r for r in runs if r.data.tags["schedsearch.role"] == "study"]
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+
+
+def test_workers_starting_together_share_a_fresh_mlflow_database():
+    """On a fresh PostgreSQL MLflow database (the README's setup for several machines), workers
+    started together each created MLflow's tables: all but one died on a duplicate type."""
+    uri = postgres_url()
+    code = ("from schedsearch.tracking import Tracker; "
+            f"t = Tracker({uri!r}, 'together', '/tmp/schedsearch-artifacts'); "
+            "print('experiment', t.experiment_id)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+             for _ in range(4)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    ids = {out.strip().splitlines()[-1] for out in outs}
+    assert len(ids) == 1 and ids.pop().startswith("experiment "), outs
