@@ -388,7 +388,9 @@ def open_studies(storage, name: str, *, directions: list, sampler, pruner, ident
     study, created = create_or_load(storage, name, directions=directions, sampler=sampler,
                                     pruner=pruner)
     if created:   # identity last: a joining worker waits for it, and then finds the rest
-        for k, v in {**attrs, "identity": identity}.items():
+        # uid: tells this study's MLflow run from an earlier study's of the same name in the
+        # same run folder (a damaged study.db moved aside, another --storage)
+        for k, v in {**attrs, "uid": uuid.uuid4().hex, "identity": identity}.items():
             study.set_user_attr(k, v)
     else:
         _check_identity(study, identity, defaults or {})

@@ -86,7 +86,8 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     tracker = Tracker(tracking_uri_for(out), name, out / "mlartifacts")
     parent = tracker.study_run(name, {"config": json.dumps(config_json(config)),
                                       "storage": slots.redact(storage_url), **ctx.provenance()},
-                               {"schedsearch.version": __version__, "schedsearch.budget": config.budget})
+                               {"schedsearch.version": __version__, "schedsearch.budget": config.budget},
+                               uid=studies.trials.user_attrs.get("uid"))
     recover(studies, tracker, parent, opts.grace)
 
     n1, n2 = slots.stages_of(studies, config.stages()[1])

@@ -27,6 +27,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 ROLE, STATE, REASON = "schedsearch.role", "schedsearch.state", "schedsearch.reason"
 STUDY, NAME, TRIAL = "schedsearch.study", "schedsearch.name", "schedsearch.trial"
+UID = "schedsearch.study_uid"
 
 
 def tracking_uri_for(out_dir: str | os.PathLike) -> str:
@@ -200,17 +201,24 @@ class Tracker:
                 time.sleep(0.5 * 2 ** attempt)
 
     # -- runs ---------------------------------------------------------------------------------------
-    def study_run(self, study_name: str, params: dict, tags: dict) -> str:
-        """The study's parent run: reused when the study resumes, so all its trials stay together."""
+    def study_run(self, study_name: str, params: dict, tags: dict, uid: Optional[str] = None
+                  ) -> str:
+        """The study's parent run: reused when the study resumes, so all its trials stay
+        together. ``uid``: the Optuna study's own id; a run of another study of the same name
+        (made before the study.db was moved aside, or in another storage) is not this one's,
+        and taking it merged two studies' trials and closed the first one's baseline runs."""
         found = self.client.search_runs(
             [self.experiment_id], f"tags.`{STUDY}` = '{study_name}' and tags.`{ROLE}` = 'study'",
-            max_results=1)
+            max_results=1000)
+        # a run without a uid tag is from before studies had one: its study has none either
+        found = [r for r in found if r.data.tags.get(UID) == uid]
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=study_name,
-                                     tags={STUDY: study_name, ROLE: "study", **_str(tags)})
+                                     tags={STUDY: study_name, ROLE: "study", **_str(tags),
+                                           **({UID: uid} if uid else {})})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 

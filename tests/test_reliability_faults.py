@@ -389,3 +389,33 @@ def test_written_files_keep_the_umask_or_the_replaced_files_mode(tmp_path):
         assert files.atomic_write(tmp_path / "private.json", b"").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_new_study_in_a_used_run_folder_gets_its_own_mlflow_run(tmp_path, capsys):
+    """With the study.db moved aside (what the damaged-database line advises), the new study of
+    the same name took the old one's MLflow parent run: the old trials beside the new ones, and
+    the old baseline runs closed as superseded."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    argv = ["run", "--model", "gmm", "--budget", "3", "--trials", "2", "--n-search", "32",
+            "--n-heldout", "16", "--baselines", "karras", "--no-user-preset", "--no-progress",
+            "--out", str(out)]
+    assert main(argv) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("gmm-3nfe").experiment_id
+
+    def runs():
+        return {r.info.run_id: (r.data.tags.get("mlflow.parentRunId"), r.info.status)
+                for r in client.search_runs([exp], max_results=500)}
+
+    first = runs()
+    (out / "study.db").rename(out / "study.db.old")
+    assert main(argv) == 0   # resumed, the same study keeps its run (tests/test_kill_phases.py)
+    second = runs()
+    assert {k: v for k, v in second.items() if k in first} == first   # the old runs untouched
+    parents = [k for k, (parent, _) in second.items() if parent is None]
+    assert len(parents) == 2
+    new = [k for k in second if k not in first]
+    assert all(second[k][0] in (None, *[p for p in parents if p not in first]) for k in new)
+    capsys.readouterr()
