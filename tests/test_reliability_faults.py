@@ -104,6 +104,19 @@ def test_an_output_on_a_read_only_file_system_is_one_line(read_only_fs, capsys):
     assert f"'{read_only_fs / 'samples'}'" in line and "read-only file system" in line
 
 
+def test_an_mlflow_store_on_a_read_only_file_system_is_one_line_before_the_study(
+        read_only_fs, tmp_path, monkeypatch, capsys):
+    """The line came after the model had loaded and the study with its slots was stored."""
+    import optuna
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{read_only_fs / 'mlflow.db'}")
+    out = tmp_path / "run"
+    assert main(["run", "--model", "gmm", "--no-user-preset", "--no-progress", "--out",
+                 str(out)]) == 2
+    assert "mlflow.db" in one_line(capsys, "run")
+    assert optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}") == []
+
+
 def test_an_output_in_a_folder_without_write_permission_is_one_line(tmp_path):
     """A real EACCES: root drops the capability that lets it write anywhere (setpriv)."""
     locked = tmp_path / "locked"
