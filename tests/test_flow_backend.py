@@ -193,3 +193,20 @@ def test_a_flow_folder_missing_its_components_is_refused(sd3_dir, tmp_path):
     with pytest.raises(ValueError, match="height must be a positive multiple of 16"):
         load(sd3_dir, device="cpu", height=40)
     assert not os.path.exists(broken / "transformer" / "missing")
+
+
+def test_a_vae_of_another_latent_space_is_refused_at_load(sd3_dir, flux_dir, tmp_path):
+    """An SD VAE (4 channels) for SD3 or FLUX (16) failed when the first image was decoded,
+    after all the sampling; a VAE of the model's own kind still loads (FLUX packs 2×2 patches,
+    so its transformer takes 4 × 16 channels)."""
+    from tiny import save_pipeline, tiny_sd_pipeline
+
+    sd_dir = save_pipeline(tiny_sd_pipeline(), tmp_path / "sd")
+    for spec, size in ((sd3_dir, {}), (flux_dir, {"height": 64, "width": 64})):
+        with pytest.raises(ValueError, match=r"the replacement VAE makes 4-channel latents but "
+                                             r".* denoises 16-channel ones"):
+            load(spec, device="cpu", vae=os.path.join(sd_dir, "vae"), **size)
+        own = load(spec, device="cpu", vae=os.path.join(spec, "vae"), **size)
+        assert own.pipe.vae.config.latent_channels == 16
+    with pytest.raises(ValueError, match=r"makes 16-channel latents but sd denoises 4-channel"):
+        load(sd_dir, device="cpu", vae=os.path.join(sd3_dir, "vae"))

@@ -234,14 +234,35 @@ def load_pipeline(spec: str, *, dtype, vae, variant, revision, local_only: bool,
     ``vae`` is an already loaded replacement VAE or None."""
     if os.path.isdir(spec):
         name = os.path.basename(os.path.normpath(spec))
-        return _from_folder(spec, dtype, vae, variant, supported), "folder", name
-    if os.path.isfile(spec) or spec.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
-        return single_file(spec), "single_file", os.path.splitext(os.path.basename(spec))[0]
-    if _HUB_ID.match(spec) and not spec.startswith("."):
-        return _from_hub(spec, dtype, vae, variant, local_only, revision, supported), "hub", spec
-    raise FileNotFoundError(f"model {spec!r}: no such folder or file (a model is 'digits', "
-                            f"'gmm', 'digits-flow', 'gmm-flow', a diffusers folder, a .safetensors "
-                            f"file or a hub id like org/name)")
+        found = _from_folder(spec, dtype, vae, variant, supported), "folder", name
+    elif os.path.isfile(spec) or spec.lower().endswith((".safetensors",) + PICKLE_SUFFIXES):
+        found = single_file(spec), "single_file", os.path.splitext(os.path.basename(spec))[0]
+    elif _HUB_ID.match(spec) and not spec.startswith("."):
+        found = _from_hub(spec, dtype, vae, variant, local_only, revision, supported), "hub", spec
+    else:
+        raise FileNotFoundError(f"model {spec!r}: no such folder or file (a model is 'digits', "
+                                f"'gmm', 'digits-flow', 'gmm-flow', a diffusers folder, a "
+                                f".safetensors file or a hub id like org/name)")
+    if vae is not None:
+        _check_vae_fits(found[0], found[2])
+    return found
+
+
+def _check_vae_fits(pipe, name: str) -> None:
+    """A replacement VAE of another latent space (an SD/SDXL VAE, 4 channels, for SD3 or FLUX,
+    16) failed only when the first image was decoded, after all the sampling."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    want = getattr(getattr(denoiser, "config", None), "in_channels", None)
+    got = getattr(pipe.vae.config, "latent_channels", None)
+    if want is None or got is None:
+        return
+    if type(pipe).__name__.startswith("Flux"):   # FLUX packs 2×2 latent patches: 4 × channels
+        want //= 4
+    if got != want:
+        raise ValueError(f"the replacement VAE makes {got}-channel latents but {name} denoises "
+                         f"{want}-channel ones: it is another architecture's VAE (SD1.x, SD2.x "
+                         f"and SDXL use 4 channels, SD3 and FLUX 16); pass one made for this "
+                         f"model, or leave --vae out")
 
 
 def checkpoint_keys(path: str) -> set:
