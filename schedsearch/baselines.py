@@ -87,16 +87,23 @@ def distill_block(prompt_seed: int) -> int:
     return (prompt_seed + 1) % prompts.MAX_PROMPT_SEED
 
 
+def distill_prompts(source: str, cfg) -> prompts.PromptSet:
+    """The prompts (and seeds) of GITS and OSS's teacher images: the study's prompt source,
+    from the seed block after the study's."""
+    return prompts.load(source, cfg.distill_samples, distill_block(cfg.prompt_seed),
+                        caption_column=cfg.caption_column,
+                        why=f"distill_samples {cfg.distill_samples}, GITS and OSS's teacher "
+                            f"images; lower it in the study config, leave gits and oss out of "
+                            f"--baselines, or repeat lines in the file")
+
+
 def distilled_baselines(ctx, keys, make, echo) -> dict[str, Preset]:
     """GITS and OSS at the budget, distilled from one set of teacher trajectories on their own
     prompts and seeds (seed block ``prompt_seed + 1``: disjoint from the search and held-out seeds,
     so the distilled schedules are not fitted to the images they are scored on; past the last
     block it wraps to block 0, just as disjoint)."""
     cfg, budget, g = ctx.config, ctx.config.budget, ctx.guidance
-    pset = prompts.load(ctx.prompt_source, cfg.distill_samples, distill_block(cfg.prompt_seed),
-                        caption_column=cfg.caption_column,
-                        why=f"distill_samples {cfg.distill_samples}, the teacher's images; lower "
-                            "it in the study config, or repeat lines in the file")
+    pset = distill_prompts(ctx.prompt_source, cfg)
     grid = teacher.TeacherGrid(steps=cfg.teacher_steps)
     if budget >= grid.steps:
         echo(f"  (no GITS/OSS: the budget {budget} is not below the teacher's {grid.steps} steps)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from . import models, presets, prompts
+from .baselines import distill_prompts
 from .config import SD_ONLY, StudyConfig
 from .metrics import ScoreResult, Scorer, check_before_loading, scoring_setup
 from .metrics.features import ClipScore
@@ -38,6 +39,10 @@ def read_inputs(config: StudyConfig) -> Inputs:
                         caption_column=config.caption_column,
                         why=f"a prompt per image: --n-search {n} + {k} held-out set(s) × "
                             f"--n-heldout {h}; lower them, or repeat lines in the file")
+    if config.baselines is None or {"gits", "oss"} & set(config.baselines):
+        # GITS/OSS's teacher images: their own prompts, from the block after the study's; too
+        # few lines failed both baselines after the model load and the first baselines
+        distill_prompts(source, config)
     ref = check_before_loading(config.model, extractor=config.extractor,
                                inception=config.inception, ref_stats=config.ref_stats,
                                clip=config.clip)

@@ -969,3 +969,22 @@ def test_a_searched_guidance_range_holds_only_guidance_a_preset_takes(ends, ok):
     else:
         with pytest.raises(ValueError, match=r"search space: guidance must lie inside \(0, 100\)"):
             Space(ranges={"guidance": ends})
+
+
+def test_too_few_prompts_for_the_distilled_baselines_are_one_line_before_loading(tmp_path,
+                                                                                  capsys):
+    """GITS and OSS take distill_samples prompts of their own: too few failed both, after the
+    model had loaded and the first baselines were scored (here the model is not even there: the
+    line must come first)."""
+    from schedsearch.cli import main
+
+    eight = tmp_path / "eight.txt"
+    eight.write_text("".join(f"prompt {i}\n" for i in range(8)))
+    argv = ["run", "--model", "./no-such-model", "--prompts", str(eight), "--n-search", "2",
+            "--n-heldout", "2", "--no-user-preset", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert re.search(r"asked for 16 prompts but .* holds only 8 \(distill_samples 16, GITS and "
+                     r"OSS's teacher images; .* leave gits and oss out of --baselines",
+                     _one_error_line(capsys.readouterr().err, "run"))
+    assert main([*argv, "--baselines", "karras,ays"]) == 2   # no teacher: the next check speaks
+    assert "distill_samples" not in capsys.readouterr().err
