@@ -210,3 +210,28 @@ def test_a_vae_of_another_latent_space_is_refused_at_load(sd3_dir, flux_dir, tmp
         assert own.pipe.vae.config.latent_channels == 16
     with pytest.raises(ValueError, match=r"makes 16-channel latents but sd denoises 4-channel"):
         load(sd_dir, device="cpu", vae=os.path.join(sd3_dir, "vae"))
+
+
+def test_a_transformer_file_is_told_its_own_base_model_and_a_mismatched_config(
+        sd3, flux, sd3_dir, flux_dir, tmp_path, monkeypatch):
+    """An SD3 transformer file offline was told to fetch SD1.5 (diffusers' default for keys it
+    does not know); a FLUX file with an SD3 folder failed with 'list index out of range'."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = {}
+    for kind, model in (("sd3", sd3), ("flux", flux)):
+        files[kind] = str(tmp_path / f"{kind}-transformer.safetensors")
+        save_file({k: v.contiguous() for k, v in model.transformer.state_dict().items()},
+                  files[kind])
+    with pytest.raises(FileNotFoundError, match=r"e\.g\. stabilityai/stable-diffusion-3\.5-medium "
+                                                r"\(on a machine with internet"):
+        load(files["sd3"], device="cpu")
+    with pytest.raises(ValueError, match=r"is a FLUX transformer but .* holds a "
+                                         r"StableDiffusion3Pipeline: give the diffusers folder"):
+        load(files["flux"], device="cpu", config=sd3_dir)
+    with pytest.raises(ValueError, match=r"is an SD3 transformer but .* holds a FluxPipeline"):
+        load(files["sd3"], device="cpu", config=flux_dir)
+    assert load(files["sd3"], device="cpu", config=sd3_dir).family == "sd3"

@@ -307,7 +307,11 @@ def _check_components(folder: str) -> None:
                          f"lacks {', '.join(missing)} (a partial download, or another pipeline)")
 
 
-def _config_source(path: str, config, local_only: bool) -> str:
+# the base model to fetch configs from when diffusers cannot name one for a transformer file
+_BASE_REPO = {"flux": "black-forest-labs/FLUX.1-dev", "sd3": "stabilityai/stable-diffusion-3.5-medium"}
+
+
+def _config_source(path: str, config, local_only: bool, kind: str = "flux") -> str:
     """Where a transformer-only file takes its other components from: ``config`` (a folder or a
     hub id), else the base model diffusers names for the checkpoint, if it is in the cache."""
     from .diffusers_load import _HUB_ID
@@ -325,7 +329,10 @@ def _config_source(path: str, config, local_only: bool) -> str:
         try:
             repo = fetch_diffusers_config(_header_checkpoint(path))["pretrained_model_name_or_path"]
         except Exception:  # diffusers cannot name the base model from these keys
-            repo = "black-forest-labs/FLUX.1-dev"
+            repo = None
+        # for keys it does not know, diffusers answers with its SD1.5 default, silently
+        if not repo or ("flux" if kind == "flux" else "stable-diffusion-3") not in repo.lower():
+            repo = _BASE_REPO[kind]
     if pipeline_class_name(repo, local_only) is None:
         raise FileNotFoundError(
             f"{path}: a single-file SD3/FLUX checkpoint holds the transformer only; its text "
@@ -342,10 +349,14 @@ def _from_single_file(path: str, dtype, vae, config, local_only: bool):
     kind = _flow_kind(checkpoint_keys(path))
     if kind is None:
         raise ValueError(f"{path}: not an SD3 or FLUX transformer checkpoint")
-    source = _config_source(path, config, local_only)
+    source = _config_source(path, config, local_only, kind)
     if os.path.isdir(source):
         _check_components(source)
     cls = _pipeline_class(pipeline_class_name(source, local_only) or "", source, FLOW_SUPPORTED)
+    if (cls.__name__ == "FluxPipeline") != (kind == "flux"):   # else a deep KeyError/IndexError
+        raise ValueError(f"{path} is {'a FLUX' if kind == 'flux' else 'an SD3'} transformer but "
+                         f"{source} holds a {cls.__name__}: give the diffusers folder of the same "
+                         f"model as the checkpoint")
     model_cls = diffusers.FluxTransformer2DModel if kind == "flux" else \
         diffusers.SD3Transformer2DModel
     local = local_only or os.path.isdir(source)
