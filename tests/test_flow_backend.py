@@ -235,3 +235,24 @@ def test_a_transformer_file_is_told_its_own_base_model_and_a_mismatched_config(
     with pytest.raises(ValueError, match=r"is an SD3 transformer but .* holds a FluxPipeline"):
         load(files["sd3"], device="cpu", config=flux_dir)
     assert load(files["sd3"], device="cpu", config=sd3_dir).family == "sd3"
+
+
+def test_an_sd3_folder_saved_without_t5_loads(sd3_dir, tmp_path):
+    """SD3 runs without its T5 encoder (model_index.json: null); diffusers refused the folder
+    unless told so, and so did we, though the docs said it may be absent."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from schedsearch.models.diffusers_flow import from_flow_pipeline
+
+    no_t5 = tmp_path / "no-t5"
+    shutil.copytree(sd3_dir, no_t5, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((no_t5 / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (no_t5 / "model_index.json").write_text(json.dumps(index))
+    model = load(str(no_t5), device="cpu")
+    assert model.pipe.text_encoder_3 is None
+    ref = from_flow_pipeline(StableDiffusion3Pipeline.from_pretrained(
+        str(no_t5), text_encoder_3=None, tokenizer_3=None), device="cpu")
+    sigmas = schedules.build({"name": "flow", "steps": 3}, model.table)
+    mine, theirs = (sample(m, sigmas, PROMPTS, SEEDS, solver="euler").images for m in (model, ref))
+    assert torch.isfinite(mine).all() and torch.equal(mine, theirs)

@@ -193,9 +193,23 @@ def _from_folder(folder: str, dtype, vae, variant, supported: Sequence[str]):
     cls = _pipeline_class(index.get("_class_name", ""), folder, supported)
     try:
         return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, variant=variant,
-                                   local_files_only=True, **_extra_components(cls, vae))
+                                   local_files_only=True, **_left_out(index),
+                                   **_extra_components(cls, vae))
     except Exception as exc:  # safetensors, transformers and diffusers each raise their own types
         raise _wrap_load_error(folder, exc) from exc
+
+
+def _left_out(index: dict) -> dict:
+    """The optional components a folder's model_index.json sets to null (SD3 without its T5
+    text encoder, an SD model saved without its safety checker), passed as None: diffusers
+    refuses to load the folder it saved itself otherwise."""
+    return {k: None for k, v in index.items()
+            if k in _OPTIONAL and isinstance(v, list) and v and v[0] is None}
+
+
+# what a pipeline runs without (a null denoiser, VAE or CLIP stays an error that names it)
+_OPTIONAL = ("text_encoder_3", "tokenizer_3", "safety_checker", "feature_extractor",
+             "image_encoder")
 
 
 def _from_hub(repo_id: str, dtype, vae, variant, local_only: bool, revision,
