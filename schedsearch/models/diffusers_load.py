@@ -193,8 +193,8 @@ def _from_folder(folder: str, dtype, vae, variant, supported: Sequence[str]):
     cls = _pipeline_class(index.get("_class_name", ""), folder, supported)
     try:
         return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, variant=variant,
-                                   local_files_only=True, **_left_out(index),
-                                   **_extra_components(cls, vae))
+                                   local_files_only=True,
+                                   **{**_left_out(index), **_extra_components(cls, vae)})
     except Exception as exc:  # safetensors, transformers and diffusers each raise their own types
         raise _wrap_load_error(folder, exc) from exc
 
