@@ -125,6 +125,47 @@ def test_kernel_distance_with_cached_reference_equals_clean_fids(n_ref, n_gen, m
         kd(gen[:-1])
 
 
+def test_kernel_distance_works_through_the_reference_in_blocks_with_the_same_result():
+    """The generated-reference kernel matrix was built whole: n_gen × n_ref float64 and its
+    temporaries (0.6 GB for a 40k reference). Now one block of reference rows at a time: equal to
+    the whole-matrix formula and to clean-fid's kernel_distance,
+    with memory bounded by the block."""
+    import tracemalloc
+
+    from cleanfid.fid import kernel_distance
+
+    rng = np.random.default_rng(3)
+    ref, gen = rng.normal(size=(301, 10)), rng.normal(size=(120, 10)) + 0.2
+    whole = M.KernelDistance(ref, 120, seed=2, num_subsets=30, chunk=10 ** 6)
+    k_gr = (gen @ ref.T / 10 + 1) ** 3          # the former formula's cross term, whole matrix
+    cross = np.einsum("ki,ki->k", whole.gen_sel @ k_gr, whole.ref_sel)
+    k_gg = (gen @ gen.T / 10 + 1) ** 3
+    gen_sums = np.einsum("ki,ki->k", whole.gen_sel @ k_gg, whole.gen_sel) - \
+        whole.gen_sel @ np.diag(k_gg)
+    m = whole.m
+    former = float(((gen_sums + whole.ref_sums) / (m - 1) - cross * 2 / m).sum() / 30 / m)
+    # to the last bits only: the class runs its products on one BLAS thread, this test on several
+    assert whole(gen) == pytest.approx(former, rel=1e-14)
+    np.random.seed(2)
+    theirs = kernel_distance(ref, gen, num_subsets=30)
+    for chunk in (1, 7, 100, 300, 301):
+        got = M.KernelDistance(ref, 120, seed=2, num_subsets=30, chunk=chunk)(gen)
+        assert got == pytest.approx(former, rel=1e-12) and got == pytest.approx(theirs, rel=1e-10)
+    # 500 generated against 20 000 reference rows: the whole matrix is 80 MB (and the formula
+    # made two such arrays at once); a call now peaks at one 32 MB block and small arrays
+    big_ref, big_gen = rng.normal(size=(20_000, 8)), rng.normal(size=(500, 8))
+    kd = M.KernelDistance(big_ref, 500, seed=0, num_subsets=5)
+    tracemalloc.start()
+    try:
+        value = kd(big_gen)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 45e6, peak
+    np.random.seed(0)
+    assert value == pytest.approx(kernel_distance(big_ref, big_gen, num_subsets=5), rel=1e-10)
+
+
 def test_in_memory_images_give_the_features_of_the_same_images_on_disk(tmp_path, net):
     from schedsearch.images import save_images
 
@@ -409,3 +450,191 @@ def test_a_clip_folder_with_pickled_weights_only_is_refused_unread(tmp_path):
         F.ClipScore(str(tmp_path / "clip"))
     (tmp_path / "model.safetensors").rename(weights)
     assert F.ClipScore(str(tmp_path / "clip")).model.config.projection_dim == 16
+
+
+# -- what an image folder may hold ----------------------------------------------------------------
+def _gray_pngs(folder, n=2, size=8):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, size), 40 * i + 10, np.uint8)).save(
+            os.path.join(folder, f"img{i}.png"))
+    return str(folder)
+
+
+def test_huge_and_deep_images_are_refused_naming_the_file(tmp_path, capsys):
+    """A 14000² one-bit PNG (24 KB) raised PIL's DecompressionBombError as a traceback; a 16-bit
+    PNG was clipped at 255 by convert('L'/'RGB') (as clean-fid clips it) into a nearly white image:
+    both are now one line naming the file and what to do."""
+    from schedsearch.cli import main
+
+    big = _gray_pngs(tmp_path / "big")
+    Image.new("1", (14000, 14000)).save(os.path.join(big, "zhuge.png"))
+    out = tmp_path / "x.safetensors"
+    assert main(["refstats", "--images", big, "--out", str(out), "--extractor", "identity",
+                 "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert err.endswith("zhuge.png: image too large (196000000 pixels; PIL reads at most "
+                        f"{2 * Image.MAX_IMAGE_PIXELS}); resize or remove it")
+    deep = _gray_pngs(tmp_path / "deep")
+    # 16-bit values up to 4080: clean-fid's convert('RGB') reads every one above 255 as 255
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 64).save(f"{deep}/i16.png")
+    assert Image.open(f"{deep}/i16.png").mode == "I;16"
+    Image.fromarray(np.ones((8, 8), np.float32)).save(f"{deep}/f32.tiff")
+    for name, what in (("i16.png", "a 16-bit image (PIL mode I;16)"),
+                       ("f32.tiff", "a 32-bit float image (PIL mode F)")):
+        for channels in (None, 1, "stored"):
+            with pytest.raises(ValueError) as info:
+                M.read_image(f"{deep}/{name}", channels)
+            assert str(info.value) == (f"{deep}/{name}: {what}; FID reads 8-bit images and would "
+                                       "clip its values at 255: save it as 8-bit")
+
+
+def test_npy_arrays_are_checked_and_converted_like_image_files(tmp_path, net):
+    """.npy files went to the extractor unchecked: 1-d or 4-d arrays raised a RuntimeError deep
+    in torch, float arrays in [0, 1] were divided by 255 again, uint16 passed with values up to
+    65535, and a (H, W) array next to RGB PNGs was reported as mixing "8×8 and 8×8"."""
+    from cleanfid import fid as cf
+
+    rng = np.random.default_rng(0)
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for i in range(6):   # uint8 RGB arrays: clean-fid reads them as they are, and so do we
+        np.save(rgb / f"a{i}.npy", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    theirs = cf.get_folder_features(str(rgb), net, num_workers=0, batch_size=8, mode="clean",
+                                    device=torch.device("cpu"), verbose=False)
+    ours = M.folder_features(str(rgb), F.CleanFID(net, "tiny", batch_size=8))
+    assert np.array_equal(ours, theirs.astype(np.float64)) and np.ptp(ours) > 0
+    # gray and RGB arrays are converted as PIL converts image files of the same pixels
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    color = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for arr, name in ((gray, "g"), (gray[..., None], "g1"), (color, "c")):
+        np.save(tmp_path / f"{name}.npy", arr)
+        Image.fromarray(arr if arr.ndim == 2 or arr.shape[-1] == 3 else arr[..., 0]).save(
+            tmp_path / f"{name}.png")
+        for channels in (None, 3, 1, "stored"):
+            from_npy = M.read_image(str(tmp_path / f"{name}.npy"), channels)
+            assert np.array_equal(from_npy, M.read_image(str(tmp_path / f"{name}.png"), channels))
+            assert from_npy.dtype == np.uint8 and from_npy.shape[-1] == (
+                1 if channels == 1 or (channels == "stored" and name != "c") else 3)
+    for name, arr in (("flat", np.zeros(64, np.uint8)),
+                      ("batch", np.zeros((2, 8, 8, 3), np.uint8)),
+                      ("unit", np.full((8, 8, 3), 0.5)),     # [0, 1] floats: divided by 255 again
+                      ("deep", np.full((8, 8), 60000, np.uint16)),
+                      ("four", np.zeros((8, 8, 4), np.uint8))):
+        np.save(tmp_path / f"{name}.npy", arr)
+        with pytest.raises(ValueError) as info:
+            M.read_image(str(tmp_path / f"{name}.npy"))
+        assert str(info.value) == (
+            f"{tmp_path}/{name}.npy: a {arr.dtype} array of shape {arr.shape}; image folders take "
+            "uint8 arrays of shape (H, W), (H, W, 1) or (H, W, 3) (values 0..255); convert it or "
+            "remove it")
+    # a gray and an RGB file of one size are named as such, not as "8×8 and 8×8"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    np.save(mixed / "a.npy", gray)
+    Image.fromarray(color).save(mixed / "b.png")
+    with pytest.raises(ValueError) as info:
+        M.folder_features(str(mixed), F.Identity())
+    assert str(info.value) == (f"the identity extractor needs images of one kind; this folder "
+                               f"mixes {mixed}/a.npy (1 channel) and {mixed}/b.png (3 channels): "
+                               "save them all as grayscale or all as RGB")
+
+
+def test_folder_names_are_literal_and_symlinked_folders_are_not_entered(tmp_path):
+    """The folder went into glob unescaped: ``imgs[1]`` matched nothing (a character class) and
+    ``a*b`` also took the images of ``aXb``; a symlink back to the folder listed every image
+    once per level of the loop."""
+    import glob
+
+    from cleanfid.utils import EXTENSIONS
+
+    plain = _gray_pngs(tmp_path / "plain", n=3)
+    _gray_pngs(tmp_path / "plain" / "sub" / "deeper", n=2)
+    _gray_pngs(tmp_path / "plain" / ".hidden", n=2)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "plain" / ".dot.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "plain" / "upper.JPG")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "plain" / "mixed.Png")
+    # on a plain folder: the files clean-fid's glob finds, in its order
+    cleanfid_way = sorted(f for ext in EXTENSIONS
+                          for f in glob.glob(os.path.join(plain, f"**/*.{ext}"), recursive=True))
+    assert M.list_images(plain) == cleanfid_way and len(cleanfid_way) == 6
+    brackets = _gray_pngs(tmp_path / "imgs[1]", n=2)
+    _gray_pngs(tmp_path / "imgs1", n=5)
+    assert M.list_images(brackets) == [f"{brackets}/img0.png", f"{brackets}/img1.png"]
+    star = _gray_pngs(tmp_path / "a*b", n=2)
+    _gray_pngs(tmp_path / "aXb", n=3)
+    assert M.list_images(star) == [f"{star}/img0.png", f"{star}/img1.png"]
+    looped = _gray_pngs(tmp_path / "looped", n=2)
+    os.symlink(looped, os.path.join(looped, "again"))
+    os.symlink(plain, os.path.join(looped, "elsewhere"))
+    os.symlink(os.path.join(plain, "img0.png"), os.path.join(looped, "linked.png"))
+    assert M.list_images(looped) == [f"{looped}/img0.png", f"{looped}/img1.png",
+                                     f"{looped}/linked.png"]
+
+
+def test_refstats_out_must_name_a_file_and_a_single_image_is_refused_first(tmp_path, capsys,
+                                                                          monkeypatch):
+    """``--out newdir/`` wrote a file called newdir; a one-image folder loaded the extractor (here:
+    Inception weights that are not there) and embedded the image before FID refused it."""
+    from schedsearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    folder = _gray_pngs(tmp_path / "imgs", n=3)
+    for out in ("newdir/", "./", "."):
+        assert main(["refstats", "--images", folder, "--out", out, "--extractor", "identity",
+                     "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"schedsearch refstats: error: --out {out!r}: --out must name a file "
+                       f"(e.g. {os.path.join(out, 'ref.safetensors')!r}), not a folder")
+    assert not os.path.exists("newdir")
+    one = _gray_pngs(tmp_path / "one", n=1)
+    monkeypatch.setenv(F.INCEPTION_ENV, str(tmp_path / "no-weights-here"))
+    assert main(["refstats", "--images", one, "--out", "ref.safetensors", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"schedsearch refstats: error: {one!r} holds one image ({one}/img0.png); FID needs at "
+        "least 2 images (thousands for a useful reference)")
+
+
+def test_frechet_distance_in_one_dimension_is_the_closed_form():
+    """SciPy's sqrtm(disp=False) gives a bare array for 1×1, so clean-fid's two-value unpacking
+    failed for every 1-d FID."""
+    m1, s1, m2, s2 = 0.4, 2.25, -0.6, 0.25
+    closed = (m1 - m2) ** 2 + s1 + s2 - 2 * np.sqrt(s1 * s2)   # 1 + 2.5 − 1.5 = 2
+    assert M.frechet_distance([m1], [[s1]], [m2], [[s2]]) == pytest.approx(2.0, rel=1e-15)
+    assert closed == pytest.approx(2.0, rel=1e-15)
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1, 2, (50, 1)), rng.normal(0, 1, (70, 1))
+    expected = (a.mean() - b.mean()) ** 2 + a.var(ddof=1) + b.var(ddof=1) \
+        - 2 * np.sqrt(a.var(ddof=1) * b.var(ddof=1))
+    assert M.fid_from_features(a, b) == pytest.approx(expected, rel=1e-12)
+    # the N×N route adds √ of the rounding noise of its N − 1 zero eigenvalues: ~1e-7 relative
+    assert M.frechet_distance_lowrank(a, *M.statistics(b)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_refstats_with_impossible_moments_or_counts_are_refused(tmp_path, net):
+    """A sigma of -I gave FID -33, and n = -3 or dim = 0 loaded; a covariance of fewer samples
+    than dimensions (singular, rounding below zero) still loads."""
+    rng = np.random.default_rng(0)
+    ext = F.CleanFID(net, "tiny")
+    singular = RefStats.from_features(rng.normal(size=(5, 12)) * 50, extractor=ext, source="x")
+    assert np.linalg.eigvalsh(singular.sigma)[0] < 0   # rounding: 7 zero eigenvalues, some < 0
+    path = singular.save(str(tmp_path / "singular.safetensors"))
+    assert RefStats.load(path).n == 5
+    feats = rng.normal(size=(40, 12))
+    cases = {"negative": (dict(sigma=-np.eye(12)), "sigma has a negative eigenvalue (-1), so it "
+                          "is not a covariance matrix (FID against it can come out negative)"),
+             "n": (dict(n="-3"), "metadata n = -3 and dim = 12; statistics need n >= 2 images and "
+                   "dim >= 1"),
+             # empty moments of a 0-d space, consistent with dim = 0: they loaded
+             "dim": (dict(dim="0", mu=np.zeros(0), sigma=np.zeros((0, 0))),
+                     "metadata n = 40 and dim = 0; statistics need n >= 2 images and dim >= 1")}
+    for name, (change, message) in cases.items():
+        ref = RefStats.from_features(feats, extractor=ext, source="x", keep_features=False)
+        ref.mu, ref.sigma = change.pop("mu", ref.mu), change.pop("sigma", ref.sigma)
+        ref.meta.update(change)
+        path = ref.save(str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError) as info:
+            RefStats.load(path)
+        assert str(info.value) == (f"reference statistics {path!r}: {message}; rebuild it with "
+                                   "`schedsearch refstats --images DIR --out FILE`")

@@ -1,5 +1,7 @@
 """Paired bootstrap intervals for FID differences, against clean-fid's Fréchet distance."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -31,17 +33,17 @@ def _cleanfid(features, mu2, sigma2):
 def test_observed_delta_is_the_difference_of_two_cleanfid_distances():
     mu2, s2 = _reference(12)
     a, b = _pair(60, 12)
-    res = paired_difference(a, b, mu2, s2, resamples=50, threads=1)
+    res = paired_difference(a, b, mu2, s2, resamples=100, threads=1)
     fa, fb = _cleanfid(a, mu2, s2), _cleanfid(b, mu2, s2)
     assert res.fid_a == pytest.approx(fa, rel=1e-9) and res.fid_b == pytest.approx(fb, rel=1e-9)
     assert res.delta == pytest.approx(fa - fb, rel=1e-9)
-    assert (res.n, res.resamples, res.method, res.seed) == (60, 50, "basic", 0)
+    assert (res.n, res.resamples, res.method, res.seed) == (60, 100, "basic", 0)
 
 
 def test_observed_fid_below_the_dimension_matches_cleanfid():
     mu2, s2 = _reference(48)
     a, b = _pair(30, 48)
-    res = paired_difference(a, b, mu2, s2, resamples=20, threads=1)
+    res = paired_difference(a, b, mu2, s2, resamples=100, threads=1)
     # the low-rank route (as the Scorer takes it); clean-fid's sqrtm of a singular product is
     # itself only good to ~1e-8 here
     assert res.fid_a == pytest.approx(_cleanfid(a, mu2, s2), rel=1e-6)
@@ -54,10 +56,10 @@ def test_observed_fid_below_the_dimension_matches_cleanfid():
 def test_resampled_fids_equal_cleanfid_on_the_resampled_rows(n, d):
     mu2, s2 = _reference(d)
     a, _ = _pair(n, d)
-    boot = PairedBootstrap(mu2, s2, n, resamples=30, seed=3, threads=1)
+    boot = PairedBootstrap(mu2, s2, n, resamples=100, seed=3, threads=1)
     fids = boot.resampled_fids(a)
-    assert fids.shape == (30,)
-    for r in (0, 7, 19, 29):
+    assert fids.shape == (100,)
+    for r in (0, 7, 19, 99):
         assert fids[r] == pytest.approx(_cleanfid(a[boot.indices[r]], mu2, s2), rel=1e-6)
 
 
@@ -65,7 +67,7 @@ def test_both_eigenproblems_are_used_and_agree_with_cleanfid():
     d, n = 40, 64   # a resample holds ~0.63·n = 40 distinct rows: both sides of the dimension
     mu2, s2 = _reference(d)
     a, _ = _pair(n, d)
-    boot = PairedBootstrap(mu2, s2, n, resamples=40, seed=0, threads=1)
+    boot = PairedBootstrap(mu2, s2, n, resamples=100, seed=0, threads=1)
     small, large = np.flatnonzero(boot.distinct < d), np.flatnonzero(boot.distinct >= d)
     assert len(small) and len(large)
     fids = boot.resampled_fids(a)
@@ -197,7 +199,7 @@ def test_as_json_is_plain():
 
     mu2, s2 = _reference(4)
     a, b = _pair(40, 4)
-    out = json.loads(json.dumps(paired_difference(a, b, mu2, s2, resamples=50,
+    out = json.loads(json.dumps(paired_difference(a, b, mu2, s2, resamples=100,
                                                   threads=1).as_json()))
     assert set(out) >= {"delta", "lo", "hi", "fid_a", "fid_b", "n", "resamples", "method", "seed",
                         "level", "sd", "shift", "excludes_zero"}
@@ -208,12 +210,62 @@ def test_refuses_mismatched_inputs():
     a, b = _pair(40, 4)
     with pytest.raises(ValueError, match="same shape"):
         paired_difference(a, b[:30], mu2, s2)
-    boot = PairedBootstrap(mu2, s2, 40, resamples=10, threads=1)
+    boot = PairedBootstrap(mu2, s2, 40, resamples=100, threads=1)
     with pytest.raises(ValueError, match=r"\(40, 4\)"):
         boot.resampled_fids(a[:, :3])
     with pytest.raises(ValueError, match="resampled FIDs"):
-        boot.compare(np.zeros(9), np.zeros(10), 1.0, 1.0)
+        boot.compare(np.zeros(99), np.zeros(100), 1.0, 1.0)
     bad = a.copy()
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         boot.resampled_fids(bad)
+
+
+def test_too_few_images_or_resamples_and_a_non_finite_reference_are_refused():
+    """Two candidates of one distribution: at n = 2 the 95 % interval excluded zero for 30 of 40
+    pairs with 2 resamples (and for 18 of 40 with 1000), so such an interval is refused, with
+    the minimum said; a NaN in the reference used to reach LAPACK ("did not converge")."""
+    mu2, s2 = _reference(3)
+    a, b = _pair(8, 3)
+    too_few = ("a paired bootstrap interval from {} images per set excludes zero far more often "
+               "than its level says (at least 8 are needed; score more held-out images)")
+    with pytest.raises(ValueError) as info:
+        paired_difference(a[:2], b[:2], mu2, s2, resamples=1000)
+    assert str(info.value) == too_few.format(2)
+    with pytest.raises(ValueError, match=re.escape(too_few.format(7))):
+        paired_difference_sets([(a, b), (a[:7], b[:7])], mu2, s2, resamples=100)
+    # a study's held-out sets are as small as its config allows (n_heldout >= 2): the building
+    # block it uses computes the interval, with the warning
+    with pytest.warns(UserWarning, match="from 7 images per set excludes zero far more often"):
+        PairedBootstrap(mu2, s2, 7, resamples=100)
+    with pytest.raises(ValueError, match="at least 2 images, got 1"):
+        PairedBootstrap(mu2, s2, 1, resamples=100)
+    with pytest.raises(ValueError, match=r"at least 100 resamples \(1000 is the default\), got 99"):
+        paired_difference(a, b, mu2, s2, resamples=99)
+    assert paired_difference(a, b, mu2, s2, resamples=100, threads=1).n == 8   # the minimum
+    for which in ("mu", "sigma"):
+        bad_mu, bad_sigma = mu2.copy(), s2.copy()
+        (bad_mu if which == "mu" else bad_sigma)[0] = np.nan
+        with pytest.raises(ValueError, match=f"the reference {which} is not finite"):
+            paired_difference(a, b, bad_mu, bad_sigma, resamples=100)
+
+
+def test_one_dimensional_features_against_the_closed_form():
+    """In one dimension FID = (m1 − m2)² + s1 + s2 − 2·√(s1·s2); clean-fid's sqrtm call fails
+    there (SciPy returns a bare array for a 1×1 matrix), and so did every 1-d paired interval."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.3, 1.5, size=(40, 1)), rng.normal(-0.2, 0.7, size=(40, 1))
+    mu2, s2 = np.array([0.1]), np.array([[2.0]])
+
+    def closed(f):
+        m, s = f.mean(), f.var(ddof=1)
+        return (m - 0.1) ** 2 + s + 2.0 - 2 * np.sqrt(2.0 * s)
+
+    res = paired_difference(a, b, mu2, s2, resamples=200, threads=1)
+    assert res.fid_a == pytest.approx(closed(a), rel=1e-12)
+    assert res.delta == pytest.approx(closed(a) - closed(b), rel=1e-12)
+    boot = PairedBootstrap(mu2, s2, 40, resamples=100, seed=1, threads=1)
+    fids = boot.resampled_fids(a)
+    for r in (0, 50, 99):
+        assert fids[r] == pytest.approx(closed(a[boot.indices[r]]), rel=1e-9, abs=1e-12)
+    assert res.lo < res.delta < res.hi < 0   # B (variance 0.49 against 2) is the further one

@@ -359,3 +359,62 @@ def test_score_writes_its_grid_and_images_into_new_folders(tmp_path, monkeypatch
     assert json.loads(capsys.readouterr().out)["fid"] > 0
     from PIL import Image
     assert Image.open(grid_png).size[0] > 0 and len(list(images.glob("*.png"))) == 16
+
+
+def test_a_one_dimensional_testbed_scores_against_the_closed_form(tmp_path, monkeypatch):
+    """clean-fid's Fréchet distance failed for 1-d features (SciPy's sqrtm returns a bare array for
+    a 1×1 matrix, which `covmean, _ = ...` cannot unpack): the whole score failed after sampling."""
+    from schedsearch.metrics.score import build_scorer
+    from schedsearch.models.gmm import GaussianMixture
+
+    monkeypatch.setenv("SCHEDSEARCH_CACHE", str(tmp_path))
+    model = GaussianMixture.default(dim=1)
+    scorer = build_scorer(model, n=64, checkpoints=(32,), kid_subsets=10)
+    res = scorer.score(schedules.karras(5))
+    f, ref = res.features[:, 0], scorer.ref
+    assert ref.dim == 1 and res.features.shape == (64, 1)
+
+    def closed(x):   # (m1 − m2)² + s1 + s2 − 2·√(s1·s2)
+        s1, s2 = x.var(ddof=1), float(ref.sigma[0, 0])
+        return (x.mean() - float(ref.mu[0])) ** 2 + s1 + s2 - 2 * np.sqrt(s1 * s2)
+
+    assert res.fid == pytest.approx(closed(f), rel=1e-12)
+    assert res.fid_at[32] == pytest.approx(closed(f[:32]), rel=1e-12)
+    assert res.kid == pytest.approx(kid(ref.features, res.features, num_subsets=10), rel=1e-10)
+
+
+def test_identity_statistics_of_a_grayscale_folder_have_the_samples_dimension(tmp_path, capsys,
+                                                                             gmm):
+    """An 8×8 grayscale folder was read as RGB under --extractor identity: 192-d statistics, where
+    a one-channel 8×8 model's samples give 64, so `score` failed only after sampling. The folder
+    is now read as stored, and a dimension known before sampling is checked then."""
+    from PIL import Image
+
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "gray.safetensors"
+    assert main(["refstats", "--images", str(folder), "--out", str(out), "--extractor",
+                 "identity", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == 64
+    ref = RefStats.load(str(out))
+    first = np.asarray(Image.open(folder / "00.png"), np.float64).ravel() / 255
+    assert np.array_equal(ref.features[0], first.astype(np.float32))
+    # gmm's samples are 16-d: said when the scorer is built, before any image is sampled
+    with pytest.raises(ValueError) as info:
+        _scorer(gmm, ref, 16)
+    assert str(info.value) == ("the identity extractor gives 16-d features for gmm-d16-k12's "
+                               "samples (16,), but the reference statistics are 64-d; make them "
+                               "from data of the same shape")
+    assert main(["score", "--model", "gmm", "--extractor", "identity", "--ref-stats", str(out),
+                 "--n", "16", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith("are 64-d; make them from data of the same "
+                                                    "shape")
+    if DIGITS is not None:   # a one-channel 8×8 model scores against them
+        assert main(["score", "--model", "digits", "--extractor", "identity", "--ref-stats",
+                     str(out), "--n", "16", "--checkpoints", "", "--device", "cpu",
+                     "--no-progress"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got["provenance"]["reference"]["dim"] == 64 and got["fid"] > 0

@@ -84,6 +84,10 @@ def run(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:   # 0 used to mean the default
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.out:   # before the features whose statistics would go there
+        if args.out.endswith(("/", os.sep)) or os.path.basename(args.out) in ("", ".", ".."):
+            # a name ending in a separator means a folder; it used to be written as a file
+            raise ValueError(f"--out {args.out!r}: --out must name a file (e.g. "
+                             f"{os.path.join(args.out, 'ref.safetensors')!r}), not a folder")
         if os.path.isdir(args.out):
             raise IsADirectoryError(21, "is a folder; --out names the statistics file", args.out)
         check_writable(os.path.dirname(os.path.abspath(args.out)))
@@ -95,6 +99,9 @@ def run(args) -> int:
         n = len(found) if args.n is None else args.n
         if n > len(found):
             raise ValueError(f"--n {n}: {args.images!r} holds only {len(found)} images")
+        if n < 2:   # before the extractor loads and the image is embedded for nothing
+            raise ValueError(f"{args.images!r} holds one image ({found[0]}); FID needs at least 2 "
+                             "images (thousands for a useful reference)")
         ext = features.build(args.extractor or "inception", device=device,
                              inception_path=args.inception, batch_size=args.batch_size)
         # thousands of images through Inception on a CPU take a while

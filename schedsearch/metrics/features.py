@@ -51,7 +51,9 @@ class Extractor:
 
     name: str = "extractor"
     resize: str = "none"
-    channels: Optional[int] = None   # what image folders are converted to (None: RGB, as clean-fid)
+    # what image folders are converted to: None or 3 RGB (as clean-fid), 1 grayscale, "stored"
+    # grayscale files as one channel and the others as RGB (fid.read_image)
+    channels: Optional[int | str] = None
     any_size: bool = False           # True: resizes every image itself, so a folder may mix sizes
     batch_size: int = 64
 
@@ -84,6 +86,16 @@ class Extractor:
         if odd is None:
             return
 
+        a, b = arrays[0].shape, arrays[odd].shape
+        if a[:2] == b[:2]:   # same size, other channel count: grayscale next to RGB
+            def size(i):
+                c = arrays[i].shape[2] if arrays[i].ndim == 3 else 1
+                what = f"{c} channel{'s' if c != 1 else ''}"
+                return f"{names[i]} ({what})" if names else what
+            raise ValueError(f"the {self.name} extractor needs images of one kind; this folder "
+                             f"mixes {size(0)} and {size(odd)}: save them all as grayscale or "
+                             f"all as RGB")
+
         def size(i):
             h, w = arrays[i].shape[:2]
             return f"{names[i]} ({h}×{w})" if names else f"{h}×{w}"
@@ -103,6 +115,9 @@ class Identity(Extractor):
 
     name = "identity"
     resize = "none"
+    # the pixels as the file holds them: a grayscale folder gives H·W features, as the samples of
+    # a one-channel model do (read as RGB it gave 3·H·W, which no such model's samples match)
+    channels = "stored"
     batch_size = 1 << 16
 
     def _batch(self, images):

@@ -9,9 +9,9 @@ distance for small samples in high dimension.
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import os
+import re
 import sys
 import warnings
 from typing import Optional
@@ -56,6 +56,9 @@ _SMALL_WORK = 1 << 25
 
 _CONTROLLER = None
 
+# float64 entries of one block of KernelDistance's generated-reference kernel matrix (32 MB)
+_KERNEL_BLOCK = 1 << 22
+
 
 def _blas_threads(work: float):
     if work >= _SMALL_WORK:
@@ -80,6 +83,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"the two statistics live in different feature spaces: "
                          f"{mu1.shape} and {mu2.shape} means")
+    if mu1.shape == (1,) and sigma1.shape == (1, 1):
+        # SciPy's sqrtm(disp=False) returns a bare array for a 1×1 matrix, so clean-fid's
+        # `covmean, _ = sqrtm(...)` fails; in one dimension the square root is a scalar one
+        s1, s2 = float(sigma1[0, 0]), float(sigma2[0, 0])
+        if s1 < 0 or s2 < 0:
+            raise ValueError(f"variances must be >= 0, got {s1} and {s2}")
+        return float((mu1[0] - mu2[0]) ** 2 + s1 + s2 - 2 * np.sqrt(s1 * s2))
     with _quiet(), _blas_threads(float(mu1.shape[-1]) ** 3):
         return float(cf(mu1, sigma1, mu2, sigma2))
 
@@ -159,7 +169,8 @@ class KernelDistance:
     """
 
     def __init__(self, ref_features: np.ndarray, n_gen: int, seed: int = 0,
-                 num_subsets: int = 100, max_subset_size: int = 1000):
+                 num_subsets: int = 100, max_subset_size: int = 1000,
+                 chunk: Optional[int] = None):
         ref = _features(ref_features, "reference features")
         if min(ref.shape[0], n_gen) < 2:
             raise ValueError("KID needs at least 2 samples on each side")
@@ -185,6 +196,9 @@ class KernelDistance:
             # reference-reference sums off the diagonal, one per subset, as clean-fid computes them
             self.ref_sums = np.array([_offdiag_sum((ref[ir] @ ref[ir].T / d + 1) ** 3)
                                       for _, ir in draws])
+        # reference rows per block of the generated-reference kernel: the whole n_gen × n_ref
+        # matrix and its temporaries took 0.6 GB for 40k reference images; a block stays ~32 MB
+        self.chunk = max(1, int(chunk) if chunk else _KERNEL_BLOCK // max(1, self.n_gen))
 
     def __call__(self, gen_features: np.ndarray) -> float:
         gen = _features(gen_features, "generated features")
@@ -193,10 +207,17 @@ class KernelDistance:
         d, m = self.dim, self.m
         with _blas_threads(float(self.n_gen) * max(self.n_gen, self.ref.shape[0]) * d):
             k_gg = (gen @ gen.T / d + 1) ** 3
-            k_gr = (gen @ self.ref.T / d + 1) ** 3
             gen_sums = np.einsum("ki,ki->k", self.gen_sel @ k_gg, self.gen_sel) \
                 - self.gen_sel @ np.diag(k_gg)
-            cross = np.einsum("ki,ki->k", self.gen_sel @ k_gr, self.ref_sel)
+            cross = np.zeros(self.num_subsets)
+            for i in range(0, self.ref.shape[0], self.chunk):
+                k_gr = gen @ self.ref[i:i + self.chunk].T
+                k_gr /= d
+                k_gr += 1
+                k_gr **= 3     # in place: one block-sized array at a time
+                cross += np.einsum("ki,ki->k", self.gen_sel @ k_gr,
+                                   self.ref_sel[:, i:i + self.chunk])
+                del k_gr   # else the next block is allocated while this one is still held
         t = (gen_sums + self.ref_sums) / (m - 1) - cross * 2 / m
         return float(t.sum() / self.num_subsets / m)
 
@@ -207,34 +228,92 @@ def _offdiag_sum(a: np.ndarray) -> float:
 
 # -- image folders --------------------------------------------------------------------------------
 def list_images(folder: str) -> list[str]:
-    """The image files of a folder, found and ordered exactly as clean-fid finds them."""
+    """The image files of a folder and its subfolders, ordered as clean-fid orders them.
+
+    clean-fid globs ``folder/**/*.ext``; we walk the folder instead, with the same result on plain
+    folders (names starting with a dot skipped, as glob skips them, extensions matched with their
+    case, sorted paths), and two differences: a folder name holding glob characters (``imgs[1]``,
+    ``a*b``) is taken literally, and symlinked subfolders are not entered, so a symlink loop
+    cannot multiply the images (a symlinked file is read)."""
     from cleanfid.utils import EXTENSIONS  # cleanfid: imports torchvision
 
     if os.path.isfile(folder):
         raise ValueError(f"{folder!r} is a file, not a folder of images")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
-    files = sorted(f for ext in EXTENSIONS
-                   for f in glob.glob(os.path.join(folder, f"**/*.{ext}"), recursive=True))
+    suffixes = tuple(f".{ext}" for ext in EXTENSIONS)
+    files = []
+    for root, dirs, names in os.walk(folder):   # followlinks=False: symlinked folders are skipped
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files.extend(os.path.join(root, n) for n in names
+                     if not n.startswith(".") and n.endswith(suffixes))
+    files.sort()
     if not files:
         raise ValueError(f"no images in {folder!r} (looked for {', '.join(sorted(EXTENSIONS))})")
     return files
 
 
-def read_image(path: str, channels: Optional[int] = None) -> np.ndarray:
-    """(H, W, C) uint8, read as clean-fid reads it (PIL → RGB), or grayscale when channels == 1."""
+# PIL modes of more than 8 bits per channel: convert('L'/'RGB') clips their values at 255 (as
+# clean-fid's reader does), which turns a 16-bit photo into a mostly white image
+_DEEP_MODES = {"I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16L": "16-bit",
+               "I;16B": "16-bit", "I;16N": "16-bit"}
+_GRAY_MODES = ("1", "L", "LA")
+NPY_ACCEPTED = "uint8 arrays of shape (H, W), (H, W, 1) or (H, W, 3)"
+
+
+def read_image(path: str, channels=None) -> np.ndarray:
+    """(H, W, C) uint8, read as clean-fid reads it (PIL → RGB), or grayscale when channels == 1,
+    or as stored (grayscale files one channel, others RGB) when channels == "stored".
+
+    Images of more than 8 bits per channel and ``.npy`` arrays other than uint8 (H, W[, 1|3]) are
+    refused: clean-fid clips the first at 255 and would divide float arrays in [0, 1] by 255."""
     try:
         if path.endswith(".npy"):
-            arr = np.load(path, allow_pickle=False)
-            return arr if arr.ndim == 3 else arr[..., None]
+            return _convert(_read_npy(path), channels)
         with Image.open(path) as img:
-            if channels == 1:
+            if img.mode in _DEEP_MODES:
+                raise _Refused(f"{path}: a {_DEEP_MODES[img.mode]} image (PIL mode {img.mode}); "
+                               "FID reads 8-bit images and would clip its values at 255: save it "
+                               "as 8-bit")
+            if channels == 1 or (channels == "stored" and img.mode in _GRAY_MODES):
                 return np.array(img.convert("L"))[..., None]
             return np.array(img.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        # PIL refuses to decode images of more than twice Image.MAX_IMAGE_PIXELS
+        size = re.search(r"\d+ pixels", str(exc))
+        raise ValueError(f"{path}: image too large ({size.group(0) if size else 'over PIL limit'}"
+                         f"; PIL reads at most {2 * Image.MAX_IMAGE_PIXELS}); resize or remove "
+                         "it") from None
+    except _Refused as exc:
+        raise ValueError(str(exc)) from None
     except (OSError, ValueError, SyntaxError) as exc:   # PIL: damaged PNG chunks are SyntaxError
         if isinstance(exc, OSError) and exc.errno is not None:
             raise   # a file the system cannot read (permissions): the CLI says which and why
         raise ValueError(f"{path}: not a readable image ({exc}); remove or replace it") from None
+
+
+class _Refused(Exception):
+    """A readable file of a kind FID does not take (kept apart from PIL's own ValueErrors)."""
+
+
+def _read_npy(path: str) -> np.ndarray:
+    arr = np.load(path, allow_pickle=False)
+    shape_ok = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3))
+    if arr.dtype != np.uint8 or not shape_ok or 0 in arr.shape:
+        raise _Refused(f"{path}: a {arr.dtype} array of shape {arr.shape}; image folders take "
+                       f"{NPY_ACCEPTED} (values 0..255); convert it or remove it")
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def _convert(arr: np.ndarray, channels) -> np.ndarray:
+    """An (H, W, 1|3) uint8 array converted as PIL converts an image file of that content."""
+    if channels == "stored":
+        return arr
+    if channels == 1:
+        return arr if arr.shape[-1] == 1 else np.array(Image.fromarray(arr).convert("L"))[..., None]
+    # RGB: a gray array's value repeated, which is what convert('RGB') does to a gray file; an RGB
+    # array as it is (clean-fid's own reader passes it on untouched)
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
 
 
 def folder_features(folder: str, extractor, batch_size: Optional[int] = None,

@@ -77,6 +77,12 @@ class Scorer:
             raise ValueError(f"scoring needs at least 2 prompts, got {len(prompt_set)}")
         if ref.features is not None and ref.features.shape[1] != ref.dim:
             raise ValueError("reference features and moments disagree in dimension")
+        dim = _known_dim(model, extractor)
+        if dim is not None and dim != ref.dim:   # now, not after the first batch is sampled
+            raise ValueError(f"the {extractor.name} extractor gives {dim}-d features for "
+                             f"{model.name}'s samples {tuple(model.latent_shape)}, but the "
+                             f"reference statistics are {ref.dim}-d; make them from data of "
+                             "the same shape")
         if frechet not in ("auto", "cleanfid", "lowrank"):
             raise ValueError(f"frechet must be auto, cleanfid or lowrank, got {frechet!r}")
         if batch_size < 1:
@@ -216,6 +222,18 @@ class Scorer:
                 "kid": {"subsets": self.kid_subsets, "seed": self.kid_seed},
                 "clip": self.clip.path if self.clip is not None else None,
                 "schedsearch_version": __version__}
+
+
+# testbeds whose decoded samples have the latent shape (their decode maps values, not sizes)
+_SHAPE_KEEPING = ("gmm", "digits", "gmm-flow", "digits-flow")
+
+
+def _known_dim(model, extractor) -> Optional[int]:
+    """The feature dimension a model's samples will have, where it is known before sampling: the
+    identity extractor on a testbed gives one feature per value of a sample."""
+    if isinstance(extractor, features.Identity) and model.family in _SHAPE_KEEPING:
+        return int(np.prod(model.latent_shape))
+    return None
 
 
 def check_before_loading(model_spec: str, *, extractor: Optional[str] = None,
