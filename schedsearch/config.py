@@ -13,6 +13,7 @@ from typing import Optional
 import yaml
 
 from .files import first_bad_byte
+from .metrics.paired import MIN_RESAMPLES
 from .models import BUILTIN, is_flow
 from .presets import checked_guidance
 from .prompts import SEED_STRIDE, check_prompt_seed
@@ -203,6 +204,10 @@ class StudyConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {v!r}")
+        if self.bootstrap < MIN_RESAMPLES:   # else refused by the held-out check, after the trials
+            raise ValueError(f"bootstrap must be >= {MIN_RESAMPLES} resamples (the ends of a 95% "
+                             f"interval rest on fewer than 3 draws below that), got "
+                             f"{self.bootstrap}")
         check_prompt_seed(self.prompt_seed)
         s = self.seed   # Optuna's samplers seed numpy, which takes 0..2**32 - 1
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32:

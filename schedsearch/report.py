@@ -87,8 +87,10 @@ def heldout(study: optuna.Study, ctx, presets_: dict, winner: str) -> tuple[dict
         study.set_user_attr(f"heldout:{key}", held[key])
     missing = [key for key, c in cis.items() if c is None]
     if missing:
-        boots = [PairedBootstrap(ctx.ref.mu, ctx.ref.sigma, len(ctx.heldout_sets[i]),
-                                 ctx.config.bootstrap, seed=0, set_index=i) for i in range(k)]
+        with warnings.catch_warnings():   # too few images: the study said so when it started
+            warnings.simplefilter("ignore", UserWarning)
+            boots = [PairedBootstrap(ctx.ref.mu, ctx.ref.sigma, len(ctx.heldout_sets[i]),
+                                     ctx.config.bootstrap, seed=0, set_index=i) for i in range(k)]
         a = [b.resampled_fids(f) for b, f in zip(boots, feats[winner])]
         fid_a = [s["fid"] for s in held[winner]["sets"]]
         for key in missing:

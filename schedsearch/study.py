@@ -27,6 +27,7 @@ from . import baselines, models, presets, report, slots, solvers
 from .config import StudyConfig, applicable_baselines, config_json, default_study_name, identity
 from .context import Context, read_inputs
 from .metrics import ScoreError
+from .metrics.paired import MIN_IMAGES
 from .metrics.features import default_kind
 from .space import Space, make_sampler, refine_sampler
 from .tracking import Tracker, check_reachable, run_params, tracking_uri_for
@@ -101,6 +102,10 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     echo(f"  storage {slots.redact(storage_url)}; MLflow {tracker.uri}")
     for line in dropped:   # what the model leaves out of the configured space, said once
         echo(f"  {line}")
+    if config.n_heldout < MIN_IMAGES:   # said once here, not as a warning per comparison
+        echo(f"  --n-heldout {config.n_heldout}: paired CIs from fewer than {MIN_IMAGES} images "
+             f"exclude zero far more often than 5% of the time; they are computed, but read them "
+             f"as a smoke test, not a decision")
     if config.sampler in ("cmaes", "gp") and len(space.families(ctx.target)) > 1:
         echo(f"  --sampler {config.sampler}: it models only the parameters every trial shares; "
              f"with both families in the space those are the categorical ones (family, end, "

@@ -185,6 +185,10 @@ def test_a_paper_family_trial_starts_only_the_first_local_run():
     (dict(height=512), "height: for Stable Diffusion models only, not the digits testbed"),
     (dict(model="a/b", width=True), "width must be an integer number of pixels"),
     (dict(trails=5), r"unknown study config keys: trails \(did you mean trials for trails\?\)"),
+    # refused by the held-out check once every trial had run
+    (dict(bootstrap=50), r"bootstrap must be >= 100 resamples .*, got 50"),
+    (dict(model="a/b", eval_batch=-1), r"eval_batch must be an integer >= 0 \(0: off\)"),
+    (dict(vae="x"), "vae: for Stable Diffusion models only, not the digits testbed"),
     (dict(space={"solvr": ["unipc"]}), r"search-space keys: solvr \(did you mean solver for solvr"),
 ])
 def test_bad_configs_are_refused(data, message):
