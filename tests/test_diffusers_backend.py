@@ -394,6 +394,12 @@ def test_hub_id_from_the_local_cache_offline(sd_dir, sd, empty_hf_cache):
     m = load("tiny-org/tiny-sd", device="cpu")
     assert (m.name, m.source, m.family) == ("tiny-org/tiny-sd", "hub", "sd15")
     assert m.fingerprint().split("-")[-1] == sd.fingerprint().split("-")[-1]
+    # a pipeline repo as --vae takes its vae/ (a folder --vae did; a hub id said "not cached")
+    with_vae = load("tiny-org/tiny-sd", device="cpu", vae="tiny-org/tiny-sd")
+    assert with_vae.fingerprint().split("-")[-1] == sd.fingerprint().split("-")[-1]
+    with pytest.raises(FileNotFoundError, match=r"^VAE 'tiny-org/no-vae' is not .* pass it with "
+                                                r"--vae DIR"):
+        load("tiny-org/tiny-sd", device="cpu", vae="tiny-org/no-vae")
 
 
 def test_unknown_hub_id_offline(empty_hf_cache):

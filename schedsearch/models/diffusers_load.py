@@ -37,11 +37,12 @@ def _cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _not_cached_message(repo_id: str, why: str) -> str:
-    return (f"model {repo_id!r} is not a local folder or file, and as a Hugging Face hub id it "
+def _not_cached_message(repo_id: str, why: str, flag: str = "--model") -> str:
+    what = "model" if flag == "--model" else "VAE"
+    return (f"{what} {repo_id!r} is not a local folder or file, and as a Hugging Face hub id it "
             f"{why}. On a machine with internet run `hf download {repo_id}` (older clients: "
             f"`huggingface-cli download {repo_id} --local-dir DIR`), copy the folder here and pass "
-            f"it with --model DIR; or copy a whole Hugging Face cache and set HF_HOME to it "
+            f"it with {flag} DIR; or copy a whole Hugging Face cache and set HF_HOME to it "
             f"(searched now: {_cache_dir()})")
 
 
@@ -182,9 +183,15 @@ def _load_vae(vae, dtype, local_only: bool):
     try:
         return AutoencoderKL.from_pretrained(vae, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as exc:
+        try:   # a whole pipeline's repo, as a folder --vae may be: its vae/ subfolder
+            return AutoencoderKL.from_pretrained(vae, subfolder="vae", local_files_only=local_only,
+                                                 **kwargs)
+        except (OSError, ValueError):
+            pass
         if local_only:
             raise FileNotFoundError(_not_cached_message(vae, "is not in the local cache and this "
-                                                             "machine is offline")) from None
+                                                             "machine is offline",
+                                                        "--vae")) from None
         raise _wrap_load_error(vae, exc) from None
 
 
