@@ -357,6 +357,11 @@ def test_missing_and_unreadable_models(tmp_path, sd_dir):
     with pytest.raises(ValueError, match="could not load the model from .*broken.*partial "
                                          "download"):
         load(str(broken), device="cpu")
+    partial = tmp_path / "partial"   # a copy that lost a component: named, not "config.json"
+    shutil.copytree(sd_dir, partial, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(FileNotFoundError, match=r"partial: its model_index.json names unet/ but "
+                                                r"the folder has no such subfolder"):
+        load(str(partial), device="cpu")
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")

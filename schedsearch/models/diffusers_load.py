@@ -198,6 +198,14 @@ def _load_vae(vae, dtype, local_only: bool):
 def _from_folder(folder: str, dtype, vae, variant, supported: Sequence[str]):
     index = _read_model_index(folder)
     cls = _pipeline_class(index.get("_class_name", ""), folder, supported)
+    # a partial copy: diffusers said "no file named config.json found in directory FOLDER"
+    gone = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v
+            and v[0] is not None and not os.path.isdir(os.path.join(folder, k))
+            and not (k == "vae" and vae is not None)]
+    if gone:
+        raise FileNotFoundError(f"{folder}: its model_index.json names "
+                                f"{', '.join(g + '/' for g in gone)} but the folder has no such "
+                                f"subfolder (a partial download or copy); copy the whole folder")
     try:
         return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, variant=variant,
                                    local_files_only=True,
