@@ -10,7 +10,10 @@ it is scored twice: against the teacher's data end (what the decoder is given) a
 teacher whose grid ends at σ_stop (the exact ODE state at the same σ).
 
     python analysis/baselines_vs_teacher.py                      # gmm and digits
-    python analysis/baselines_vs_teacher.py --testbeds gmm --n-heldout 128
+    python analysis/baselines_vs_teacher.py --testbeds gmm --n-heldout 128 --out /tmp/bvt
+
+Writes baselines_vs_teacher.json and .md to --out, by default analysis/results: the committed
+results the docs quote, so a smaller or partial run (like the second line) needs its own --out.
 """
 
 from __future__ import annotations
@@ -152,7 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                  "results"))
+                                                  "results"),
+                   help="folder for baselines_vs_teacher.json/.md (default: analysis/results, "
+                        "the committed results: give another folder for a trial run)")
     args = p.parse_args(argv)
     args.sizes = {k: tuple(int(v) for v in nv.split("/")) for k, nv in
                   (item.split("=") for item in args.sizes.split(",") if item)}

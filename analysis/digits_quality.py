@@ -117,7 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="a folder written by digits_train (or digits_flow_train) --out "
                         "(default: the shipped weights)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="folder for <model>_quality.json and <model>_samples.png (default: "
+                        "analysis/results, the committed results)")
     return p.parse_args(argv)
 
 

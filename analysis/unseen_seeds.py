@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "analysis"))
 
 def study_presets(folder: Path) -> tuple[dict, object]:
     """The baselines (key → (nfe, preset)) and the searched winner's preset of a finished study:
-    the winner as ``schedsearch presets export --trial <the study's pick>`` reads it."""
+    the winner as ``schedsearch export --trial <the study's pick>`` reads it."""
     from schedsearch import report, slots
 
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-seeds", nargs="+", type=int, default=[77, 78, 79])
     ap.add_argument("--n", type=int, default=200, help="images per prompt seed (default 200)")
     ap.add_argument("--batch-size", type=int, default=200)
-    ap.add_argument("--out", default=str(ROOT / "analysis" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "analysis" / "results"),
+                    help="folder for unseen_seeds_<testbed>.json (default: analysis/results, "
+                         "the committed results)")
     args = ap.parse_args(argv)
 
     import numpy as np

@@ -68,7 +68,9 @@ def main() -> int:
     ap.add_argument("--steps", default="5,10,20")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None,
+                    help="JSON file to write (default: benchmarks/results/"
+                         "scoring_overhead-<model>.json, the committed results)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

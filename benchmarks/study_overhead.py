@@ -73,7 +73,9 @@ def main() -> int:
     p.add_argument("--budget", type=int, default=5)
     p.add_argument("--trials", type=int, default=None, help="default: the study default")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "study_overhead.json"))
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "study_overhead.json"),
+                   help="JSON file to write (default: benchmarks/results/study_overhead.json, "
+                        "the committed results)")
     args = p.parse_args()
     os.environ.setdefault("SCHEDSEARCH_PRESETS", tempfile.mkdtemp())
     t0 = time.time()

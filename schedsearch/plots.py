@@ -21,21 +21,35 @@ def _axes(figsize):
 
 
 def schedules(curves: Mapping[str, Sequence[float]], title: str = "schedules", highlight: str | None = None):
-    """σ against step for several schedules (log scale; a final σ = 0 is drawn at the axis floor)."""
+    """σ against step for several schedules (log scale; a final σ = 0 is drawn at the axis floor,
+    and a flow's σ₀ = ∞, which no log axis can hold, as a ▲ on the top edge, named in the legend)."""
     fig, ax = _axes((6.4, 4.2))
-    positive = [s for c in curves.values() for s in c if s > 0]
+    positive = [s for c in curves.values() for s in c if 0 < s < np.inf]
     floor = min(positive) / 3 if positive else 1e-2
+    infinite = False
     for name, sig in curves.items():
         s = np.asarray(sig, dtype=float)
-        shown = np.where(s > 0, s, floor)
+        # NaN, not ∞: matplotlib would drop ∞ too, but silently and only by accident
+        shown = np.where(np.isinf(s), np.nan, np.where(s > 0, s, floor))
         lw, alpha = (2.6, 1.0) if name == highlight else (1.3, 0.8)
-        ax.plot(np.arange(len(s)), shown, marker="o", ms=3.5, lw=lw, alpha=alpha, label=name)
+        (line,) = ax.plot(np.arange(len(s)), shown, marker="o", ms=3.5, lw=lw, alpha=alpha,
+                          label=name)
+        steps = np.flatnonzero(np.isinf(s))
+        if len(steps):
+            infinite = True
+            # x in data, y in axes units: the marker sits on the top edge whatever the y range
+            ax.plot(steps, np.ones(len(steps)), ls="none", marker="^", ms=7, clip_on=False,
+                    color=line.get_color(), transform=ax.get_xaxis_transform())
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("σ (σ = 0 drawn at the bottom)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    if len(curves) > 1:
+    if infinite:
+        # a legend entry, not a text: it cannot collide with the curves or a long title
+        ax.plot([], [], ls="none", marker="^", ms=7, color="0.35",
+                label="σ₀ = ∞ (left off the log axis)")
+    if len(curves) > 1 or infinite:
         ax.legend(fontsize=8)
     # fixed margins: tight_layout renders the figure once more, which was half the cost of the
     # per-trial plot
@@ -55,6 +69,8 @@ def fid_vs_trial(trials: Sequence[tuple[int, float]], baselines: Mapping[str, fl
     for i, (name, v) in enumerate((baselines or {}).items()):
         ax.axhline(v, ls="--", lw=1, color=f"C{(i + 1) % 10}", label=name)
     ax.set_xlabel("trial")
+    # trial numbers are integers; with a few trials the default locator ticks 0.25, 0.5, ...
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("FID proxy (lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

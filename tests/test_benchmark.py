@@ -2,13 +2,19 @@
 a prompt file, reference statistics through the Inception extractor (a stand-in file in clean-fid's
 format — the real weights cannot be downloaded here). Run twice: the second run reads the finished
 study back from --work instead of searching again. And on the gmm-flow testbed (exact and cheap):
-the flow baselines, the flow default Euler reference curve and the ratios to flow@28 / flow@50."""
+the flow baselines, the flow default Euler reference curve and the ratios to flow@28 / flow@50.
+Also the other analysis and benchmark scripts: what their --help promises, what sampler_speed records,
+and that the dashboard screenshot reports the ui's own error and saves only checked pages."""
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from schedsearch.config import FLOW_BASELINES
 
@@ -167,3 +173,95 @@ def test_the_search_text_says_which_studies_ran_an_earlier_local_rule():
     assert "within 5% of the best's)" in same and "earlier rule" not in same
     old = _search_text([budget(4, 0.1), budget(6, 0.1)])
     assert "the best trial with another solver if its search FID is within 10% of the best's)" in old
+
+
+# each script's result-writing flag, and the default its --help must name: the committed results
+WRITES = {
+    "analysis/baselines_vs_teacher.py": ("--out", "analysis/results"),
+    "analysis/digits_quality.py": ("--out", "analysis/results"),
+    "analysis/unseen_seeds.py": ("--out", "analysis/results"),
+    "benchmarks/scoring_overhead.py": ("--out", "benchmarks/results/scoring_overhead-<model>.json"),
+    "benchmarks/study_overhead.py": ("--json", "benchmarks/results/study_overhead.json"),
+    "benchmarks/sampler_speed.py": ("--out", "benchmarks/results/sampler_speed.json"),
+}
+
+
+def _help(*cmd):
+    proc = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return " ".join(proc.stdout.split())   # argparse wraps lines: compare with single spaces
+
+
+@pytest.mark.parametrize("script", sorted(WRITES))
+def test_each_scripts_help_says_where_it_writes_by_default(script):
+    flag, default = WRITES[script]
+    text = _help(str(ROOT / script))
+    # the flag's own help (from the flag up to the next one) names the default and warns of it
+    options = text.split("options:", 1)[1]             # past the usage line, which names it too
+    # the flag with its upper-case metavar: not a mention of it in another flag's help
+    own = re.search(rf" {flag} [A-Z_]+ (.*?)(?: --[a-z]|$)", options).group(1)
+    assert f"default: {default}" in own and "committed results" in own, own
+
+
+def test_the_training_scripts_say_what_device_covers():
+    flow = _help("-m", "schedsearch.models.digits_flow_train")
+    assert "--device DEVICE training device (default cpu)" in flow
+    assert "classifier" not in flow                      # digits_flow_train trains none
+    ddpm = _help("-m", "schedsearch.models.digits_train")
+    assert "the classifier always trains on the CPU" in ddpm
+
+
+def _load(relpath):
+    spec = importlib.util.spec_from_file_location(Path(relpath).stem, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_speed_records_its_repeats_and_device(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    speed = _load("benchmarks/sampler_speed.py")
+    # a tiny UNet in place of SD1.5's: what is checked is the JSON, not the speed
+    monkeypatch.setattr(speed, "SD15_UNET", dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=32))
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["sampler_speed.py", "--device", "cpu", "--size", "64",
+                                      "--batch", "1", "--steps", "2", "--repeats", "3",
+                                      "--out", str(out)])
+    assert speed.main() == 0
+    res = json.loads(out.read_text())
+    assert res["repeats"] == 3 and res["device"] == "cpu" and res["dtype"] == "torch.float32"
+    assert [r["steps"] for r in res["results"]] == [2]
+    # the default is the repo's file wherever the script is started from
+    assert Path(speed.ROOT) == ROOT
+
+
+def test_dashboard_screenshot_shows_why_the_ui_gave_no_url(tmp_path):
+    shot = _load("analysis/dashboard_screenshot.py")
+    with pytest.raises(SystemExit) as err:
+        shot.start_ui(str(tmp_path / "no-run"), 5099, timeout=120)
+    message = str(err.value)
+    assert "printed no URL (it exited with status 2)" in message
+    assert f"no mlflow.db in {tmp_path / 'no-run'}" in message   # the ui's own words
+
+
+@pytest.mark.parametrize("dom, saved", [("<td>★ best (trial 3)</td><td>trial 4</td>", True),
+                                        ("<div>GenAI apps</div>", False)])
+def test_dashboard_screenshot_checks_the_page_before_saving_it(monkeypatch, tmp_path, dom, saved):
+    shot = _load("analysis/dashboard_screenshot.py")
+    calls = []
+    ui = subprocess.Popen(["sleep", "60"], start_new_session=True)   # stands in for the ui
+    url = "http://127.0.0.1:1/#/experiments/1?workflowType=machine_learning"
+    monkeypatch.setattr(shot, "start_ui", lambda out, port: (ui, url))
+    monkeypatch.setattr(shot, "page_dom", lambda u: calls.append("dom") or dom)
+    monkeypatch.setattr(shot, "screenshot", lambda u, png, size="": calls.append(png))
+    png = str(tmp_path / "dash.png")
+    monkeypatch.setattr(sys, "argv", ["dashboard_screenshot.py", "--out", str(tmp_path),
+                                      "--png", png])
+    assert shot.main() == (0 if saved else 1)
+    assert calls == (["dom", png] if saved else ["dom"])
+    assert ui.wait(timeout=10) != 0                      # the ui's process group was ended

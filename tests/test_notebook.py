@@ -1,5 +1,6 @@
 """The walkthrough notebook runs top to bottom (small settings)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,7 @@ def test_walkthrough_notebook_runs(tmp_path, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # schedules, FID by trial, the two sample grids
     assert (tmp_path / "run" / "mlflow.db").is_file()
+    # the sample grid is labelled with the ★ row it shows (a baseline can be the recommendation)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    pick = [r["name"] for r in summary["rows"] if r.get("recommended")]
+    assert len(pick) == 1 and f"★ {pick[0]} |" in text

@@ -117,8 +117,10 @@ def write(out: Path, tensors: dict, record: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m schedsearch.models.digits_flow_train",
                                 description="Train the digits-flow testbed's UNet.")
+    # this script trains the flow UNet only, so --device covers all of its training
     _run_flags(p, weights="the weight file and digits_flow.json", steps=FlowTraining.steps,
-               batch_size=FlowTraining.batch_size)
+               batch_size=FlowTraining.batch_size,
+               device_help="training device (default cpu)")
     return p.parse_args(argv)
 
 

@@ -257,15 +257,16 @@ def _update_config(out: Path, section: str, entry: dict) -> None:
 
 
 # -- command line -----------------------------------------------------------------------------------
-def _run_flags(p: argparse.ArgumentParser, *, weights: str, steps: int, batch_size: int) -> None:
-    """The flags every digits training script takes (this one and digits_flow_train)."""
+def _run_flags(p: argparse.ArgumentParser, *, weights: str, steps: int, batch_size: int,
+               device_help: str) -> None:
+    """The flags every digits training script takes (this one and digits_flow_train); what
+    --device covers differs (only this script also trains a classifier), so each says its own."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=D.WEIGHTS_DIR,
                    help=f"folder for {weights} (default: the shipped weights)")
     p.add_argument("--steps", type=int, default=steps, help="UNet training steps")
     p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--device", default="cpu",
-                   help="UNet training device (default cpu; the classifier always trains on the CPU)")
+    p.add_argument("--device", default="cpu", help=device_help)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the seeded run then does not depend on the "
                    "machine's core count, and one thread is the fastest on a CPU shared with other "
@@ -284,7 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 description="Train the digits testbed (UNet and/or classifier).")
     p.add_argument("--what", choices=("unet", "classifier", "all"), default="all")
     _run_flags(p, weights="the weight files and digits.json", steps=UNetTraining.steps,
-               batch_size=UNetTraining.batch_size)
+               batch_size=UNetTraining.batch_size,
+               device_help="UNet training device (default cpu; the classifier always trains on "
+                           "the CPU)")
     p.add_argument("--epochs", type=int, default=ClassifierTraining.epochs,
                    help="classifier training epochs")
     return p.parse_args(argv)
