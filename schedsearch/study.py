@@ -77,13 +77,14 @@ def run_study(config: StudyConfig, opts: RunOptions, echo: Callable[[str], None]
     name = opts.study_name or default_study_name(config)
     storage_url = opts.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = slots.make_storage(storage_url, opts.heartbeat, opts.grace)
-    # MLflow before the model: a store it cannot write to is one line before minutes of loading
-    tracker = Tracker(tracking_uri_for(out), name, out / "mlartifacts")
     ctx = Context(config, echo, inputs)
     ctx.artifacts = opts.artifacts
     space = Space(dict(config.space))
     dropped = space.notes(ctx.target)   # refused here, before any work
     model_baselines(ctx)
+    # MLflow before the study: a store it cannot write to is one line with no study stored (not
+    # before the model: a prompt the model refuses must leave no mlflow.db behind)
+    tracker = Tracker(tracking_uri_for(out), name, out / "mlartifacts")
     studies = open_studies(storage, name, ctx, opts.grace)
     parent = tracker.study_run(name, {"config": json.dumps(config_json(config)),
                                       "storage": slots.redact(storage_url), **ctx.provenance()},
