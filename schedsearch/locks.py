@@ -76,7 +76,15 @@ def check_sqlite_file(path: str) -> None:
         raise ValueError(f"{path} is not an SQLite database (damaged, or another program's "
                          f"file): move it aside, and a study started there makes a new one")
     if head:
-        _check_pages(path)
+        st = os.stat(path)   # a file this process found sound and nobody wrote since: once
+        if (os.path.realpath(path), st.st_mtime_ns, st.st_size) not in _SOUND:
+            _check_pages(path)
+            _SOUND.add((os.path.realpath(path), st.st_mtime_ns, st.st_size))
+
+
+# (file, mtime, size) of the databases this process has checked page by page: a run checks its
+# mlflow.db before the model loads and again when MLflow opens it, a second each on a large one
+_SOUND: set = set()
 
 
 def _check_pages(path: str) -> None:

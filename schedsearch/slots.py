@@ -230,11 +230,7 @@ class Slot:
     trial_id: int
     number: int
     user_attrs: dict
-    shown: int = -1
-
-    def __post_init__(self) -> None:
-        if self.shown < 0:
-            self.shown = self.number
+    shown: int
 
 
 def slot_number(trial) -> int:
