@@ -235,11 +235,15 @@ def recover(studies: slots.Studies, tracker: Tracker, parent: str, grace: float 
     tracker.close_orphans(parent, alive, min_age=grace)
     # A worker killed between claiming a trial and creating its MLflow run leaves no run to close:
     # log one, so the dashboard shows every interrupted trial, as Optuna does.
-    logged = {r.data.tags.get("schedsearch.trial") for r in tracker.children(parent)}
+    # by number among KILLED runs: a retry shares its slot's number, and its FINISHED run must not
+    # hide that the first attempt has none
+    logged = {r.data.tags.get("schedsearch.trial") for r in tracker.children(parent)
+              if r.info.status == "KILLED"}
     for st, offset in studies.numbered():
         for t in slots.trials_of(st, slots.FAIL):
             number = slots.slot_number(t) + offset
-            if "fail_reason" not in t.user_attrs and str(number) not in logged:
+            if ("fail_reason" not in t.user_attrs and "mlflow_run_id" not in t.user_attrs
+                    and str(number) not in logged):
                 run = tracker.child(parent, f"trial {number}", "trial", dict(t.params),
                                     {"schedsearch.trial": number})
                 tracker.end(run, "INTERRUPTED", "the worker stopped (killed, crashed or "
